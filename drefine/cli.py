@@ -1,0 +1,208 @@
+"""The `drefine` command line: program setup only; the algorithms live in the library modules."""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from . import __version__
+from .errors import DrefineError
+
+DESCRIPTION = """drefine: distributed, array-parallel refinement of atomic models.
+
+subcommands available now:
+  validate   geometry, clashes, Ramachandran/rotamers, B-factors and occupancies of a model
+  shake      perturb coordinates by a given RMS shift (seeded), e.g. to make refinement tests
+"""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (no usage dump) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not np.isfinite(v) or v < 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number ≥ 0: {text!r}")
+    return v
+
+
+def _common(p: argparse.ArgumentParser, output_help: str) -> None:
+    p.add_argument("-o", "--output", metavar="PATH", help=output_help)
+    p.add_argument("--json", metavar="PATH", help="write a machine-readable JSON report (shape in README)")
+    p.add_argument("--monlib", metavar="DIR",
+                   help="CCP4 monomer library (default: $DREFINE_MONLIB, then $CLIBD_MON, then the built-in "
+                        "dictionary of the 20 amino acids and water)")
+    p.add_argument("--dict", metavar="CIF", action="append", default=[],
+                   help="extra restraint dictionary (CCP4 monomer CIF), e.g. for a ligand; repeatable")
+    p.add_argument("--unknown-residues", choices=("error", "skip"), default="error",
+                   help="residues without a dictionary: stop with a message (default) or leave them "
+                        "unrestrained (they still take part in non-bonded repulsion)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="drefine", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"drefine {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    v = sub.add_parser("validate", help="validate a model's geometry and more",
+                       description="Validate a model (PDB/mmCIF): bond/angle RMSD and RMSZ with the worst "
+                                   "outliers, chirality and planarity, clashes and clashscore, Ramachandran "
+                                   "and rotamer outliers (Top500 tables), B-factor statistics, occupancy "
+                                   "sums of alternate conformers. Models of a multi-model file (NMR "
+                                   "ensembles) are validated as parallel tasks on a dask cluster.")
+    v.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
+    _common(v, "also write the text report to this file")
+    v.add_argument("--rama-data", metavar="DIR",
+                   help="directory with Top500 rama500-*.data / rota500-*.data tables (default: "
+                        "$DREFINE_RAMA_DATA, then $DREFINE_TEST_DATA/validation/rama-data)")
+    v.add_argument("--models", choices=("first", "all"), default="all",
+                   help="multi-model files: validate the first or all models (default all)")
+    v.add_argument("--scheduler", metavar="ADDRESS",
+                   help="dask scheduler for multi-model files: tcp://HOST:PORT of a running one, or "
+                        "'inprocess'; default: a local cluster started for the job")
+    v.add_argument("--workers", type=int, metavar="N", help="workers of the local cluster (default: cores)")
+
+    s = sub.add_parser("shake", help="perturb coordinates by a given RMS (seeded)",
+                       description="Add random Gaussian shifts to atom positions, scaled so that their RMS is "
+                                   "exactly --rms Å over the moved atoms. Reproducible with --seed.")
+    s.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
+    _common(s, "output model (mmCIF unless it ends in .pdb); required")
+    s.add_argument("--rms", type=_positive_float, default=0.5, metavar="Å", help="RMS shift in Å (default 0.5)")
+    s.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    s.add_argument("--selection", metavar="CID",
+                   help="move only these atoms (gemmi selection syntax, e.g. 'A/10-40' or '/*/*/CA')")
+    s.add_argument("--no-validate", action="store_true", help="skip the geometry report of the shaken model")
+    return parser
+
+
+def _validate_one(path: str, model_index: int, opts: dict) -> dict:
+    """One model's validation (a task: it reads the file itself, so no arrays travel)."""
+    from .io.models import read_model
+    from .validate.report import validate_structure
+
+    model = read_model(path)
+    return validate_structure(model, model_index=model_index, **opts)
+
+
+def cmd_validate(args) -> int:
+    from .io.atomic import atomic_write, write_json
+    from .io.models import read_model
+    from .restraints.monlib import find_monlib
+    from .validate.ramachandran import find_rama_data
+    from .validate.report import Stopwatch, format_text, new_report
+
+    clock = Stopwatch()
+    model = read_model(args.model)
+    find_monlib(args.monlib)  # fail early on a bad --monlib
+    rama = find_rama_data(args.rama_data)
+    if args.rama_data and rama is None:
+        raise DrefineError(f"--rama-data {args.rama_data}: no rama500-*.data tables there")
+    opts = dict(rama_dir=args.rama_data, monlib_dir=args.monlib, extra_dicts=tuple(args.dict),
+                unknown_residues=args.unknown_residues)
+    n_models = model.n_models if args.models == "all" else 1
+    if n_models == 1:
+        from .validate.report import validate_structure
+
+        results = [validate_structure(model, **opts)]
+    else:
+        from .parallel.cluster import task_client
+
+        with task_client(args.scheduler, args.workers) as client:
+            if client is None:
+                results = [_validate_one(args.model, k, opts) for k in range(n_models)]
+            else:
+                futures = client.map(_validate_one, [str(Path(args.model).resolve())] * n_models,
+                                     range(n_models), [opts] * n_models, pure=False)
+                results = client.gather(futures)
+    report = new_report("validate", {"model": str(args.model), "n_models": model.n_models,
+                                     "monlib": results[0]["details"]["topology"]["dictionary"],
+                                     "rama_data": str(rama) if rama else None})
+    report["final"] = results[0]["final"]
+    report["details"] = results[0]["details"]
+    if n_models > 1:
+        report["models"] = [r["final"] for r in results]
+    report["timing"]["wall_s"] = clock.seconds()
+    text = format_text(results[0], f"drefine validate {args.model}" + (" (model 1)" if n_models > 1 else ""))
+    if n_models > 1:
+        text += "\nper model: " + ", ".join(
+            f"{k + 1}: bonds {r['final']['bonds_rmsd']:.3f} clashscore {r['final']['clashscore']:.1f}"
+            for k, r in enumerate(results))
+    print(text)
+    if args.output:
+        atomic_write(args.output, text + "\n")
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def cmd_shake(args) -> int:
+    from .io.atomic import write_json
+    from .io.models import read_model, write_model
+    from .model.perturb import selection_mask, shake_coordinates
+    from .validate.report import Stopwatch, format_text, new_report, validate_structure
+
+    if not args.output:
+        raise DrefineError("shake needs an output file: -o OUT.cif")
+    clock = Stopwatch()
+    model = read_model(args.model)
+    mask = selection_mask(model, args.selection) if args.selection else None
+    shaken, rms = shake_coordinates(model, args.rms, args.seed, mask)
+    result = None if args.no_validate else validate_structure(
+        shaken, monlib_dir=args.monlib, extra_dicts=tuple(args.dict), unknown_residues=args.unknown_residues)
+    write_model(shaken, args.output)
+    report = new_report("shake", {"model": str(args.model), "rms": args.rms, "seed": args.seed,
+                                  "selection": args.selection})
+    moved = int(mask.sum()) if mask is not None else len(model.atoms)
+    report["final"] = {**(result["final"] if result else {}), "rms_shift": rms, "n_moved": moved}
+    if result:
+        report["details"] = result["details"]
+    report["outputs"] = {"model": str(args.output)}
+    report["timing"]["wall_s"] = clock.seconds()
+    print(f"shook {moved} atoms by {rms:.4f} Å RMS (seed {args.seed}) -> {args.output}")
+    if result:
+        print(format_text(result))
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "shake": cmd_shake}
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except DrefineError as e:
+        print(f"drefine {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"drefine {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except MemoryError:
+        print(f"drefine {args.command}: error: out of memory", file=sys.stderr)
+        return 1
+    except Exception as e:  # noqa: BLE001 - the user gets one line, developers set DREFINE_DEBUG
+        if os.environ.get("DREFINE_DEBUG"):
+            raise
+        print(f"drefine {args.command}: internal error: {type(e).__name__}: {e} "
+              "(set DREFINE_DEBUG=1 for a traceback, and please report it)", file=sys.stderr)
+        return 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

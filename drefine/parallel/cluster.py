@@ -1,0 +1,60 @@
+"""Where tasks run: a local dask.distributed cluster by default, an existing one by address,
+or in-process for small jobs and tests.
+
+Local workers are processes (gemmi holds the GIL) with one thread each, and numba/BLAS
+threads pinned to one per worker so that workers × threads never exceeds the cores.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from ..errors import DrefineError
+
+IN_PROCESS = ("inprocess", "in-process", "sync", "none")
+_THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+
+
+def default_workers() -> int:
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1))
+
+
+def pin_threads(n: int = 1) -> None:
+    """Pin numba and BLAS threads of this process (run on each worker at start-up)."""
+    for v in _THREAD_VARS:
+        os.environ[v] = str(n)
+    try:
+        import numba
+
+        numba.set_num_threads(min(n, numba.config.NUMBA_NUM_THREADS))
+    except (ImportError, ValueError):
+        pass
+
+
+@contextlib.contextmanager
+def task_client(scheduler: str | None = None, workers: int | None = None):
+    """Yield a dask.distributed Client, or None for in-process execution.
+
+    scheduler: None → a local cluster (started and stopped here); 'inprocess' → None;
+    'tcp://HOST:PORT' (or any address) → connect to that running scheduler.
+    """
+    if scheduler is not None and scheduler.lower() in IN_PROCESS:
+        yield None
+        return
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        try:
+            client = Client(scheduler, timeout="20s")
+        except (OSError, TimeoutError) as e:
+            raise DrefineError(f"cannot reach the dask scheduler at {scheduler}: {e}") from None
+        try:
+            yield client
+        finally:
+            client.close()
+        return
+    n = workers or default_workers()
+    env = {v: "1" for v in _THREAD_VARS}
+    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                      silence_logs=40, env=env) as cluster, Client(cluster) as client:
+        yield client
