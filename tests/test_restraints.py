@@ -161,9 +161,9 @@ def test_nonbonded_honours_symmetry(data_dir, tmp_path):
 
 
 def test_nonbonded_different_altlocs_never_meet(data_dir, tmp_path):
-    m = _two_atom_model(tmp_path, "P 1", [(5.0, 5.0, 5.0), (5.5, 5.0, 5.0)], altlocs=("A", "B"))
+    m = _two_atom_model(tmp_path, "P 1", [(5.0, 5.0, 5.0), (7.0, 5.0, 5.0)], altlocs=("A", "B"))
     r = build_restraints(m, need(data_dir, "monlib"))
     assert len(find_nonbonded_pairs(m, r)) == 0
-    m2 = _two_atom_model(tmp_path, "P 1", [(5.0, 5.0, 5.0), (5.5, 5.0, 5.0)], altlocs=("", "B"))
+    m2 = _two_atom_model(tmp_path, "P 1", [(5.0, 5.0, 5.0), (7.0, 5.0, 5.0)], altlocs=("", "B"))
     r2 = build_restraints(m2, need(data_dir, "monlib"))
     assert len(find_nonbonded_pairs(m2, r2)) == 1

@@ -13,6 +13,7 @@ bonded. Consecutive residues that are not linked are reported as chain breaks.
 """
 from __future__ import annotations
 
+import io
 import math
 from dataclasses import dataclass, field
 
@@ -84,6 +85,7 @@ class Restraints:
     linked_prev: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))
     links: dict[str, int] = field(default_factory=dict)
     unrestrained_residues: list[str] = field(default_factory=list)
+    topology_warnings: list[str] = field(default_factory=list)
 
     def counts(self) -> dict[str, int]:
         return {"bonds": len(self.bond_ideal), "angles": len(self.angle_ideal),
@@ -213,14 +215,13 @@ def _energy_types(model: Model, ml: gemmi.MonLib, idx: np.ndarray) -> np.ndarray
     return types
 
 
-def _inferred_bonds(model: Model, idx: np.ndarray, resnames) -> np.ndarray:
-    """Bonds of atoms in residues `resnames` to any atom closer than 1.2 × the covalent radii sum."""
-    if not resnames:
+def _inferred_bonds(model: Model, idx: np.ndarray, unknown: np.ndarray) -> np.ndarray:
+    """Bonds of atoms idx[unknown] to any atom closer than 1.2 × the covalent radii sum."""
+    if not unknown.any():
         return np.zeros((0, 2), dtype=np.int64)
     from scipy.spatial import cKDTree
 
     a = model.atoms
-    unknown = np.isin(model.residues.name[a.residue_index[idx]], list(resnames))
     radius = np.array([gemmi.Element(e).covalent_r for e in np.unique(a.element[idx])])
     r_of = dict(zip(np.unique(a.element[idx]).tolist(), radius.tolist()))
     rc = np.array([r_of[e] for e in a.element[idx]])
@@ -269,11 +270,14 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
         unrestrained.reverse()
     linked_prev = np.full(len(model.residues), -1, dtype=np.int64)
     breaks, n_links, n_ss = _decide_links(st, model, linked_prev)
+    warnings = io.StringIO()
     try:
         topo = gemmi.prepare_topology(st, ml, model_index=0, h_change=gemmi.HydrogenChange.NoChange,
-                                      warnings=None, ignore_unknown_links=True)
+                                      warnings=warnings, ignore_unknown_links=True)
     except (RuntimeError, ValueError) as e:
         raise DrefineError(f"restraint setup failed: {str(e).splitlines()[0]}") from None
+    topology_warnings = [ln.removeprefix("Warning: ").strip() for ln in warnings.getvalue().splitlines()
+                         if ln.strip()]
 
     def atoms_of(items, n):
         if not len(items):
@@ -312,7 +316,12 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
     for ex in topo.extras:
         link_counts[ex.link_id] = link_counts.get(ex.link_id, 0) + 1
 
-    inferred = _inferred_bonds(model, idx, monlib.missing)
+    # Atoms that no bond restraint covers (unknown residues, atoms the dictionary does not name,
+    # such as PDB-style H1 on an N-terminus when the library calls it H) get bonds inferred from
+    # distances, so that they do not repel their covalent neighbours.
+    covered = np.zeros(len(model.atoms), dtype=bool)
+    covered[bond_atoms.ravel()] = True
+    inferred = _inferred_bonds(model, idx, ~covered[idx])
     return Restraints(
         n_atoms=len(model.atoms), inferred_bonds=inferred,
         bond_atoms=bond_atoms, bond_ideal=bond_par[:, 0].copy(), bond_sigma=bond_par[:, 1].copy(),
@@ -324,4 +333,5 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
         plane_atoms=plane_atoms, plane_start=plane_start, plane_sigma=plane_sigma,
         atom_indices=idx, energy_type=_energy_types(model, ml, idx), monlib=monlib,
         chain_breaks=breaks, linked_prev=linked_prev, links=link_counts, unrestrained_residues=unrestrained,
+        topology_warnings=topology_warnings,
     )

@@ -47,6 +47,7 @@ def validate_structure(model: Model, restraints: Restraints | None = None, xyz: 
         "b_factors": b_factor_statistics(model, r), "occupancies": occupancy_statistics(model, r),
         "topology": {**r.counts(), "links": r.links, "chain_breaks": [b.as_dict() for b in r.chain_breaks],
                      "unrestrained_residues": r.unrestrained_residues,
+                     "warnings": r.topology_warnings,
                      "dictionary": r.monlib.source if r.monlib else None},
     }
     return {"final": final, "details": details}
@@ -97,6 +98,9 @@ def format_text(result: dict, title: str = "") -> str:
     lines.append(f"links {topo['links']}  chain breaks {len(topo['chain_breaks'])}"
                  + (f"  unrestrained residues {len(topo['unrestrained_residues'])}"
                     if topo["unrestrained_residues"] else ""))
+    if topo["warnings"]:
+        lines.append(f"restraint setup warnings ({len(topo['warnings'])}): " + "; ".join(topo["warnings"][:3])
+                     + (" …" if len(topo["warnings"]) > 3 else ""))
     if geo["worst_bonds"]:
         lines.append("worst bonds:")
         lines += [f"  {' - '.join(w['atoms'])}  {w['value']:.3f} Å (ideal {w['ideal']:.3f}, z {w['z']:+.1f})"
