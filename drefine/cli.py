@@ -107,8 +107,8 @@ def cmd_validate(args) -> int:
     rama = find_rama_data(args.rama_data)
     if args.rama_data and rama is None:
         raise DrefineError(f"--rama-data {args.rama_data}: no rama500-*.data tables there")
-    opts = dict(rama_dir=args.rama_data, monlib_dir=args.monlib, extra_dicts=tuple(args.dict),
-                unknown_residues=args.unknown_residues)
+    opts = {"rama_dir": args.rama_data, "monlib_dir": args.monlib, "extra_dicts": tuple(args.dict),
+                "unknown_residues": args.unknown_residues}
     n_models = model.n_models if args.models == "all" else 1
     if n_models == 1:
         from .validate.report import validate_structure
@@ -196,7 +196,7 @@ def main(argv=None) -> int:
     except MemoryError:
         print(f"drefine {args.command}: error: out of memory", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - the user gets one line, developers set DREFINE_DEBUG
+    except Exception as e:
         if os.environ.get("DREFINE_DEBUG"):
             raise
         print(f"drefine {args.command}: internal error: {type(e).__name__}: {e} "

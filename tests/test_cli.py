@@ -6,11 +6,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import REPO, need
 
 from drefine.cli import main
 from drefine.io.models import read_model
-
-from conftest import REPO, need
 
 
 def run_cli(*args, env=None):
@@ -18,7 +17,7 @@ def run_cli(*args, env=None):
     e = dict(os.environ)
     e.update(env or {})
     p = subprocess.run([sys.executable, "-m", "drefine.cli", *map(str, args)], capture_output=True, text=True,
-                       env=e, cwd=REPO, timeout=300)
+                       env=e, cwd=REPO, timeout=300, check=False)
     return p.returncode, p.stdout, p.stderr
 
 

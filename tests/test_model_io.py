@@ -4,11 +4,10 @@ from dataclasses import fields
 import gemmi
 import numpy as np
 import pytest
+from conftest import need
 
 from drefine.errors import InputError
 from drefine.io.models import pdb_fits, read_model, write_model
-
-from conftest import need
 
 MODELS = [
     "untangle/otw39.pdb", "untangle/best.pdb", "untangle/otw1.pdb", "untangle/lotswrong.pdb",
@@ -17,8 +16,8 @@ MODELS = [
     "xray/5e5z/5e5z.pdb.gz", "xray/1l2h/1l2h.cif.gz",
 ]
 # What each format stores: PDB has 3 decimals for xyz, 2 for B and occupancy, 4 for U (×10⁴ integers).
-TOL = {"cif": dict(xyz=1e-6, b_iso=1e-6, occupancy=1e-6, u_aniso=1e-6),
-       "pdb": dict(xyz=5e-4, b_iso=5e-3, occupancy=5e-3, u_aniso=5e-5)}
+TOL = {"cif": {"xyz": 1e-6, "b_iso": 1e-6, "occupancy": 1e-6, "u_aniso": 1e-6},
+       "pdb": {"xyz": 5e-4, "b_iso": 5e-3, "occupancy": 5e-3, "u_aniso": 5e-5}}
 
 
 def compare_models(m1, m2, tol):

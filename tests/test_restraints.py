@@ -2,6 +2,7 @@
 import gemmi
 import numpy as np
 import pytest
+from conftest import need
 
 from drefine.io.models import read_model
 from drefine.model.perturb import shake_coordinates
@@ -9,8 +10,6 @@ from drefine.restraints.nonbonded import find_nonbonded_pairs
 from drefine.restraints.target import GeometryTarget
 from drefine.restraints.topology import build_restraints
 from drefine.validate.geometry import angles_deg, bond_lengths, geometry_statistics
-
-from conftest import need
 
 
 def _restrained(data_dir, rel):

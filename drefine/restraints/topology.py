@@ -14,6 +14,7 @@ bonded. Consecutive residues that are not linked are reported as chain breaks.
 from __future__ import annotations
 
 import io
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -115,21 +116,20 @@ def _seq_adjacent(r1: gemmi.Residue, r2: gemmi.Residue) -> bool:
     return gap == 1 or (gap == 0 and r1.seqid.icode != r2.seqid.icode)
 
 
-def _decide_links(st: gemmi.Structure, model: Model, linked_prev: np.ndarray) -> tuple[list[ChainBreak], int, int]:
+def _decide_links(st: gemmi.Structure, model: Model, linked_prev: np.ndarray) -> list[ChainBreak]:
     """Make gemmi link what we decided to link (see the module docstring), on a throwaway clone.
 
     Only the N (or P) atoms of a stretched link are slid along the C→N (O3'→P) line to the
     ideal distance; torsions such as ω and every restraint value are unchanged by that move.
     Fills `linked_prev` (residue index of the linked predecessor, by the atom row indices
-    carried in b_iso). Returns chain breaks, number of polymer links and of disulfides added.
+    carried in b_iso) and returns the chain breaks.
     """
-    breaks, n_links = [], 0
+    breaks = []
     gm = st[0]
     for ch in gm:
         residues = [r for r in ch if r.entity_type == gemmi.EntityType.Polymer]
-        for r1, r2 in zip(residues, residues[1:]):
-            if r1.get_ca() is not None and r2.get_ca() is not None or _residue_atom(r2, "N"):
-                c_name, n_name, ideal, dmax = "C", "N", 1.33, PEPTIDE_LINK_CN_MAX
+        for r1, r2 in itertools.pairwise(residues):
+            c_name, n_name, ideal, dmax = "C", "N", 1.33, PEPTIDE_LINK_CN_MAX
             if _residue_atom(r2, "P") and _residue_atom(r1, "O3'"):
                 c_name, n_name, ideal, dmax = "O3'", "P", 1.60, NUCLEOTIDE_LINK_MAX
             d, a_c, _ = _min_distance(_residue_atom(r1, c_name), _residue_atom(r2, n_name))
@@ -143,7 +143,6 @@ def _decide_links(st: gemmi.Structure, model: Model, linked_prev: np.ndarray) ->
                 lab2 = f"{ch.name}/{r2.name} {r2.seqid.num}{r2.seqid.icode.strip()}"
                 breaks.append(ChainBreak(lab, lab2, d if math.isfinite(d) else math.nan))
                 continue
-            n_links += 1
             if len(r1) and len(r2):
                 res_of = model.atoms.residue_index
                 linked_prev[res_of[int(r2[0].b_iso)]] = res_of[int(r1[0].b_iso)]
@@ -192,8 +191,7 @@ def _decide_links(st: gemmi.Structure, model: Model, linked_prev: np.ndarray) ->
         con.partner1 = gemmi.make_address(c1, r1, a1)
         con.partner2 = gemmi.make_address(c2, r2, a2)
         st.connections.append(con)
-    n_ss = len(pairs)
-    return breaks, n_links, n_ss
+    return breaks
 
 
 def _energy_types(model: Model, ml: gemmi.MonLib, idx: np.ndarray) -> np.ndarray:
@@ -203,10 +201,10 @@ def _energy_types(model: Model, ml: gemmi.MonLib, idx: np.ndarray) -> np.ndarray
     uniq, inv = np.unique(keys, return_inverse=True)
     table = {}
     for rn in {k.split(":")[0] for k in uniq}:
-        cc = ml.monomers[rn] if rn in ml.monomers else None
-        if cc is not None:
-            for at in cc.atoms:
-                table[f"{rn}:{at.id}"] = at.chem_type
+        if rn not in ml.monomers:  # gemmi's ChemCompMap has no .get
+            continue
+        for at in ml.monomers[rn].atoms:
+            table[f"{rn}:{at.id}"] = at.chem_type
     # Atoms added by modifications (OXT, H1–H3) are not in the monomer: type them by analogy.
     analog = {"OXT": "OC", "H1": "HNH3", "H2": "HNH3", "H3": "HNH3"}
     out = np.array([table.get(k, analog.get(k.split(":")[1], "")) for k in uniq], dtype="<U8")
@@ -269,7 +267,7 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
                     del ch[k]
         unrestrained.reverse()
     linked_prev = np.full(len(model.residues), -1, dtype=np.int64)
-    breaks, n_links, n_ss = _decide_links(st, model, linked_prev)
+    breaks = _decide_links(st, model, linked_prev)
     warnings = io.StringIO()
     try:
         topo = gemmi.prepare_topology(st, ml, model_index=0, h_change=gemmi.HydrogenChange.NoChange,

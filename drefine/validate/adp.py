@@ -11,7 +11,7 @@ OCC_TOLERANCE = 0.02
 
 
 def _summary(b: np.ndarray) -> dict:
-    return {"n_atoms": int(len(b)), "mean": float(b.mean()), "min": float(b.min()), "max": float(b.max()),
+    return {"n_atoms": len(b), "mean": float(b.mean()), "min": float(b.min()), "max": float(b.max()),
             "sd": float(b.std())}
 
 
@@ -29,8 +29,8 @@ def b_factor_statistics(model: Model, r: Restraints, n_list: int = 10) -> dict:
     mad = 1.4826 * np.median(np.abs(b - med)) or 1.0
     high = idx[(a.b_iso[idx] - med) / mad > 6]
     out["non_positive"] = [model.atom_label(int(i)) for i in bad[:n_list]]
-    out["n_non_positive"] = int(len(bad))
-    out["n_high_outliers"] = int(len(high))
+    out["n_non_positive"] = len(bad)
+    out["n_high_outliers"] = len(high)
     out["high_outliers"] = [{"atom": model.atom_label(int(i)), "b": float(a.b_iso[i])}
                             for i in high[np.argsort(-a.b_iso[high])][:n_list]]
     if len(r.bond_atoms):
@@ -75,5 +75,5 @@ def occupancy_statistics(model: Model, r: Restraints, n_list: int = 20) -> dict:
         return [{"residue": res.label(int(ur[k])), "sum": round(float(total[k]), 3)} for k in rows[:n_list]]
 
     # A sum above one is an error; below one is legitimate (a partly occupied site) but worth seeing.
-    return {"n_residues_with_altlocs": int(len(ur)), "n_sums_above_one": int(len(over)),
-            "sums_above_one": listing(over), "n_partial": int(len(partial)), "partial": listing(partial)}
+    return {"n_residues_with_altlocs": len(ur), "n_sums_above_one": len(over),
+            "sums_above_one": listing(over), "n_partial": len(partial), "partial": listing(partial)}

@@ -125,7 +125,7 @@ def clash_statistics(model: Model, r: Restraints, xyz: np.ndarray, pairs: Nonbon
     listed = clash & ((pairs.op == 0) | (pairs.i <= pairs.j))
     order = np.flatnonzero(listed)[np.argsort(-overlap[listed])][:n_worst]
     has_h = bool(model.atoms.is_hydrogen[r.atom_indices].any())
-    return {"n_clashes": int(round(n_clash)), "clashscore": 1000.0 * n_clash / max(n_atoms, 1),
+    return {"n_clashes": round(n_clash), "clashscore": 1000.0 * n_clash / max(n_atoms, 1),
             "clashscore_with_hydrogens": has_h,
             "worst_clashes": [{"atoms": [model.atom_label(int(pairs.i[k])), model.atom_label(int(pairs.j[k]))],
                                "distance": round(float(d[k]), 3), "overlap": round(float(overlap[k]), 3),

@@ -41,7 +41,7 @@ def validate_structure(model: Model, restraints: Restraints | None = None, xyz: 
     final["rama_outliers"] = rama.get("outliers_percent") if rama["computed"] else None
     final["rama_favored"] = rama.get("favored_percent") if rama["computed"] else None
     final["rotamer_outliers"] = rota.get("outliers_percent") if rota["computed"] else None
-    final["n_atoms"] = int(len(r.atom_indices))
+    final["n_atoms"] = len(r.atom_indices)
     details = {
         "geometry": geo, "ramachandran": rama, "rotamers": rota,
         "b_factors": b_factor_statistics(model, r), "occupancies": occupancy_statistics(model, r),
