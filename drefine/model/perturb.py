@@ -14,18 +14,13 @@ def selection_mask(model: Model, cid: str) -> np.ndarray:
         sel = gemmi.Selection(cid)
     except (RuntimeError, ValueError) as e:
         raise DrefineError(f"bad selection {cid!r}: {e}") from None
+    # gemmi selects on a copy whose b_iso carries each atom's row index (exact in float32).
+    st = model.structure.clone()
+    for i, cra in enumerate(cra for gm in st for cra in gm.all()):
+        cra.atom.b_iso = float(i)
+    picked = [int(cra.atom.b_iso) for gm in sel.copy_structure_selection(st) for cra in gm.all()]
     mask = np.zeros(len(model.atoms), dtype=bool)
-    i = 0
-    # Matching is per atom through gemmi (setup, once); the arrays share gemmi's order.
-    for gm in model.structure:
-        m_ok = sel.matches(gm)
-        for ch in gm:
-            c_ok = m_ok and sel.matches(ch)
-            for res in ch:
-                r_ok = c_ok and sel.matches(res)
-                for atom in res:
-                    mask[i] = r_ok and sel.matches(atom)
-                    i += 1
+    mask[picked] = True
     if not mask.any():
         raise DrefineError(f"the selection {cid!r} matches no atoms")
     return mask
