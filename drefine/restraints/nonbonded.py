@@ -9,8 +9,10 @@ appears from both sides, each with weight ½, so energy and gradient are counted
 Minimum distances are sums of van der Waals radii of the atoms' energy types (CCP4 energy
 library `vdw_radius`; by element when a type is unknown), shortened for hydrogen-bonding
 pairs (donor/acceptor heavy atoms 2.6 Å, polar H to acceptor 1.8 Å) and for atoms three bonds
-apart (1-4 pairs, −0.5 Å). Atoms one or two bonds apart do not repel; atoms of different
-altlocs never meet; an atom shared by all conformers meets every conformer.
+apart (1-4 pairs, and 1-5 pairs that involve a hydrogen as MolProbity's Probe -4H does: −0.5 Å).
+Polar hydrogens (bonded to N or O) take Probe's 1.0 Å radius. Atoms one or two bonds apart do
+not repel; atoms of different altlocs never meet; an atom shared by all conformers meets every
+conformer.
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ from .topology import Restraints
 NONBONDED_SIGMA = 0.2  # Å
 HBOND_HEAVY_MIN = 2.6  # Å, donor–acceptor heavy atoms
 HBOND_H_MIN = 1.8  # Å, polar hydrogen to acceptor
+POLAR_H_RADIUS = 1.0  # Å, Probe (Word et al. 1999, J. Mol. Biol. 285, 1711)
 ONE_FOUR_REDUCTION = 0.5  # Å
 #: Fallback radii (Å, Bondi 1964) for atoms whose energy type the library does not give.
 ELEMENT_RADIUS = {"H": 1.20, "C": 1.70, "N": 1.55, "O": 1.52, "S": 1.80, "P": 1.80, "SE": 1.90,
@@ -44,7 +47,7 @@ class NonbondedPairs:
     d_min: np.ndarray  # Å
     weight: np.ndarray  # 1 for pairs within the model, ½ for symmetry contacts
     is_hbond: np.ndarray
-    is_14: np.ndarray
+    is_14: np.ndarray  # 1-4 pairs, and 1-5 pairs involving a hydrogen
     op_rot: np.ndarray  # (n_ops, 3, 3) Cartesian rotation of each image
     op_trans: np.ndarray  # (n_ops, 3) Cartesian translation, Å
     cutoff: float
@@ -88,6 +91,7 @@ def atom_radii(model: Model, restraints: Restraints) -> tuple[np.ndarray, np.nda
         h, x = bonds[:, h_col], bonds[:, x_col]
         polar = np.isin(el[h], ("H", "D")) & np.isin(el[x], ("N", "O"))
         hb[h[polar]] = "H"
+        radius[h[polar]] = POLAR_H_RADIUS
     return radius, hb
 
 
@@ -168,21 +172,24 @@ def _cell_list_pairs(targets, cand_xyz, cand_atom, cand_op, cutoff):
 
 
 def _bond_graph_pairs(n: int, bond_atoms: np.ndarray):
-    """Keys i*n+j (i<j) of atom pairs 1–2 or 1–3 apart, and of pairs exactly 1–4 apart."""
+    """Keys i*n+j (i<j) of atom pairs 1–2 or 1–3 apart, exactly 1–4 apart, and exactly 1–5 apart."""
     if len(bond_atoms) == 0:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64)
     a = sp.coo_matrix((np.ones(len(bond_atoms)), (bond_atoms[:, 0], bond_atoms[:, 1])), shape=(n, n)).tocsr()
     a = ((a + a.T) > 0).astype(np.int8)
     a2 = ((a @ a) > 0).astype(np.int8)
     near = ((a + a2) > 0).astype(np.int8)
     a3 = ((a2 @ a) > 0).astype(np.int8)
     one_four = (a3 - a3.multiply(near)) > 0
+    up_to_four = ((near + a3) > 0).astype(np.int8)
+    a4 = ((a3 @ a) > 0).astype(np.int8)
+    one_five = (a4 - a4.multiply(up_to_four)) > 0
 
     def keys(m):
         m = sp.triu(m, 1).tocoo()
         return np.unique(m.row.astype(np.int64) * n + m.col.astype(np.int64))
 
-    return keys(near), keys(one_four)
+    return keys(near), keys(one_four), keys(one_five)
 
 
 def find_nonbonded_pairs(model: Model, restraints: Restraints, xyz: np.ndarray | None = None,
@@ -226,7 +233,7 @@ def find_nonbonded_pairs(model: Model, restraints: Restraints, xyz: np.ndarray |
     conf = model.atoms.conformer
     keep = ~((conf[i] != 0) & (conf[j] != 0) & (conf[i] != conf[j]))
     n = len(model.atoms)
-    near, one_four = _bond_graph_pairs(n, np.concatenate([restraints.bond_atoms, restraints.inferred_bonds]))
+    near, one_four, one_five = _bond_graph_pairs(n, np.concatenate([restraints.bond_atoms, restraints.inferred_bonds]))
     key = np.minimum(i, j) * n + np.maximum(i, j)
     same_image = op == 0
     keep &= ~(same_image & np.isin(key, near))
@@ -234,7 +241,8 @@ def find_nonbonded_pairs(model: Model, restraints: Restraints, xyz: np.ndarray |
     keep &= ~((i == j) & (np.linalg.norm(xyz[i] - (np.einsum("pab,pb->pa", rots[op], xyz[j]) + trans[op]),
                                          axis=1) < 0.5))
     i, j, op, key, same_image = i[keep], j[keep], op[keep], key[keep], same_image[keep]
-    is_14 = same_image & np.isin(key, one_four)
+    is_h = model.atoms.is_hydrogen
+    is_14 = same_image & (np.isin(key, one_four) | (np.isin(key, one_five) & (is_h[i] | is_h[j])))
     d_min = radius[i] + radius[j]
     hi_, hj = hb[i], hb[j]
     heavy_hb = (np.isin(hi_, ("D", "B")) & np.isin(hj, ("A", "B"))) | (np.isin(hi_, ("A", "B")) & np.isin(hj, ("D", "B")))
