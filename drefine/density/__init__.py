@@ -1,0 +1,1 @@
+"""Density and structure factors: form factors, atom density on grids, Fcalc, bulk solvent, maps."""
