@@ -1,0 +1,411 @@
+"""Structure factors by FFT: atom density on a grid (all symmetry images), FFT, unblur.
+
+Each atom image is a sum of Gaussians ρ(r) = Σ_g c_g exp(−4π² rᵀ M_g⁻¹ r) with
+M_g = (b_g + B_add)·I + 8π²U and c_g = occ·a_g (4π)^{3/2}/√det M_g, spread only within the
+radius where its density falls below `cutoff` (e/Å³). The global blur B_add widens the
+narrowest Gaussian until the part of its transform beyond the grid's Nyquist frequency is
+below ~1e-5 (Gaussian tail: B_add ≥ 4 ln(10⁵)/(1/h − 1/d_min)², h the grid spacing), and is
+removed afterwards by exp(+B_add s²/4). Grid sizes come from gemmi (FFT-friendly and
+compatible with the space group's symmetry).
+
+F(h) = ∫ρ e^{2πi h·x} dV ≈ (V/N) conj(FFT(ρ))[h] (numpy's FFT has the opposite sign).
+
+Gradient of a target T with D(h) = ∂T/∂Re F + i ∂T/∂Im F: with the gradient map
+g(x) = Re Σ_h conj(D(h) e^{B_add s²/4}) e^{2πi h·x} over the given reflections,
+∂T/∂p = ∫ g ∂ρ/∂p dV, evaluated by the same per-atom boxes (the "gradient map convolved with
+the atom shapes").
+
+Atoms are spread in chunks on separate grids by threads (the kernels release the GIL), and
+the grids summed: the same layout distributes over dask workers.
+"""
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import gemmi
+import numpy as np
+import scipy.fft
+from numba import njit
+
+from .direct import Scatterers, StructureFactorGradient
+
+ALIAS_LOG = math.log(1e5)  # aliased fraction of the sharpest Gaussian: ~1e-5
+
+
+@dataclass
+class FFTGrid:
+    """A real-space grid over the unit cell, with the blur it was computed with."""
+
+    shape: tuple[int, int, int]
+    cell: gemmi.UnitCell
+    b_add: float  # Å²
+
+
+def grid_shape(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None, d_min: float, rate: float = 1.5):
+    """Grid points along a, b, c for spacing d_min/(2·rate), FFT-friendly and symmetry-compatible."""
+    g = gemmi.FloatGrid()
+    g.set_unit_cell(cell)
+    g.spacegroup = sg if sg is not None else gemmi.SpaceGroup("P 1")
+    g.set_size_from_spacing(d_min / (2.0 * rate), gemmi.GridSizeRounding.Up)
+    return (g.nu, g.nv, g.nw)
+
+
+def choose_blur(sc: Scatterers, shape, d_min: float) -> float:
+    """Smallest B_add (Å²) that keeps aliasing of the sharpest atom below ~1e-5."""
+    lengths = np.array([sc.orth_matrix[:, i] for i in range(3)])
+    spacing = max(np.linalg.norm(lengths[i]) / shape[i] for i in range(3))
+    gap = 1.0 / spacing - 1.0 / d_min
+    b_needed = 4.0 * ALIAS_LOG / gap ** 2
+    u = np.zeros((len(sc), 3, 3))
+    iu = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
+    for k, (i, j) in enumerate(iu):
+        u[:, i, j] = u[:, j, i] = sc.u_cart[:, k]
+    b_min = 8 * np.pi ** 2 * np.linalg.eigvalsh(u)[:, 0].min() if len(sc) else 0.0
+    return float(max(0.0, b_needed - b_min))
+
+
+def _images(sc: Scatterers):
+    """Fractional positions, Cartesian U (3×3) and Cartesian rotation of every symmetry image."""
+    F, O = sc.frac_matrix, sc.orth_matrix
+    u = np.zeros((len(sc), 3, 3))
+    for k, (i, j) in enumerate([(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]):
+        u[:, i, j] = u[:, j, i] = sc.u_cart[:, k]
+    fr, uu, rc, atom = [], [], [], []
+    for R, t in zip(sc.rot, sc.trans):
+        Rc = O @ R @ F
+        fr.append(sc.frac @ R.T + t)
+        uu.append(np.einsum("ij,ajk,lk->ail", Rc, u, Rc))
+        rc.append(np.broadcast_to(Rc, (len(sc), 3, 3)))
+        atom.append(np.arange(len(sc)))
+    return np.concatenate(fr), np.concatenate(uu), np.concatenate(rc), np.concatenate(atom)
+
+
+def _gaussians(sc: Scatterers, u_img: np.ndarray, atom: np.ndarray, b_add: float, shape, cutoff: float):
+    """Per image and Gaussian: coefficient, inverse of M, plus the box half-widths (grid points)."""
+    t = sc.types.type_of_atom[atom]
+    b = sc.types.b[t] + b_add  # (m, G)
+    M = b[:, :, None, None] * np.eye(3) + 8 * np.pi ** 2 * u_img[:, None]
+    det = np.linalg.det(M)
+    if np.any(det <= 0):
+        raise ValueError("non-positive-definite atomic displacement (check B and U values)")
+    coef = sc.occ[atom][:, None] * sc.types.a[t] * (4 * np.pi) ** 1.5 / np.sqrt(det)
+    minv = np.linalg.inv(M)
+    lam = np.linalg.eigvalsh(M)[..., -1]
+    ratio = np.abs(coef) / cutoff
+    r2 = np.where(ratio > 1, lam * np.log(np.maximum(ratio, 1.0)) / (4 * np.pi ** 2), 0.0)
+    radius = np.sqrt(r2.max(axis=1))
+    fnorm = np.linalg.norm(sc.frac_matrix, axis=1)
+    half = np.ceil(radius[:, None] * fnorm[None, :] * np.array(shape)[None, :]).astype(np.int64)
+    return coef, minv, radius, half
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _row_range(rb, step, r2max, klo, khi):
+    """k range of a grid row r(k) = rb + k·step inside the sphere |r|² ≤ r2max (clipped to box)."""
+    a = step[0] * step[0] + step[1] * step[1] + step[2] * step[2]
+    b = rb[0] * step[0] + rb[1] * step[1] + rb[2] * step[2]
+    c = rb[0] * rb[0] + rb[1] * rb[1] + rb[2] * rb[2] - r2max
+    disc = b * b - a * c
+    if disc < 0.0:
+        return 1, 0
+    root = math.sqrt(disc)
+    k0 = max(klo, int(math.ceil((-b - root) / a)))
+    k1 = min(khi, int(math.floor((-b + root) / a)))
+    return k0, k1
+
+
+@njit(cache=True, nogil=True)
+def _spread(grid, frac, coef, minv, radius, half, orth):
+    """Add every image's density to the grid, row by row.
+
+    Along a row r(k) = rb + k·s the exponent of each Gaussian is quadratic in k, so the values
+    follow a recurrence (two multiplications per point and Gaussian instead of an exp).
+    """
+    n0, n1, n2 = grid.shape
+    fpp = 4.0 * math.pi * math.pi
+    ng = coef.shape[1]
+    step = np.empty(3)
+    rb = np.empty(3)
+    val = np.empty(ng)
+    ratio = np.empty(ng)
+    mult = np.empty(ng)
+    row = np.zeros(2 * n2 + 4)
+    for p in range(3):
+        step[p] = orth[p, 2] / n2
+    for a in range(frac.shape[0]):
+        r2max = radius[a] * radius[a]
+        if r2max == 0.0:
+            continue
+        c0 = int(math.floor(frac[a, 0] * n0))
+        c1 = int(math.floor(frac[a, 1] * n1))
+        c2 = int(math.floor(frac[a, 2] * n2))
+        klo = c2 - half[a, 2]
+        khi = c2 + half[a, 2] + 1
+        for i in range(c0 - half[a, 0], c0 + half[a, 0] + 2):
+            d0 = i / n0 - frac[a, 0]
+            for j in range(c1 - half[a, 1], c1 + half[a, 1] + 2):
+                d1 = j / n1 - frac[a, 1]
+                for p in range(3):
+                    rb[p] = orth[p, 0] * d0 + orth[p, 1] * d1 - orth[p, 2] * frac[a, 2]
+                k0, k1 = _row_range(rb, step, r2max, klo, khi)
+                if k1 < k0:
+                    continue
+                for g in range(ng):
+                    m = minv[a, g]
+                    x = rb[0] + k0 * step[0]
+                    y = rb[1] + k0 * step[1]
+                    z = rb[2] + k0 * step[2]
+                    q = (m[0, 0] * x * x + m[1, 1] * y * y + m[2, 2] * z * z
+                         + 2.0 * (m[0, 1] * x * y + m[0, 2] * x * z + m[1, 2] * y * z))
+                    # q(k+1) − q(k) = 2 sᵀM⁻¹r(k) + sᵀM⁻¹s
+                    ms0 = m[0, 0] * step[0] + m[0, 1] * step[1] + m[0, 2] * step[2]
+                    ms1 = m[1, 0] * step[0] + m[1, 1] * step[1] + m[1, 2] * step[2]
+                    ms2 = m[2, 0] * step[0] + m[2, 1] * step[1] + m[2, 2] * step[2]
+                    sms = step[0] * ms0 + step[1] * ms1 + step[2] * ms2
+                    smr = x * ms0 + y * ms1 + z * ms2
+                    val[g] = coef[a, g] * math.exp(-fpp * q)
+                    ratio[g] = math.exp(-fpp * (2.0 * smr + sms))
+                    mult[g] = math.exp(-2.0 * fpp * sms)
+                for k in range(k0, k1 + 1):
+                    tot = 0.0
+                    for g in range(ng):
+                        tot += val[g]
+                        val[g] *= ratio[g]
+                        ratio[g] *= mult[g]
+                    row[k - k0] = tot
+                ii = i % n0
+                jj = j % n1
+                for k in range(k0, k1 + 1):
+                    grid[ii, jj, k % n2] += row[k - k0]
+    return grid
+
+
+@njit(cache=True, nogil=True)
+def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol):
+    """∫ g ∂ρ/∂p dV per image: position (Cartesian), occupancy, and ∂T/∂M summed over Gaussians.
+
+    Same row recurrence as `_spread` for the Gaussian values; r(k) is linear in k.
+    """
+    n0, n1, n2 = gmap.shape
+    m_img = frac.shape[0]
+    ng = coef.shape[1]
+    g_x = np.zeros((m_img, 3))
+    g_occ = np.zeros(m_img)
+    g_m = np.zeros((m_img, 3, 3))
+    fpp = 4.0 * math.pi * math.pi
+    step = np.empty(3)
+    rb = np.empty(3)
+    r = np.empty(3)
+    mr = np.empty(3)
+    val = np.empty(ng)
+    ratio = np.empty(ng)
+    mult = np.empty(ng)
+    for p in range(3):
+        step[p] = orth[p, 2] / n2
+    for a in range(m_img):
+        r2max = radius[a] * radius[a]
+        if r2max == 0.0:
+            continue
+        c0 = int(math.floor(frac[a, 0] * n0))
+        c1 = int(math.floor(frac[a, 1] * n1))
+        c2 = int(math.floor(frac[a, 2] * n2))
+        klo = c2 - half[a, 2]
+        khi = c2 + half[a, 2] + 1
+        inv_occ = 1.0 / occ_of_image[a] if occ_of_image[a] != 0.0 else 0.0
+        for i in range(c0 - half[a, 0], c0 + half[a, 0] + 2):
+            d0 = i / n0 - frac[a, 0]
+            for j in range(c1 - half[a, 1], c1 + half[a, 1] + 2):
+                d1 = j / n1 - frac[a, 1]
+                for p in range(3):
+                    rb[p] = orth[p, 0] * d0 + orth[p, 1] * d1 - orth[p, 2] * frac[a, 2]
+                k0, k1 = _row_range(rb, step, r2max, klo, khi)
+                if k1 < k0:
+                    continue
+                for g in range(ng):
+                    m = minv[a, g]
+                    x = rb[0] + k0 * step[0]
+                    y = rb[1] + k0 * step[1]
+                    z = rb[2] + k0 * step[2]
+                    q = (m[0, 0] * x * x + m[1, 1] * y * y + m[2, 2] * z * z
+                         + 2.0 * (m[0, 1] * x * y + m[0, 2] * x * z + m[1, 2] * y * z))
+                    ms0 = m[0, 0] * step[0] + m[0, 1] * step[1] + m[0, 2] * step[2]
+                    ms1 = m[1, 0] * step[0] + m[1, 1] * step[1] + m[1, 2] * step[2]
+                    ms2 = m[2, 0] * step[0] + m[2, 1] * step[1] + m[2, 2] * step[2]
+                    sms = step[0] * ms0 + step[1] * ms1 + step[2] * ms2
+                    smr = x * ms0 + y * ms1 + z * ms2
+                    val[g] = coef[a, g] * math.exp(-fpp * q)
+                    ratio[g] = math.exp(-fpp * (2.0 * smr + sms))
+                    mult[g] = math.exp(-2.0 * fpp * sms)
+                ii = i % n0
+                jj = j % n1
+                for k in range(k0, k1 + 1):
+                    gval = gmap[ii, jj, k % n2] * dvol
+                    for p in range(3):
+                        r[p] = rb[p] + k * step[p]
+                    for g in range(ng):
+                        w = gval * val[g]
+                        val[g] *= ratio[g]
+                        ratio[g] *= mult[g]
+                        if w == 0.0:
+                            continue
+                        m = minv[a, g]
+                        for p in range(3):
+                            mr[p] = m[p, 0] * r[0] + m[p, 1] * r[1] + m[p, 2] * r[2]
+                        # ∂ρ/∂x_atom = ρ · 8π² M⁻¹ r (r = x − x_atom)
+                        for p in range(3):
+                            g_x[a, p] += w * 2.0 * fpp * mr[p]
+                        g_occ[a] += w * inv_occ
+                        # ∂ρ/∂M = ρ (−½ M⁻¹ + 4π² M⁻¹ r rᵀ M⁻¹)
+                        for p in range(3):
+                            for q_ in range(3):
+                                g_m[a, p, q_] += w * (-0.5 * m[p, q_] + fpp * mr[p] * mr[q_])
+    return g_x, g_occ, g_m
+
+
+def _chunks(n: int, n_chunks: int):
+    edges = np.linspace(0, n, n_chunks + 1).astype(int)
+    return [slice(edges[i], edges[i + 1]) for i in range(n_chunks) if edges[i + 1] > edges[i]]
+
+
+@dataclass
+class _Prepared:
+    frac: np.ndarray
+    coef: np.ndarray
+    minv: np.ndarray
+    radius: np.ndarray
+    half: np.ndarray
+    rc: np.ndarray
+    atom: np.ndarray
+
+
+def _prepare(sc: Scatterers, shape, b_add: float, cutoff: float) -> _Prepared:
+    frac, u_img, rc, atom = _images(sc)
+    coef, minv, radius, half = _gaussians(sc, u_img, atom, b_add, shape, cutoff)
+    return _Prepared(np.ascontiguousarray(frac), coef, np.ascontiguousarray(minv), radius, half, rc, atom)
+
+
+def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float = 1e-6, threads: int = 2,
+                      prepared: _Prepared | None = None) -> np.ndarray:
+    """Electron (or electrostatic-potential) density of all symmetry images on the cell grid (e/Å³)."""
+    p = prepared or _prepare(sc, shape, b_add, cutoff)
+    parts = _chunks(len(p.frac), max(1, threads))
+
+    def run(sl):
+        g = np.zeros(shape)
+        return _spread(g, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix)
+
+    if len(parts) == 1:
+        return run(parts[0])
+    with ThreadPoolExecutor(len(parts)) as ex:
+        grids = list(ex.map(run, parts))
+    return np.sum(grids, axis=0)
+
+
+def _miller_to_rfft(hkl: np.ndarray, shape):
+    """Indices into an rfftn array for each h, and whether F(h) is the conjugate of the entry."""
+    hkl = np.asarray(hkl, dtype=np.int64)
+    neg = hkl[:, 2] < 0
+    h = np.where(neg[:, None], -hkl, hkl)
+    return (h[:, 0] % shape[0], h[:, 1] % shape[1], h[:, 2]), neg
+
+
+def fft_structure_factors(sc: Scatterers, hkl: np.ndarray, d_min: float | None = None, rate: float = 1.5,
+                          cutoff: float = 1e-6, threads: int = 2) -> np.ndarray:
+    """F(h) at Miller indices hkl by the FFT route (complex)."""
+    cell = _cell(sc)
+    if d_min is None:
+        d_min = _d_min(sc, hkl)
+    shape = grid_shape(cell, None if len(sc.rot) == 1 else _sg_placeholder(sc), d_min, rate)
+    b_add = choose_blur(sc, shape, d_min)
+    rho = atom_density_grid(sc, shape, b_add, cutoff, threads)
+    spectrum = scipy.fft.rfftn(rho, workers=threads)
+    idx, neg = _miller_to_rfft(hkl, shape)
+    vals = spectrum[idx]
+    f = np.where(neg, vals, np.conj(vals)) * (cell.volume / rho.size)
+    s2 = _s2(sc, hkl)
+    return f * np.exp(b_add * s2 / 4.0)
+
+
+def fft_gradient(sc: Scatterers, hkl: np.ndarray, dtarget_df: np.ndarray, d_min: float | None = None,
+                 rate: float = 1.5, cutoff: float = 1e-6, threads: int = 2) -> StructureFactorGradient:
+    """Gradient of a target with respect to coordinates, B, occupancy and U by the FFT route."""
+    cell = _cell(sc)
+    if d_min is None:
+        d_min = _d_min(sc, hkl)
+    shape = grid_shape(cell, None if len(sc.rot) == 1 else _sg_placeholder(sc), d_min, rate)
+    b_add = choose_blur(sc, shape, d_min)
+    # g(x_j) = Re Σ_h conj(D'(h)) e^{2πi h·j/n} = Re(N · ifftn(C))[j], C[h] = conj(D'(h))
+    spec = np.zeros(shape, dtype=np.complex128)
+    h = np.asarray(hkl, dtype=np.int64)
+    d_unblur = np.asarray(dtarget_df) * np.exp(b_add * _s2(sc, hkl) / 4.0)
+    np.add.at(spec, (h[:, 0] % shape[0], h[:, 1] % shape[1], h[:, 2] % shape[2]), np.conj(d_unblur))
+    gmap = np.ascontiguousarray(np.real(scipy.fft.ifftn(spec, workers=threads)) * spec.size)
+    p = _prepare(sc, shape, b_add, cutoff)
+    dvol = cell.volume / gmap.size
+    occ_img = sc.occ[p.atom]
+    parts = _chunks(len(p.frac), max(1, threads))
+
+    def run(sl):
+        return _gather(gmap, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix,
+                       occ_img[sl], dvol)
+
+    with ThreadPoolExecutor(len(parts)) as ex:
+        res = list(ex.map(run, parts))
+    g_x = np.concatenate([r[0] for r in res])
+    g_occ = np.concatenate([r[1] for r in res])
+    g_m = np.concatenate([r[2] for r in res])
+    n = len(sc)
+    # back to the original atom: x_img = Rc x + t → ∂T/∂x = Rcᵀ ∂T/∂x_img; U_img = Rc U Rcᵀ
+    gx_atom = np.zeros((n, 3))
+    np.add.at(gx_atom, p.atom, np.einsum("aji,aj->ai", p.rc, g_x))
+    gu_full = 8 * np.pi ** 2 * np.einsum("aji,ajk,akl->ail", p.rc, g_m, p.rc)
+    gu = np.zeros((n, 3, 3))
+    np.add.at(gu, p.atom, gu_full)
+    g_occ_atom = np.bincount(p.atom, weights=g_occ, minlength=n)
+    g_u6 = np.stack([gu[:, 0, 0], gu[:, 1, 1], gu[:, 2, 2], 2 * gu[:, 0, 1], 2 * gu[:, 0, 2], 2 * gu[:, 1, 2]], 1)
+    g_b = np.trace(gu, axis1=1, axis2=2) / (8 * np.pi ** 2)
+    return StructureFactorGradient(xyz=gx_atom, b_iso=g_b, occ=g_occ_atom, u=g_u6)
+
+
+def _cell(sc: Scatterers) -> gemmi.UnitCell:
+    O = sc.orth_matrix
+    a, b, c = (np.linalg.norm(O[:, i]) for i in range(3))
+    alpha = math.degrees(math.acos(O[:, 1] @ O[:, 2] / (b * c)))
+    beta = math.degrees(math.acos(O[:, 0] @ O[:, 2] / (a * c)))
+    gamma = math.degrees(math.acos(O[:, 0] @ O[:, 1] / (a * b)))
+    return gemmi.UnitCell(a, b, c, alpha, beta, gamma)
+
+
+def _sg_placeholder(sc: Scatterers) -> gemmi.SpaceGroup:
+    """The space group whose operators the scatterers carry (found from the operator set)."""
+    ops = gemmi.GroupOps([gemmi.Op(_op_triplet(R, t)) for R, t in zip(sc.rot, sc.trans)])
+    sg = gemmi.find_spacegroup_by_ops(ops)
+    return sg if sg is not None else gemmi.SpaceGroup("P 1")
+
+
+def _op_triplet(R, t) -> str:
+    axes = "xyz"
+    parts = []
+    for i in range(3):
+        terms = []
+        for j in range(3):
+            v = int(round(R[i, j]))
+            if v:
+                terms.append(("+" if v > 0 else "-") + axes[j])
+        frac = t[i] % 1.0
+        if frac > 1e-9:
+            num = int(round(frac * 12))
+            terms.append(f"+{num}/12")
+        parts.append("".join(terms).lstrip("+"))
+    return ",".join(parts)
+
+
+def _s2(sc: Scatterers, hkl: np.ndarray) -> np.ndarray:
+    s = np.asarray(hkl, dtype=np.float64) @ sc.frac_matrix
+    return (s * s).sum(axis=1)
+
+
+def _d_min(sc: Scatterers, hkl: np.ndarray) -> float:
+    return float(1.0 / np.sqrt(_s2(sc, hkl).max()))
