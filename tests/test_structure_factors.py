@@ -5,13 +5,16 @@ import copy
 import gemmi
 import numpy as np
 import pytest
+from conftest import need
 
-from drefine.density.direct import (direct_gradient, direct_structure_factors, direct_structure_factors_dask,
-                                    scatterers_of_model)
+from drefine.density.direct import (
+    direct_gradient,
+    direct_structure_factors,
+    direct_structure_factors_dask,
+    scatterers_of_model,
+)
 from drefine.density.fft import fft_gradient, fft_structure_factors
 from drefine.io.models import read_model
-
-from conftest import need
 
 
 def rel(a, b):
