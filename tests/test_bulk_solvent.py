@@ -2,14 +2,13 @@
 import gemmi
 import numpy as np
 import pytest
+from conftest import need
 
 from drefine.density.bulk_solvent import aniso_basis
 from drefine.density.fmodel import compute_fmodel
 from drefine.errors import InputError
 from drefine.io.models import read_model
 from drefine.io.reflections import read_reflections
-
-from conftest import need
 
 
 @pytest.fixture(scope="module")
@@ -55,12 +54,12 @@ def _gemmi_fit(table, fm, work):
 
 
 def test_fit_agrees_with_gemmi_scaling(untangle, orl):
-    m, t, fm = untangle
+    _, t, fm = untangle
     g = _gemmi_fit(t, fm, t.work)
     assert fm.scale.k_sol == pytest.approx(g.k_sol, abs=0.01)
     assert fm.scale.b_sol == pytest.approx(g.b_sol, abs=2.0)
     assert fm.r_work == pytest.approx(g.calculate_r_factor(), abs=1e-3)
-    m, t, fm = orl
+    _, t, fm = orl
     g = _gemmi_fit(t, fm, t.work)
     assert fm.r_work <= g.calculate_r_factor() + 1e-3  # ours finds an equal or better minimum
 

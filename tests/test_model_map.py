@@ -2,11 +2,10 @@
 import gemmi
 import numpy as np
 import pytest
+from conftest import need
 
 from drefine.density.model_map import model_map
 from drefine.io.models import read_model
-
-from conftest import need
 
 
 @pytest.mark.parametrize("d_min,electron", [(3.0, True), (2.0, False)])

@@ -7,7 +7,13 @@ import numpy as np
 
 from ..io.reflections import ReflectionTable, check_cell_compatible
 from ..model.arrays import Model
-from .bulk_solvent import BulkSolventScale, fit_bulk_solvent, mask_grid_shape, mask_structure_factors, solvent_mask
+from .bulk_solvent import (
+    BulkSolventScale,
+    fit_bulk_solvent,
+    mask_grid_shape,
+    mask_structure_factors,
+    solvent_mask,
+)
 from .direct import scatterers_of_model
 from .fft import fft_structure_factors
 
