@@ -300,7 +300,10 @@ def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float =
         return run(parts[0])
     with ThreadPoolExecutor(len(parts)) as ex:
         grids = list(ex.map(run, parts))
-    return np.sum(grids, axis=0)
+    total = grids.pop()
+    while grids:
+        total += grids.pop()  # in place: one grid of memory per thread, no extra sum array
+    return total
 
 
 def _miller_to_rfft(hkl: np.ndarray, shape):

@@ -1,7 +1,7 @@
 """Atomic scattering factors as sums of Gaussians, from gemmi's tables.
 
 X-ray: International Tables vol. C (1992) 4-Gaussian + constant fits (gemmi `Element.it92`,
-charged ions through `gemmi.IT92_get_exact`). Electron: the 5-Gaussian fits of Peng et al.
+charged ions through `gemmi.IT92_get_exact`, the neutral atom for ions the table lacks). Electron: the 5-Gaussian fits of Peng et al.
 (1996) as gemmi carries them (`Element.c4322`, used by gemmi.DensityCalculatorE).
 f(s) = Σ_g a_g exp(−b_g s²/4) + c, with s = 1/d in Å⁻¹ (so s²/4 = (sinθ/λ)²).
 
@@ -47,7 +47,8 @@ def scattering_types(elements: np.ndarray, charges: np.ndarray | None = None,
         el_name, q = key.split(":")
         el = gemmi.Element(el_name)
         if source == "xray":
-            coef = gemmi.IT92_get_exact(el, int(q)) if int(q) else el.it92
+            # ions the table lacks (IT92 covers common ones only) scatter as the neutral atom
+            coef = (gemmi.IT92_get_exact(el, int(q)) if int(q) else None) or el.it92
             a[k, :4], b[k, :4] = coef.a, coef.b
             a[k, 4], b[k, 4] = coef.c, 0.0
         else:
