@@ -46,8 +46,8 @@ def synthetic_reflections(model: Model, d_min: float, source: str = "xray", k_so
     ops = sg.operations()
     centric = np.array([ops.is_reflection_centric([int(x) for x in h]) for h in hkl], dtype=bool)
     epsilon = np.array([ops.epsilon_factor([int(x) for x in h]) for h in hkl], dtype=np.int32)
-    notes = [f"synthetic: {source} form factors, d_min {d_min} Å, k_sol {k_sol}, B_sol {b_sol} Å², "
-             f"noise {noise}, free fraction {free_fraction}, seed {seed}"]
+    notes = [(f"synthetic: {source} form factors, d_min {d_min} Å, k_sol {k_sol}, B_sol {b_sol} Å², "
+              f"noise {noise}, free fraction {free_fraction}, seed {seed}")]
     return ReflectionTable(cell=cell, spacegroup=sg, hkl=hkl, d=d, centric=centric, epsilon=epsilon, free=free,
                            f_obs=f_obs, sigma_f=sigma, bin=resolution_bins(d, default_n_bins(int((~free).sum()))),
                            phases_deg=np.degrees(np.angle(f)), source=model.source, notes=notes)
