@@ -16,6 +16,7 @@ DESCRIPTION = """drefine: distributed, array-parallel refinement of atomic model
 subcommands available now:
   validate   geometry, clashes, Ramachandran/rotamers, B-factors and occupancies of a model
   shake      perturb coordinates by a given RMS shift (seeded), e.g. to make refinement tests
+  fmodel     synthetic data from a model: structure factors (MTZ) and/or a model map (CCP4/MRC)
 """
 
 
@@ -65,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--rama-data", metavar="DIR",
                    help="directory with Top500 rama500-*.data / rota500-*.data tables (default: "
                         "$DREFINE_RAMA_DATA, then $DREFINE_TEST_DATA/validation/rama-data)")
+    v.add_argument("--mtz", metavar="DATA",
+                   help="reflection data (MTZ or mmCIF structure factors): adds R-work/R-free with fitted bulk "
+                        "solvent and scale")
+    v.add_argument("--labin", metavar="F,SIGF,FREE", help="columns of --mtz (default: chosen automatically)")
     v.add_argument("--models", choices=("first", "all"), default="all",
                    help="multi-model files: validate the first or all models (default all)")
     v.add_argument("--scheduler", metavar="ADDRESS",
@@ -82,6 +87,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--selection", metavar="CID",
                    help="move only these atoms (gemmi selection syntax, e.g. 'A/10-40' or '/*/*/CA')")
     s.add_argument("--no-validate", action="store_true", help="skip the geometry report of the shaken model")
+
+    f = sub.add_parser("fmodel", help="synthetic structure factors or model map from a model",
+                       description="Structure factors of a model to --resolution, with flat bulk solvent, optional "
+                                   "relative noise and a free set (--mtz), and/or its model map at that resolution "
+                                   "(--map; a P 1 box padded around the model when the model has no crystal cell).")
+    f.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
+    f.add_argument("--resolution", type=_positive_float, required=True, metavar="Å", help="d_min in Å")
+    f.add_argument("--mtz", metavar="OUT.mtz", help="write F, SIGF, FreeR_flag (0 = test) and PHI")
+    f.add_argument("--map", metavar="OUT.mrc", help="write the model map (CCP4/MRC)")
+    f.add_argument("-o", "--output", metavar="PATH", help="same as --mtz or --map, chosen by the suffix")
+    f.add_argument("--json", metavar="PATH", help="write a machine-readable JSON report")
+    f.add_argument("--electron", action="store_true", help="electron form factors (cryo-EM) instead of X-ray")
+    f.add_argument("--noise", type=_positive_float, default=0.0, metavar="FRACTION",
+                   help="relative Gaussian noise on |F| (e.g. 0.03), seeded")
+    f.add_argument("--free-fraction", type=_positive_float, default=0.05, help="test-set fraction (default 0.05)")
+    f.add_argument("--seed", type=int, default=0, help="random seed for noise and free set (default 0)")
+    f.add_argument("--k-sol", type=_positive_float, default=0.35, help="bulk-solvent scale (default 0.35; 0: none)")
+    f.add_argument("--b-sol", type=_positive_float, default=46.0, metavar="Å²", help="bulk-solvent B (default 46)")
+    f.add_argument("--box-padding", type=_positive_float, default=10.0, metavar="Å",
+                   help="padding of the P 1 box for --map when the model has no crystal cell (default 10)")
+    f.add_argument("--monlib", metavar="DIR", help=argparse.SUPPRESS)
     return parser
 
 
@@ -129,10 +155,19 @@ def cmd_validate(args) -> int:
                                      "rama_data": str(rama) if rama else None})
     report["final"] = results[0]["final"]
     report["details"] = results[0]["details"]
+    if args.mtz:
+        data = _fit_to_reflections(model, args.mtz, args.labin)
+        report["inputs"]["data"] = str(args.mtz)
+        report["final"].update(r_work=data["r_work"], r_free=data["r_free"])
+        report["details"]["data"] = data
     if n_models > 1:
         report["models"] = [r["final"] for r in results]
     report["timing"]["wall_s"] = clock.seconds()
     text = format_text(results[0], f"drefine validate {args.model}" + (" (model 1)" if n_models > 1 else ""))
+    if args.mtz:
+        d = report["details"]["data"]
+        text += (f"\ndata {args.mtz}: {d['n_reflections']} reflections to {d['d_min']:.2f} Å  R-work {d['r_work']:.4f}"
+                 f"  R-free {d['r_free']:.4f}  (k_sol {d['k_sol']:.2f}, B_sol {d['b_sol']:.0f} Å²)")
     if n_models > 1:
         text += "\nper model: " + ", ".join(
             f"{k + 1}: bonds {r['final']['bonds_rmsd']:.3f} clashscore {r['final']['clashscore']:.1f}"
@@ -140,6 +175,66 @@ def cmd_validate(args) -> int:
     print(text)
     if args.output:
         atomic_write(args.output, text + "\n")
+    if args.json:
+        write_json(args.json, report)
+    return 0
+
+
+def _fit_to_reflections(model, path, labin=None) -> dict:
+    """R-work/R-free of model 0 against reflection data, bulk solvent and scale fitted."""
+    from .density.fmodel import compute_fmodel
+    from .io.reflections import read_reflections
+
+    table = read_reflections(path, labin=labin)
+    fm = compute_fmodel(model, table)
+    return {"n_reflections": len(table), "d_min": table.d_min, "d_max": table.d_max,
+            "n_free": int(table.test.sum()), "columns": table.columns_used, "notes": table.notes,
+            "r_work": fm.r_work, "r_free": fm.r_free, **{k: v for k, v in fm.scale.as_dict().items()
+                                                         if k not in ("r_work", "r_free")}}
+
+
+def cmd_fmodel(args) -> int:
+    from .io.atomic import write_json
+    from .io.models import read_model
+    from .validate.report import Stopwatch, new_report
+
+    clock = Stopwatch()
+    mtz_out, map_out = args.mtz, args.map
+    if args.output:
+        if args.output.lower().endswith((".mtz",)):
+            mtz_out = args.output
+        elif args.output.lower().endswith((".mrc", ".map", ".ccp4")):
+            map_out = args.output
+        else:
+            raise DrefineError(f"-o {args.output}: give a .mtz or a .mrc/.map/.ccp4 name")
+    if not (mtz_out or map_out):
+        raise DrefineError("nothing to write: give --mtz OUT.mtz and/or --map OUT.mrc")
+    if args.resolution <= 0:
+        raise DrefineError("--resolution must be a positive number of Å")
+    model = read_model(args.model)
+    source = "electron" if args.electron else "xray"
+    report = new_report("fmodel", {"model": str(args.model), "resolution": args.resolution, "source": source})
+    report["outputs"] = {}
+    lines = []
+    if mtz_out:
+        from .density.synthetic import synthetic_reflections
+
+        table = synthetic_reflections(model, args.resolution, source, args.k_sol, args.b_sol, args.noise,
+                                      args.free_fraction, args.seed)
+        table.to_mtz(mtz_out)
+        report["final"].update(n_reflections=len(table), d_min=table.d_min, n_free=int(table.test.sum()))
+        report["outputs"]["mtz"] = str(mtz_out)
+        lines.append(f"{len(table)} reflections to {table.d_min:.2f} Å ({int(table.test.sum())} free) -> {mtz_out}")
+    if map_out:
+        from .density.maps_from_model import write_model_map
+
+        info = write_model_map(model, map_out, args.resolution, source, args.box_padding)
+        report["final"].update(map_grid=info["grid"], map_voxel=info["voxel"])
+        report["outputs"]["map"] = str(map_out)
+        lines.append(f"model map at {args.resolution} Å on a {'x'.join(map(str, info['grid']))} grid "
+                     f"({info['box']}) -> {map_out}")
+    report["timing"]["wall_s"] = clock.seconds()
+    print("\n".join(lines))
     if args.json:
         write_json(args.json, report)
     return 0
@@ -176,7 +271,7 @@ def cmd_shake(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "shake": cmd_shake}
+COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel}
 
 
 def main(argv=None) -> int:
