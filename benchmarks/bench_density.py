@@ -69,7 +69,7 @@ def run_part(part: str, tool: str, repeat: int) -> dict:
                 dc.put_model_density_on_grid(st[0])
                 asu = gemmi.transform_map_to_f_phi(dc.grid).prepare_asu_data(dmin=d_min, unblur=dc.blur)
                 f = asu.value_array
-            info["n_reflections"] = int(len(f))
+            info["n_reflections"] = len(f)
         elif part == "modelmap":
             d_min = 3.0
             if tool == "drefine":
@@ -105,17 +105,17 @@ def run_part(part: str, tool: str, repeat: int) -> dict:
 
                 interpolate(dmap, atoms.xyz)
             elif tool == "drefine-chunked":
+                import dask.array as da
+
                 from drefine.density.interpolate import interpolate_chunked
                 from drefine.io.maps import DensityMap as DM
-
-                import dask.array as da
                 cmap = DM(data=da.from_array(dmap.data, chunks=(64, 64, 64)), cell=dmap.cell,
                           sampling=dmap.sampling, start=dmap.start, origin=dmap.origin)
                 interpolate_chunked(cmap, atoms.xyz)
             else:
                 pos = [gemmi.Position(*p) for p in atoms.xyz]
                 [grid.tricubic_interpolation(p) for p in pos]
-            info["atoms"] = int(len(atoms))
+            info["atoms"] = len(atoms)
         if k > 0:
             times.append(time.perf_counter() - t0)
     return {"part": part, "tool": tool, "wall_s": float(np.median(times)),

@@ -67,7 +67,7 @@ def map_model_fit(model: Model, dmap: DensityMap, d_min: float, source: str = "e
         have = np.flatnonzero(n >= 4)
         cc_res = cc[have]
         order = have[np.argsort(cc_res)][:n_worst]
-        out["per_residue"] = {"n_residues": int(len(have)), "mean": float(np.nanmean(cc_res)),
+        out["per_residue"] = {"n_residues": len(have), "mean": float(np.nanmean(cc_res)),
                               "median": float(np.nanmedian(cc_res)),
                               "worst": [{"residue": model.residues.label(int(r)), "cc": round(float(cc[r]), 3)}
                                         for r in order],
