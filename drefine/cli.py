@@ -70,6 +70,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reflection data (MTZ or mmCIF structure factors): adds R-work/R-free with fitted bulk "
                         "solvent and scale")
     v.add_argument("--labin", metavar="F,SIGF,FREE", help="columns of --mtz (default: chosen automatically)")
+    v.add_argument("--map", metavar="MAP", help="a map (CCP4/MRC or zarr): adds CC_mask, CC_box and per-residue CC; "
+                                               "needs --resolution")
+    v.add_argument("--resolution", type=_positive_float, metavar="Å", help="resolution of --map in Å")
+    v.add_argument("--scattering", choices=("auto", "electron", "xray"), default="auto",
+                   help="form factors of the model map for --map: electron (cryo-EM) or xray; auto: xray when the "
+                        "model has a crystal cell, else electron")
     v.add_argument("--models", choices=("first", "all"), default="all",
                    help="multi-model files: validate the first or all models (default all)")
     v.add_argument("--scheduler", metavar="ADDRESS",
@@ -128,6 +134,8 @@ def cmd_validate(args) -> int:
     from .validate.report import Stopwatch, format_text, new_report
 
     clock = Stopwatch()
+    if args.map and not args.resolution:
+        raise DrefineError("--map needs --resolution (the map's resolution in Å)")
     model = read_model(args.model)
     find_monlib(args.monlib)  # fail early on a bad --monlib
     rama = find_rama_data(args.rama_data)
@@ -155,6 +163,11 @@ def cmd_validate(args) -> int:
                                      "rama_data": str(rama) if rama else None})
     report["final"] = results[0]["final"]
     report["details"] = results[0]["details"]
+    if args.map:
+        fit = _fit_to_map(model, args.map, args.resolution, args.scattering)
+        report["inputs"].update(map=str(args.map), resolution=args.resolution)
+        report["final"].update(cc_mask=fit["cc_mask"], cc_box=fit["cc_box"])
+        report["details"]["map_fit"] = fit
     if args.mtz:
         data = _fit_to_reflections(model, args.mtz, args.labin)
         report["inputs"]["data"] = str(args.mtz)
@@ -164,6 +177,11 @@ def cmd_validate(args) -> int:
         report["models"] = [r["final"] for r in results]
     report["timing"]["wall_s"] = clock.seconds()
     text = format_text(results[0], f"drefine validate {args.model}" + (" (model 1)" if n_models > 1 else ""))
+    if args.map:
+        fit = report["details"]["map_fit"]
+        worst = ", ".join(f"{w['residue']} {w['cc']:.2f}" for w in fit.get("per_residue", {}).get("worst", [])[:5])
+        text += (f"\nmap {args.map} at {args.resolution} Å: CC_mask {fit['cc_mask']:.4f}  CC_box {fit['cc_box']:.4f}"
+                 f"  per-residue CC mean {fit.get('per_residue', {}).get('mean', float('nan')):.3f}; lowest: {worst}")
     if args.mtz:
         d = report["details"]["data"]
         text += (f"\ndata {args.mtz}: {d['n_reflections']} reflections to {d['d_min']:.2f} Å  R-work {d['r_work']:.4f}"
@@ -191,6 +209,28 @@ def _fit_to_reflections(model, path, labin=None) -> dict:
             "n_free": int(table.test.sum()), "columns": table.columns_used, "notes": table.notes,
             "r_work": fm.r_work, "r_free": fm.r_free, **{k: v for k, v in fm.scale.as_dict().items()
                                                          if k not in ("r_work", "r_free")}}
+
+
+def _fit_to_map(model, path, resolution, scattering="auto") -> dict:
+    """CC_mask, CC_box and per-residue CC of model 0 against a map at `resolution` Å."""
+    from .density.map_fit import map_model_fit
+    from .io.maps import read_map
+
+    dmap = read_map(path)
+    if resolution < 2 * float(np.max(dmap.voxel_size)) - 1e-6:
+        raise DrefineError(f"--resolution {resolution} Å is finer than the map's Nyquist limit "
+                           f"{2 * float(np.max(dmap.voxel_size)):.2f} Å (voxels of {np.max(dmap.voxel_size):.2f} Å)")
+    xyz = model.atoms.xyz[model.model_atoms(0)]
+    inside = dmap.covers(xyz)
+    if inside == 0:
+        raise DrefineError(f"the map {path} does not cover the model: none of its {len(xyz)} atoms is inside the "
+                           "map box (wrong map, or an ORIGIN/NSTART the model was not built against?)")
+    source = scattering if scattering != "auto" else ("xray" if model.has_crystal_cell else "electron")
+    fit = map_model_fit(model, dmap, resolution, source=source)
+    fit["scattering"] = source
+    if inside < 1.0:
+        fit["warning"] = f"{100 * (1 - inside):.1f} % of the atoms lie outside the map box"
+    return fit
 
 
 def cmd_fmodel(args) -> int:

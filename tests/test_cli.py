@@ -154,3 +154,73 @@ def test_help_lists_only_working_subcommands():
     for sub in ("validate", "shake"):
         code, out, _ = run_cli(sub, "--help")
         assert code == 0 and "--json" in out and "--monlib" in out and "-o" in out
+
+
+# --- fmodel and validate against data -------------------------------------------------------------
+
+def test_fmodel_mtz_then_validate_against_it(example_model_path, tmp_path):
+    mtz, js = tmp_path / "hth.mtz", tmp_path / "v.json"
+    assert main(["fmodel", str(example_model_path), "--resolution", "2.5", "--mtz", str(mtz), "--noise", "0.02",
+                 "--seed", "3"]) == 0
+    assert main(["validate", str(example_model_path), "--mtz", str(mtz), "--json", str(js)]) == 0
+    rep = json.loads(js.read_text())
+    assert 0.005 < rep["final"]["r_work"] < 0.03  # 2 % noise on |F|
+    assert rep["details"]["data"]["k_sol"] == pytest.approx(0.35, abs=0.05)
+
+
+def test_fmodel_map_of_a_model_without_cell(data_dir, tmp_path):
+    from drefine.io.maps import read_map
+
+    out = tmp_path / "m.mrc"
+    assert main(["fmodel", str(need(data_dir, "em/3j6b_chain9/3J6B_9.pdb")), "--resolution", "3.2", "--electron",
+                 "--map", str(out)]) == 0
+    m = read_map(out)
+    xyz = read_model(need(data_dir, "em/3j6b_chain9/3J6B_9.pdb")).atoms.xyz
+    assert m.covers(xyz) == 1.0  # the box's corner is the map ORIGIN: the model sits inside it
+
+
+def test_validate_against_the_3j6b_map(data_dir, tmp_path):
+    js = tmp_path / "v.json"
+    assert main(["validate", str(need(data_dir, "em/3j6b_chain9/3J6B_9.pdb")), "--monlib",
+                 str(need(data_dir, "monlib")), "--map", str(need(data_dir, "em/3j6b_chain9/2566_3J6B_9.mrc")),
+                 "--resolution", "3.2", "--json", str(js)]) == 0
+    rep = json.loads(js.read_text())
+    assert rep["final"]["cc_mask"] > 0.6 and rep["details"]["map_fit"]["scattering"] == "electron"
+
+
+def test_cell_mismatch_between_model_and_data(data_dir):
+    assert_one_line_error(*run_cli("validate", need(data_dir, "untangle/best.pdb"), "--monlib",
+                                   need(data_dir, "monlib"), "--mtz", need(data_dir, "xray/5orl/5orl_phases.mtz")),
+                          "cell")
+
+
+def test_map_that_is_not_a_map(tmp_path, example_model_path):
+    (tmp_path / "bad.mrc").write_text("this is text, not a map\n" * 50)
+    assert_one_line_error(*run_cli("validate", example_model_path, "--map", tmp_path / "bad.mrc",
+                                   "--resolution", "3"), "bad.mrc")
+
+
+def test_map_resolution_beyond_nyquist_and_not_a_number(data_dir, example_model_path):
+    mrc = need(data_dir, "em/3j6b_chain9/2566_3J6B_9.mrc")
+    assert_one_line_error(*run_cli("validate", need(data_dir, "em/3j6b_chain9/3J6B_9.pdb"), "--map", mrc,
+                                   "--resolution", "1.0"), "Nyquist")
+    assert_one_line_error(*run_cli("validate", example_model_path, "--map", mrc, "--resolution", "x"), "resolution")
+
+
+def test_map_that_does_not_cover_the_model(data_dir, example_model_path):
+    assert_one_line_error(*run_cli("validate", example_model_path, "--map",
+                                   need(data_dir, "em/3j6b_chain9/2566_3J6B_9.mrc"), "--resolution", "3.2"),
+                          "does not cover")
+
+
+def test_nan_in_reflection_data_is_reported(tmp_path, example_model_path):
+    import gemmi
+
+    mtz = tmp_path / "nan.mtz"
+    assert main(["fmodel", str(example_model_path), "--resolution", "3", "--mtz", str(mtz)]) == 0
+    m = gemmi.read_mtz_file(str(mtz))
+    data = np.array(m, copy=True)
+    data[:, m.column_labels().index("F")] = np.nan
+    m.set_data(data)
+    m.write_to_file(str(mtz))
+    assert_one_line_error(*run_cli("validate", example_model_path, "--mtz", mtz), "finite value")

@@ -345,8 +345,15 @@ def fft_gradient(sc: Scatterers, hkl: np.ndarray, dtarget_df: np.ndarray, d_min:
     d_unblur = np.asarray(dtarget_df) * np.exp(b_add * _s2(sc, hkl) / 4.0)
     np.add.at(spec, (h[:, 0] % shape[0], h[:, 1] % shape[1], h[:, 2] % shape[2]), np.conj(d_unblur))
     gmap = np.ascontiguousarray(np.real(scipy.fft.ifftn(spec, workers=threads)) * spec.size)
+    return gather_gradient(sc, gmap, b_add, cell.volume / gmap.size, cutoff, threads)
+
+
+def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float, cutoff: float = 1e-6,
+                    threads: int = 2) -> StructureFactorGradient:
+    """∂T/∂p = Σ_grid gmap · ∂ρ_blur/∂p · dvol for every scatterer (ρ_blur spread with `b_add`)."""
+    shape = gmap.shape
+    gmap = np.ascontiguousarray(gmap, dtype=np.float64)
     p = _prepare(sc, shape, b_add, cutoff)
-    dvol = cell.volume / gmap.size
     occ_img = sc.occ[p.atom]
     parts = _chunks(len(p.frac), max(1, threads))
 

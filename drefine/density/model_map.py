@@ -47,3 +47,27 @@ def reciprocal_s2(cell: gemmi.UnitCell, shape) -> np.ndarray:
         comp = (h[:, None, None] * F[0, i] + k[None, :, None] * F[1, i] + l_[None, None, :] * F[2, i])
         s2 += comp ** 2
     return s2
+
+
+def model_map_gradient(model: Model, cell: gemmi.UnitCell, shape, d_min: float, grad_map: np.ndarray,
+                       source: str = "electron", spacegroup: gemmi.SpaceGroup | None = None,
+                       origin=(0.0, 0.0, 0.0), atoms: np.ndarray | None = None, hydrogens: bool = True,
+                       threads: int = 2):
+    """Gradient of a target T of the model map, given ∂T/∂ρ_calc on the same grid (`grad_map`).
+
+    ρ_calc = IFFT(W · FFT(ρ_blur)) with W = cut · exp(B_add s²/4) real and symmetric, so
+    ∂T/∂ρ_blur = IFFT(W · FFT(∂T/∂ρ_calc)); that map is then gathered against the derivative
+    of every atom's blurred shape. Returns a StructureFactorGradient (xyz, b_iso, occ, u).
+    """
+    from .fft import gather_gradient
+
+    sg = spacegroup if spacegroup is not None else gemmi.SpaceGroup("P 1")
+    sc = scatterers_of_model(model, atoms, source=source, hydrogens=hydrogens, cell=cell, spacegroup=sg)
+    if np.any(np.asarray(origin) != 0):
+        sc.frac = (model.atoms.xyz[sc.atom_index] - np.asarray(origin, dtype=np.float64)) @ sc.frac_matrix.T
+    shape = tuple(int(n) for n in shape)
+    b_add = choose_blur(sc, shape, d_min)
+    s2 = reciprocal_s2(cell, shape)
+    w = np.where(s2 <= 1.0 / d_min ** 2, np.exp(b_add * s2 / 4.0), 0.0)
+    g_blur = scipy.fft.irfftn(w * scipy.fft.rfftn(grad_map, workers=threads), s=shape, workers=threads)
+    return gather_gradient(sc, g_blur, b_add, 1.0, threads=threads)
