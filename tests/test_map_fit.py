@@ -59,14 +59,13 @@ def _synthetic_case(data_dir, tmp_path, d_min=3.0):
     dc.grid.setup_from(st, spacing=d_min / 3)
     dc.put_model_density_on_grid(st[0])
     f = gemmi.transform_map_to_f_phi(dc.grid).prepare_asu_data(dmin=d_min, unblur=dc.blur)
-    grid = f.transform_f_phi_to_map(exact_size=[dc.grid.nu, dc.grid.nv, dc.grid.nw])
-    data = np.array(grid, copy=True)
+    data = np.array(f.transform_f_phi_to_map(exact_size=[dc.grid.nu, dc.grid.nv, dc.grid.nw]), copy=True)
     dmap = DensityMap(data=data, cell=st.cell, sampling=np.array(data.shape), start=np.zeros(3, int))
-    return st, grid, dmap
+    return st, dmap
 
 
 def test_cc_mask_matches_an_independent_computation(data_dir, tmp_path):
-    st, grid, dmap = _synthetic_case(data_dir, tmp_path)
+    st, dmap = _synthetic_case(data_dir, tmp_path)
     truth = read_model(tmp_path / "truth.pdb")
     shaken, _ = shake_coordinates(truth, 0.5, seed=7)
     ours = map_model_fit(shaken, dmap, 3.0)
