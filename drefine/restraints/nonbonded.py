@@ -71,18 +71,9 @@ def atom_radii(model: Model, restraints: Restraints) -> tuple[np.ndarray, np.nda
     n = len(model.atoms)
     radius = np.array([ELEMENT_RADIUS.get(e.upper(), 1.7) for e in model.atoms.element], dtype=np.float64)
     hb = np.full(n, "N", dtype="<U1")
-    ener = restraints.monlib.monlib.ener_lib.atoms if restraints.monlib is not None else {}
-    types, inv = np.unique(restraints.energy_type, return_inverse=True)
-    t_rad = np.full(len(types), np.nan)
-    t_hb = np.full(len(types), "", dtype="<U1")
-    for k, t in enumerate(types):
-        if t and t in ener:
-            a = ener[t]
-            t_rad[k] = a.vdw_radius
-            t_hb[k] = a.hb_type
-    known = ~np.isnan(t_rad[inv])
-    radius[known] = t_rad[inv][known]
-    hb[known] = t_hb[inv][known]
+    known = ~np.isnan(restraints.type_vdw_radius)
+    radius[known] = restraints.type_vdw_radius[known]
+    hb[known] = restraints.type_hb[known]
     # Polar hydrogens: acedrg-era libraries type every H as plain "H", so a hydrogen is polar
     # (an H-bond donor hydrogen) when it is bonded to N or O.
     el = model.atoms.element

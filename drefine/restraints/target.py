@@ -20,20 +20,35 @@ class GeometryTarget:
     """Σ over restraint terms of ((value − ideal)/σ)², with exact gradient in Å⁻¹ per coordinate."""
 
     def __init__(self, model: Model, restraints: Restraints, nonbonded: bool = True,
-                 search_buffer: float = 1.0, weights: dict[str, float] | None = None):
+                 search_buffer: float = 1.0, weights: dict[str, float] | None = None,
+                 movable: np.ndarray | None = None):
+        """`movable`: only restraints and contacts involving these atoms are evaluated (the rest
+        of the model is fixed, so the others would only add a constant)."""
         self.model = model
-        self.restraints = restraints
+        self.full_restraints = restraints
+        self.movable = None if movable is None else np.asarray(movable)
+        self.restraints = restraints if movable is None else restraints.touching(movable)
         self.use_nonbonded = nonbonded
         self.search_buffer = search_buffer
         self.weights = {t: 1.0 for t in TERMS} | (weights or {})
         self.pairs: NonbondedPairs | None = None
         if nonbonded:
-            self.pairs = find_nonbonded_pairs(model, restraints, buffer=search_buffer)
+            self.pairs = self._pairs(model.atoms.xyz)
+
+    def _pairs(self, xyz):
+        pairs = find_nonbonded_pairs(self.model, self.full_restraints, xyz, buffer=self.search_buffer)
+        if self.movable is not None:
+            sel = np.zeros(len(self.model.atoms), dtype=bool)
+            sel[self.movable] = True
+            keep = sel[pairs.i] | sel[pairs.j]
+            for name in ("i", "j", "op", "d_min", "weight", "is_hbond", "is_14"):
+                setattr(pairs, name, getattr(pairs, name)[keep])
+        return pairs
 
     def update(self, xyz: np.ndarray) -> None:
         """Refresh the neighbour list when atoms have moved by more than half the search buffer."""
         if self.use_nonbonded and self.pairs is not None and self.pairs.needs_update(xyz, self.search_buffer):
-            self.pairs = find_nonbonded_pairs(self.model, self.restraints, xyz, buffer=self.search_buffer)
+            self.pairs = self._pairs(xyz)
 
     def terms(self, xyz: np.ndarray) -> tuple[dict[str, float], dict[str, np.ndarray]]:
         """Each term's value and gradient (unweighted)."""

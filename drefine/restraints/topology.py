@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import itertools
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gemmi
 import numpy as np
@@ -77,6 +77,12 @@ class Restraints:
     plane_sigma: np.ndarray  # per plane, Å
     atom_indices: np.ndarray  # the atoms of the model the topology covers
     energy_type: np.ndarray  # per atom of Model.atoms ("" outside the topology)
+    #: per atom: van der Waals radius (Å) of its energy type, NaN when unknown, and H-bond type
+    #: (D, A, B, H, N; "" when unknown), from the energy library, kept as arrays so that
+    #: Restraints pickle (gemmi's MonLib does not) and travel to dask workers
+    type_vdw_radius: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    type_hb: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype="<U1"))
+    dictionary: str = ""  # where the restraint dictionaries came from
     monlib: LoadedMonlib | None = None
     #: Covalent bonds inferred from distances for unrestrained residues: they carry no
     #: restraint, they only keep bonded atoms from repelling each other.
@@ -87,6 +93,37 @@ class Restraints:
     links: dict[str, int] = field(default_factory=dict)
     unrestrained_residues: list[str] = field(default_factory=list)
     topology_warnings: list[str] = field(default_factory=list)
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["monlib"] = None  # gemmi.MonLib cannot be pickled; everything needed is in arrays
+        return state
+
+    def touching(self, atoms: np.ndarray) -> Restraints:
+        """The restraints that involve at least one of `atoms` (for refining a part of a model:
+        the others stay fixed, so restraints among them only add a constant)."""
+        sel = np.zeros(self.n_atoms, dtype=bool)
+        sel[np.asarray(atoms)] = True
+
+        def rows(a):
+            return sel[a].any(axis=1) if len(a) else np.zeros(0, dtype=bool)
+
+        b, an, t, c = rows(self.bond_atoms), rows(self.angle_atoms), rows(self.torsion_atoms), rows(self.chiral_atoms)
+        sizes = np.diff(self.plane_start)
+        plane_of = np.repeat(np.arange(len(sizes)), sizes)
+        keep_plane = np.zeros(len(sizes), dtype=bool)
+        np.logical_or.at(keep_plane, plane_of, sel[self.plane_atoms])
+        keep_atoms = keep_plane[plane_of]
+        start = np.zeros(int(keep_plane.sum()) + 1, dtype=np.int64)
+        start[1:] = np.cumsum(sizes[keep_plane])
+        return replace(
+            self, bond_atoms=self.bond_atoms[b], bond_ideal=self.bond_ideal[b], bond_sigma=self.bond_sigma[b],
+            angle_atoms=self.angle_atoms[an], angle_ideal=self.angle_ideal[an], angle_sigma=self.angle_sigma[an],
+            torsion_atoms=self.torsion_atoms[t], torsion_ideal=self.torsion_ideal[t],
+            torsion_sigma=self.torsion_sigma[t], torsion_period=self.torsion_period[t],
+            chiral_atoms=self.chiral_atoms[c], chiral_ideal=self.chiral_ideal[c], chiral_sigma=self.chiral_sigma[c],
+            chiral_both=self.chiral_both[c], plane_atoms=self.plane_atoms[keep_atoms], plane_start=start,
+            plane_sigma=self.plane_sigma[keep_plane])
 
     def counts(self) -> dict[str, int]:
         return {"bonds": len(self.bond_ideal), "angles": len(self.angle_ideal),
@@ -213,6 +250,19 @@ def _energy_types(model: Model, ml: gemmi.MonLib, idx: np.ndarray) -> np.ndarray
     return types
 
 
+def _energy_type_properties(ml: gemmi.MonLib, energy_type: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per atom: vdW radius (Å, NaN if unknown) and H-bond type ("" if unknown) of its energy type."""
+    ener = ml.ener_lib.atoms
+    types, inv = np.unique(energy_type, return_inverse=True)
+    t_rad = np.full(len(types), np.nan)
+    t_hb = np.full(len(types), "", dtype="<U1")
+    for k, t in enumerate(types):
+        if t and t in ener:
+            t_rad[k] = ener[t].vdw_radius
+            t_hb[k] = ener[t].hb_type
+    return t_rad[inv], t_hb[inv]
+
+
 def _inferred_bonds(model: Model, idx: np.ndarray, unknown: np.ndarray) -> np.ndarray:
     """Bonds of atoms idx[unknown] to any atom closer than 1.2 × the covalent radii sum."""
     if not unknown.any():
@@ -320,6 +370,8 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
     covered = np.zeros(len(model.atoms), dtype=bool)
     covered[bond_atoms.ravel()] = True
     inferred = _inferred_bonds(model, idx, ~covered[idx])
+    energy_type = _energy_types(model, ml, idx)
+    vdw, hb = _energy_type_properties(ml, energy_type)
     return Restraints(
         n_atoms=len(model.atoms), inferred_bonds=inferred,
         bond_atoms=bond_atoms, bond_ideal=bond_par[:, 0].copy(), bond_sigma=bond_par[:, 1].copy(),
@@ -329,7 +381,8 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
         chiral_atoms=chiral_atoms, chiral_ideal=np.where(sign, -ch_abs, ch_abs),
         chiral_sigma=np.full(len(chirs), CHIRAL_SIGMA), chiral_both=both,
         plane_atoms=plane_atoms, plane_start=plane_start, plane_sigma=plane_sigma,
-        atom_indices=idx, energy_type=_energy_types(model, ml, idx), monlib=monlib,
+        atom_indices=idx, energy_type=energy_type, type_vdw_radius=vdw, type_hb=hb, dictionary=monlib.source,
+        monlib=monlib,
         chain_breaks=breaks, linked_prev=linked_prev, links=link_counts, unrestrained_residues=unrestrained,
         topology_warnings=topology_warnings,
     )

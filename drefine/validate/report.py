@@ -48,7 +48,7 @@ def validate_structure(model: Model, restraints: Restraints | None = None, xyz: 
         "topology": {**r.counts(), "links": r.links, "chain_breaks": [b.as_dict() for b in r.chain_breaks],
                      "unrestrained_residues": r.unrestrained_residues,
                      "warnings": r.topology_warnings,
-                     "dictionary": r.monlib.source if r.monlib else None},
+                     "dictionary": r.dictionary},
     }
     return {"final": final, "details": details}
 

@@ -1,0 +1,1 @@
+"""Minimisers and refinement drivers (macro-cycles, weight search, rigid body)."""

@@ -1,0 +1,129 @@
+"""Real-space refinement of coordinates against a map: macro-cycles of L-BFGS on
+w · T_map + T_geometry, with the atom-centred map target for the routine cycles and, optionally,
+the map-model least-squares target for the final cycles.
+
+The data/restraint weight w multiplies a map target that is a sum over atoms (in units of the
+map's σ per carbon-equivalent atom) against a restraint target that is a sum of squared
+z-scores, so one w suits models of any size; it is found by `weight_scan` unless given.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ..io.maps import DensityMap
+from ..model.arrays import Model
+from ..restraints.target import GeometryTarget
+from ..restraints.topology import Restraints
+from ..targets.map_targets import AtomCentredMapTarget, MapModelLSTarget
+from ..validate.geometry import angles_deg, bond_lengths
+
+
+@dataclass
+class RealSpaceSettings:
+    """What a real-space refinement does (units: Å, Å²)."""
+
+    resolution: float
+    weight: float = 30.0
+    macro_cycles: int = 5
+    iterations: int = 100  # L-BFGS iterations per macro-cycle
+    final_target: str = "atom"  # "atom" or "ls" (map-model least squares) for the last cycle
+    final_iterations: int = 40
+    source: str = "electron"
+    periodic: bool = False
+    refine_hydrogens: bool = True
+
+
+@dataclass
+class CycleStats:
+    cycle: int
+    target: str
+    weight: float
+    map_term: float
+    geometry_term: float
+    bonds_rmsd: float
+    angles_rmsd: float
+    shift_rms: float
+    iterations: int
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+    def as_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k != "extra"}
+        return d | self.extra
+
+
+def geometry_rmsd(xyz: np.ndarray, r: Restraints, is_h: np.ndarray) -> tuple[float, float]:
+    """Bond (Å) and angle (°) RMSD over restraints without hydrogens."""
+    bh = ~is_h[r.bond_atoms].any(1)
+    ah = ~is_h[r.angle_atoms].any(1)
+    b = bond_lengths(xyz, r.bond_atoms[bh]) - r.bond_ideal[bh]
+    a = angles_deg(xyz, r.angle_atoms[ah]) - np.degrees(r.angle_ideal[ah])
+    return float(np.sqrt(np.mean(b ** 2))) if len(b) else 0.0, float(np.sqrt(np.mean(a ** 2))) if len(a) else 0.0
+
+
+def minimise(data, geom: GeometryTarget, weight: float, xyz: np.ndarray, movable: np.ndarray,
+             iterations: int) -> tuple[np.ndarray, dict]:
+    """L-BFGS (scipy) on the coordinates of `movable` atoms; the others stay where they are."""
+    base = xyz.copy()
+    terms = {"map": 0.0, "geometry": 0.0}
+
+    def fun(x):
+        full = base.copy()
+        full[movable] = x.reshape(-1, 3)
+        fd, gd = data.value_and_gradient(full)
+        fg, gg = geom.value_and_gradient(full)
+        terms["map"], terms["geometry"] = fd, fg
+        return weight * fd + fg, (weight * gd + gg)[movable].ravel()
+
+    res = minimize(fun, base[movable].ravel(), jac=True, method="L-BFGS-B",
+                   options={"maxiter": iterations, "maxcor": 20, "ftol": 1e-10, "gtol": 1e-6})
+    out = base.copy()
+    out[movable] = res.x.reshape(-1, 3)
+    fun(res.x)
+    return out, {"iterations": int(res.nit), "map": terms["map"], "geometry": terms["geometry"]}
+
+
+def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, settings: RealSpaceSettings,
+                       movable: np.ndarray | None = None, progress: Callable[[CycleStats], None] | None = None,
+                       map_target: AtomCentredMapTarget | None = None) -> tuple[np.ndarray, list[CycleStats]]:
+    """Macro-cycles of coordinate refinement; returns the new coordinates (all atoms) and statistics."""
+    xyz = model.atoms.xyz.copy()
+    idx = restraints.atom_indices
+    is_h = model.atoms.is_hydrogen
+    if movable is None:
+        movable = idx if settings.refine_hydrogens else idx[~is_h[idx]]
+    geom = GeometryTarget(model, restraints)
+    data = map_target or AtomCentredMapTarget(model, dmap, idx, periodic=settings.periodic)
+    start = xyz.copy()
+    stats: list[CycleStats] = []
+    n_cycles = settings.macro_cycles + (1 if settings.final_target == "ls" else 0)
+    for c in range(1, n_cycles + 1):
+        t0 = time.perf_counter()
+        geom.update(xyz)
+        final_ls = settings.final_target == "ls" and c == n_cycles
+        target = MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source) if final_ls else data
+        weight = settings.weight * (_ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0)
+        xyz, info = minimise(target, geom, weight, xyz, movable,
+                             settings.final_iterations if final_ls else settings.iterations)
+        b, a = geometry_rmsd(xyz, restraints, is_h)
+        shift = float(np.sqrt(((xyz[movable] - start[movable]) ** 2).sum(1).mean()))
+        st = CycleStats(c, "map-model LS" if final_ls else "atom-centred", weight, info["map"], info["geometry"],
+                        b, a, shift, info["iterations"], time.perf_counter() - t0)
+        stats.append(st)
+        if progress:
+            progress(st)
+    return xyz, stats
+
+
+def _ls_weight_scale(model, dmap, idx, ls_target, ac_target, xyz) -> float:
+    """Scale that gives the LS target's gradient the atom-centred target's size at the start of the
+    final cycle, so that one weight means the same for both targets."""
+    _, g_ls = ls_target.value_and_gradient(xyz)
+    _, g_ac = ac_target.value_and_gradient(xyz)
+    n_ls, n_ac = np.linalg.norm(g_ls[idx]), np.linalg.norm(g_ac[idx])
+    return float(n_ac / n_ls) if n_ls > 0 else 1.0
