@@ -17,6 +17,7 @@ subcommands available now:
   validate   geometry, clashes, Ramachandran/rotamers, B-factors and occupancies of a model
   shake      perturb coordinates by a given RMS shift (seeded), e.g. to make refinement tests
   fmodel     synthetic data from a model: structure factors (MTZ) and/or a model map (CCP4/MRC)
+  rsr        real-space refinement against a map (cryo-EM or crystallographic), weight found automatically
 """
 
 
@@ -114,6 +115,34 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--box-padding", type=_positive_float, default=10.0, metavar="Å",
                    help="padding of the P 1 box for --map when the model has no crystal cell (default 10)")
     f.add_argument("--monlib", metavar="DIR", help=argparse.SUPPRESS)
+
+    r = sub.add_parser("rsr", help="real-space refinement against a map",
+                       description="Refine coordinates (and optionally B factors, rigid groups) against a map: "
+                                   "macro-cycles of L-BFGS on the atom-centred map target plus geometry restraints, "
+                                   "a final cycle on the map-model least-squares target, the data/restraint weight "
+                                   "found by a segment scan run as parallel tasks. Writes PREFIX.cif (and .pdb when "
+                                   "it fits), PREFIX.json (per-cycle statistics and validation) and PREFIX.log.")
+    r.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
+    r.add_argument("map", metavar="MAP", help="CCP4/MRC map or zarr store")
+    r.add_argument("--resolution", type=_positive_float, required=True, metavar="Å", help="map resolution in Å")
+    _common(r, "output prefix (default: MODEL name + '_rsr' in the current directory)")
+    r.add_argument("--weight", type=_positive_float, metavar="W",
+                   help="fix the data/restraint weight (default: found by the segment scan)")
+    r.add_argument("--macro-cycles", type=int, default=5, help="macro-cycles (default 5)")
+    r.add_argument("--final-target", choices=("ls", "atom"), default="ls",
+                   help="target of the last cycle: map-model least squares (default) or atom-centred")
+    r.add_argument("--sharpen", metavar="B|auto", default=None,
+                   help="sharpen (B < 0) or blur (B > 0) the map by B Å² first, or 'auto' to choose B")
+    r.add_argument("--rigid-body", action="store_true", help="rigid-body fit of each chain before the cycles")
+    r.add_argument("--refine-b", action="store_true", help="refine per-atom isotropic B against the map at the end")
+    r.add_argument("--scattering", choices=("electron", "xray"), default="electron",
+                   help="form factors of model maps: electron (cryo-EM, default) or xray")
+    r.add_argument("--seed", type=int, default=0, help="seed of the weight scan's segments (default 0)")
+    r.add_argument("--scheduler", metavar="ADDRESS",
+                   help="dask scheduler for the weight scan: tcp://HOST:PORT, 'local' (a local cluster), or "
+                        "'inprocess'; default: a local cluster for models over 4,000 atoms, else in-process")
+    r.add_argument("--workers", type=int, metavar="N", help="workers of the local cluster (default: cores)")
+    r.add_argument("--rama-data", metavar="DIR", help="Top500 tables for validation (as in validate)")
     return parser
 
 
@@ -311,7 +340,96 @@ def cmd_shake(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel}
+AUTO_CLUSTER_ATOMS = 4000
+
+
+def cmd_rsr(args) -> int:
+    from .density.map_fit import map_model_fit
+    from .io.atomic import atomic_write, write_json
+    from .io.maps import read_map
+    from .io.models import read_model, write_model_outputs
+    from .parallel.cluster import task_client
+    from .refine.rsr import RSROptions, run_rsr
+    from .restraints.topology import build_restraints
+    from .validate.report import Stopwatch, format_text, new_report, validate_structure
+
+    clock = Stopwatch()
+    lines: list[str] = []
+
+    def log(msg: str):
+        lines.append(msg)
+        print(msg, flush=True)
+
+    if args.macro_cycles < 1:
+        raise DrefineError("--macro-cycles must be at least 1")
+    sharpen = args.sharpen
+    if sharpen not in (None, "auto"):
+        try:
+            sharpen = float(sharpen)
+        except ValueError:
+            raise DrefineError(f"--sharpen takes a B in Å² or 'auto', not {args.sharpen!r}") from None
+    model = read_model(args.model)
+    idx0 = model.model_atoms(0)
+    if len(idx0) == 0:
+        raise DrefineError(f"{args.model}: the model has no atoms")
+    dmap = read_map(args.map)
+    nyquist = 2 * float(np.max(dmap.voxel_size))
+    if args.resolution < nyquist - 1e-6:
+        raise DrefineError(f"--resolution {args.resolution} Å is finer than the map's Nyquist limit {nyquist:.2f} Å")
+    inside = dmap.covers(model.atoms.xyz[idx0])
+    if inside < 1.0:
+        n_out = int(round((1 - inside) * len(idx0)))
+        raise DrefineError(f"the map does not cover the model: {n_out} of {len(idx0)} atoms "
+                           f"({100 * (1 - inside):.1f} %) lie outside the map box")
+    prefix = args.output or (Path(args.model).name.split(".")[0] + "_rsr")
+    restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    opt = RSROptions(resolution=args.resolution, weight=args.weight, macro_cycles=args.macro_cycles,
+                     final_target=args.final_target, sharpen=sharpen, rigid_body=args.rigid_body,
+                     refine_b=args.refine_b, source=args.scattering, seed=args.seed)
+    log(f"drefine rsr {args.model} against {args.map} at {args.resolution} Å: {len(idx0)} atoms, "
+        f"{len(restraints.bond_ideal)} bonds, {len(restraints.chain_breaks)} chain breaks")
+    scheduler = args.scheduler
+    if scheduler is None:
+        scheduler = "local" if len(idx0) > AUTO_CLUSTER_ATOMS and args.weight is None else "inprocess"
+    with task_client(None if scheduler == "local" else scheduler, args.workers) as client:
+        result = run_rsr(model, dmap, restraints, opt, client=client, log=log)
+    refined = model.copy()
+    refined.atoms.xyz = result.xyz
+    refined.atoms.b_iso = result.b_iso
+    start_val = validate_structure(model, restraints, rama_dir=args.rama_data)
+    end_val = validate_structure(refined, restraints, rama_dir=args.rama_data)
+    fit0 = map_model_fit(model, result.map_box, args.resolution, source=args.scattering)
+    fit1 = map_model_fit(refined, result.map_box, args.resolution, source=args.scattering)
+    paths = write_model_outputs(refined, prefix)
+    rama0 = start_val["details"]["ramachandran"]
+    rama1 = end_val["details"]["ramachandran"]
+    new_outliers = []
+    if rama0.get("computed") and rama1.get("computed"):
+        before = {o["residue"] for o in rama0["outliers"]}
+        new_outliers = [o["residue"] for o in rama1["outliers"] if o["residue"] not in before]
+    report = new_report("rsr", {"model": str(args.model), "map": str(args.map), "resolution": args.resolution,
+                                "scheduler": scheduler})
+    report["final"] = {**end_val["final"], "cc_mask": fit1["cc_mask"], "cc_box": fit1["cc_box"],
+                       "weight": result.weight, "new_rama_outliers": len(new_outliers)}
+    report["start"] = {**start_val["final"], "cc_mask": fit0["cc_mask"], "cc_box": fit0["cc_box"]}
+    report["cycles"] = [c.as_dict() for c in result.cycles]
+    report["details"] = {**end_val["details"], "map_fit": fit1, "weight_scan": result.weight_scan,
+                         "sharpen_b": result.sharpen_b, "notes": result.notes,
+                         "new_rama_outliers": new_outliers}
+    report["outputs"] = {"model": [str(p) for p in paths], "log": f"{prefix}.log",
+                         "json": args.json or f"{prefix}.json"}
+    report["timing"] = {"wall_s": clock.seconds(), **{k: round(v, 3) for k, v in result.timing.items()}}
+    log(f"CC_mask {fit0['cc_mask']:.4f} -> {fit1['cc_mask']:.4f}  bonds {start_val['final']['bonds_rmsd']:.4f} -> "
+        f"{end_val['final']['bonds_rmsd']:.4f} Å  angles {start_val['final']['angles_rmsd']:.2f} -> "
+        f"{end_val['final']['angles_rmsd']:.2f}°  new Ramachandran outliers {len(new_outliers)}")
+    log(format_text(end_val, "final model"))
+    log(f"wrote {', '.join(str(p) for p in paths)} in {report['timing']['wall_s']:.1f} s")
+    write_json(report["outputs"]["json"], report)
+    atomic_write(f"{prefix}.log", "\n".join(lines) + "\n")
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel, "rsr": cmd_rsr}
 
 
 def main(argv=None) -> int:

@@ -99,20 +99,25 @@ class Restraints:
         state["monlib"] = None  # gemmi.MonLib cannot be pickled; everything needed is in arrays
         return state
 
-    def touching(self, atoms: np.ndarray) -> Restraints:
+    def touching(self, atoms: np.ndarray, every: bool = False) -> Restraints:
         """The restraints that involve at least one of `atoms` (for refining a part of a model:
-        the others stay fixed, so restraints among them only add a constant)."""
+        the others stay fixed, so restraints among them only add a constant); with `every`,
+        only those all of whose atoms are in `atoms`."""
         sel = np.zeros(self.n_atoms, dtype=bool)
         sel[np.asarray(atoms)] = True
 
         def rows(a):
-            return sel[a].any(axis=1) if len(a) else np.zeros(0, dtype=bool)
+            if not len(a):
+                return np.zeros(0, dtype=bool)
+            return sel[a].all(axis=1) if every else sel[a].any(axis=1)
 
         b, an, t, c = rows(self.bond_atoms), rows(self.angle_atoms), rows(self.torsion_atoms), rows(self.chiral_atoms)
         sizes = np.diff(self.plane_start)
         plane_of = np.repeat(np.arange(len(sizes)), sizes)
         keep_plane = np.zeros(len(sizes), dtype=bool)
         np.logical_or.at(keep_plane, plane_of, sel[self.plane_atoms])
+        if every:
+            np.logical_and.at(keep_plane, plane_of, sel[self.plane_atoms])
         keep_atoms = keep_plane[plane_of]
         start = np.zeros(int(keep_plane.sum()) + 1, dtype=np.int64)
         start[1:] = np.cumsum(sizes[keep_plane])

@@ -26,6 +26,8 @@ from ..errors import DrefineError
 from ..io.maps import DensityMap, mask_around_atoms
 from ..model.arrays import Model
 
+PARALLEL_MIN_ATOMS = 20000
+
 
 def normalised_map(dmap: DensityMap) -> DensityMap:
     """The map scaled to zero mean and unit standard deviation over its box."""
@@ -53,7 +55,9 @@ class AtomCentredMapTarget:
         pass
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        res = interpolate(self.map, xyz[self.atoms], periodic=self.periodic, on_outside="nan")
+        # numba's thread pool costs milliseconds per call: worth it only for many atoms
+        res = interpolate(self.map, xyz[self.atoms], periodic=self.periodic, on_outside="nan",
+                          parallel=len(self.atoms) > PARALLEL_MIN_ATOMS)
         vals, grad = res.values, res.gradient
         out = ~np.isfinite(vals)
         if out.any():
