@@ -378,7 +378,7 @@ def cmd_rsr(args) -> int:
         raise DrefineError(f"--resolution {args.resolution} Å is finer than the map's Nyquist limit {nyquist:.2f} Å")
     inside = dmap.covers(model.atoms.xyz[idx0])
     if inside < 1.0:
-        n_out = int(round((1 - inside) * len(idx0)))
+        n_out = round((1 - inside) * len(idx0))
         raise DrefineError(f"the map does not cover the model: {n_out} of {len(idx0)} atoms "
                            f"({100 * (1 - inside):.1f} %) lie outside the map box")
     prefix = args.output or (Path(args.model).name.split(".")[0] + "_rsr")

@@ -106,24 +106,29 @@ def choose_sharpening(model: Model, dmap: DensityMap, d_min: float, source: str,
     return best["b"], scores
 
 
+def _fit_group(xyz: np.ndarray, group: np.ndarray, target: AtomCentredMapTarget) -> np.ndarray:
+    """New coordinates of `group` after the rotation (about its centre) and translation that
+    maximise the atom-centred target; 6 parameters, numerical gradient (cheap: interpolation only)."""
+    x0 = xyz[group]
+    centre = x0.mean(0)
+
+    def moved(p):
+        return Rotation.from_rotvec(p[:3]).apply(x0 - centre) + centre + p[3:]
+
+    def fun(p):
+        full = xyz.copy()
+        full[group] = moved(p)
+        return target.value_and_gradient(full)[0]
+
+    res = minimize(fun, np.zeros(6), method="L-BFGS-B", jac="3-point", options={"maxiter": 50})
+    return moved(res.x)
+
+
 def rigid_body_fit(model: Model, dmap: DensityMap, groups: list[np.ndarray], periodic: bool) -> np.ndarray:
     """Rotate and translate each group (about its centre) to maximise the atom-centred target."""
     xyz = model.atoms.xyz.copy()
     for g in groups:
-        target = AtomCentredMapTarget(model, dmap, g, periodic=periodic)
-        x0 = xyz[g]
-        centre = x0.mean(0)
-
-        def moved(p):
-            return Rotation.from_rotvec(p[:3]).apply(x0 - centre) + centre + p[3:]
-
-        def fun(p):
-            full = xyz.copy()
-            full[g] = moved(p)
-            return target.value_and_gradient(full)[0]
-
-        res = minimize(fun, np.zeros(6), method="L-BFGS-B", jac="3-point", options={"maxiter": 50})
-        xyz[g] = moved(res.x)
+        xyz[g] = _fit_group(xyz, g, AtomCentredMapTarget(model, dmap, g, periodic=periodic))
     return xyz
 
 

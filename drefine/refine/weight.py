@@ -67,7 +67,7 @@ def segment_trials(payload, segment: np.ndarray, weights, iterations: int, perio
     local = restraints.touching(segment, every=True)
     out = []
     for w in weights:
-        xyz, info = minimise(data, geom, w, model.atoms.xyz, segment, iterations)
+        xyz, _ = minimise(data, geom, w, model.atoms.xyz, segment, iterations)
         b, a = geometry_rmsd(xyz, local, is_h)
         heavy = segment[~is_h[segment]]
         fit = -data.value_and_gradient(xyz)[0] / max(float(data.weights.sum()), 1e-12)
