@@ -52,12 +52,12 @@ def grid_shape(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None, d_min: float, 
     return (g.nu, g.nv, g.nw)
 
 
-def choose_blur(sc: Scatterers, shape, d_min: float) -> float:
+def choose_blur(sc: Scatterers, shape, d_min: float, alias: float | None = None) -> float:
     """Smallest B_add (Å²) that keeps aliasing of the sharpest atom below ~1e-5."""
     lengths = np.array([sc.orth_matrix[:, i] for i in range(3)])
     spacing = max(np.linalg.norm(lengths[i]) / shape[i] for i in range(3))
     gap = 1.0 / spacing - 1.0 / d_min
-    b_needed = 4.0 * ALIAS_LOG / gap ** 2
+    b_needed = 4.0 * (ALIAS_LOG if alias is None else math.log(1.0 / alias)) / gap ** 2
     u = np.zeros((len(sc), 3, 3))
     iu = [(0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)]
     for k, (i, j) in enumerate(iu):

@@ -20,10 +20,11 @@ DEFAULT_MASK_RADIUS = 2.5  # Å
 
 
 def model_map_on_grid(model: Model, dmap: DensityMap, d_min: float, source: str = "electron",
-                      atoms: np.ndarray | None = None) -> np.ndarray:
+                      atoms: np.ndarray | None = None, accuracy: dict | None = None) -> np.ndarray:
     """Model density on exactly the grid points of `dmap` (same shape as dmap.data)."""
     full = model_map(model, dmap.cell, tuple(int(n) for n in dmap.sampling), d_min, source=source,
-                     spacegroup=dmap.spacegroup if dmap.is_full_cell else None, origin=dmap.origin, atoms=atoms)
+                     spacegroup=dmap.spacegroup if dmap.is_full_cell else None, origin=dmap.origin, atoms=atoms,
+                     accuracy=accuracy)
     idx = [(dmap.start[k] + np.arange(dmap.shape[k])) % dmap.sampling[k] for k in range(3)]
     return full[np.ix_(*idx)]
 

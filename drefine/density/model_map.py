@@ -16,10 +16,16 @@ from ..model.arrays import Model
 from .direct import scatterers_of_model
 from .fft import atom_density_grid, choose_blur
 
+#: Accuracy of model maps used as refinement targets: aliasing of the sharpest atom ~1e-3 and a
+#: density cutoff of 1e-4 (vs 1e-5 and 1e-6 for reported numbers). Target and gradient share the
+#: approximation, so the minimiser sees a consistent function; it is ~3× cheaper.
+REFINEMENT_ACCURACY = {"alias": 1e-3, "cutoff": 1e-4}
+REPORT_ACCURACY = {"alias": None, "cutoff": 1e-6}
+
 
 def model_map(model: Model, cell: gemmi.UnitCell, shape, d_min: float, source: str = "electron",
               spacegroup: gemmi.SpaceGroup | None = None, origin=(0.0, 0.0, 0.0), atoms: np.ndarray | None = None,
-              hydrogens: bool = True, threads: int = 2) -> np.ndarray:
+              hydrogens: bool = True, threads: int = 2, accuracy: dict | None = None) -> np.ndarray:
     """Model density on the full grid `shape` of `cell` (e/Å³ for X-ray; potential units for electrons)."""
     sg = spacegroup if spacegroup is not None else gemmi.SpaceGroup("P 1")
     sc = scatterers_of_model(model, atoms, source=source, hydrogens=hydrogens, cell=cell, spacegroup=sg)
@@ -27,8 +33,9 @@ def model_map(model: Model, cell: gemmi.UnitCell, shape, d_min: float, source: s
         xyz = model.atoms.xyz[sc.atom_index] - np.asarray(origin, dtype=np.float64)
         sc.frac = xyz @ sc.frac_matrix.T
     shape = tuple(int(n) for n in shape)
-    b_add = choose_blur(sc, shape, d_min)
-    rho = atom_density_grid(sc, shape, b_add, threads=threads)
+    acc = accuracy or REPORT_ACCURACY
+    b_add = choose_blur(sc, shape, d_min, acc["alias"])
+    rho = atom_density_grid(sc, shape, b_add, cutoff=acc["cutoff"], threads=threads)
     spec = scipy.fft.rfftn(rho, workers=threads)
     s2 = reciprocal_s2(cell, shape)
     keep = s2 <= 1.0 / d_min ** 2
@@ -52,7 +59,7 @@ def reciprocal_s2(cell: gemmi.UnitCell, shape) -> np.ndarray:
 def model_map_gradient(model: Model, cell: gemmi.UnitCell, shape, d_min: float, grad_map: np.ndarray,
                        source: str = "electron", spacegroup: gemmi.SpaceGroup | None = None,
                        origin=(0.0, 0.0, 0.0), atoms: np.ndarray | None = None, hydrogens: bool = True,
-                       threads: int = 2):
+                       threads: int = 2, accuracy: dict | None = None):
     """Gradient of a target T of the model map, given ∂T/∂ρ_calc on the same grid (`grad_map`).
 
     ρ_calc = IFFT(W · FFT(ρ_blur)) with W = cut · exp(B_add s²/4) real and symmetric, so
@@ -66,8 +73,9 @@ def model_map_gradient(model: Model, cell: gemmi.UnitCell, shape, d_min: float, 
     if np.any(np.asarray(origin) != 0):
         sc.frac = (model.atoms.xyz[sc.atom_index] - np.asarray(origin, dtype=np.float64)) @ sc.frac_matrix.T
     shape = tuple(int(n) for n in shape)
-    b_add = choose_blur(sc, shape, d_min)
+    acc = accuracy or REPORT_ACCURACY
+    b_add = choose_blur(sc, shape, d_min, acc["alias"])
     s2 = reciprocal_s2(cell, shape)
     w = np.where(s2 <= 1.0 / d_min ** 2, np.exp(b_add * s2 / 4.0), 0.0)
     g_blur = scipy.fft.irfftn(w * scipy.fft.rfftn(grad_map, workers=threads), s=shape, workers=threads)
-    return gather_gradient(sc, g_blur, b_add, 1.0, threads=threads)
+    return gather_gradient(sc, g_blur, b_add, 1.0, cutoff=acc["cutoff"], threads=threads)

@@ -36,6 +36,7 @@ class RealSpaceSettings:
     source: str = "electron"
     periodic: bool = False
     refine_hydrogens: bool = True
+    converged_shift: float = 0.01  # Å: stop the atom-centred cycles once one moves atoms less than this
 
 
 @dataclass
@@ -102,10 +103,14 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
     start = xyz.copy()
     stats: list[CycleStats] = []
     n_cycles = settings.macro_cycles + (1 if settings.final_target == "ls" else 0)
+    converged = False
     for c in range(1, n_cycles + 1):
-        t0 = time.perf_counter()
-        geom.update(xyz)
         final_ls = settings.final_target == "ls" and c == n_cycles
+        if converged and not final_ls:
+            continue
+        t0 = time.perf_counter()
+        before = xyz.copy()
+        geom.update(xyz)
         target = MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source) if final_ls else data
         weight = settings.weight * (_ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0)
         xyz, info = minimise(target, geom, weight, xyz, movable,
@@ -117,6 +122,8 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         stats.append(st)
         if progress:
             progress(st)
+        if not final_ls and np.sqrt(((xyz[movable] - before[movable]) ** 2).sum(1).mean()) < settings.converged_shift:
+            converged = True
     return xyz, stats
 
 

@@ -6,10 +6,13 @@ objects into contiguous arrays once, so the numba kernels evaluate every term wi
 Python loops.
 
 Links are decided here, not by gemmi's strict distance test (C–N < 2.01 Å), which drops the
-peptide bonds a shaken or badly fitted start has stretched: consecutive polymer residues
-(sequence numbers at most one apart) are linked when C–N < 3.5 Å or CA–CA < 5.0 Å (O3'–P
-< 3.5 Å for nucleic acids), and cysteines whose SG atoms are within 3.0 Å are disulfide-
-bonded. Consecutive residues that are not linked are reported as chain breaks.
+peptide bonds a shaken or badly fitted start has stretched: consecutive polymer residues are
+linked when C–N < 3.5 Å (O3'–P < 3.5 Å for nucleic acids; whatever the numbering, as deposited
+models link across numbering jumps), or when their sequence numbers are adjacent and
+CA–CA < 5.0 Å; cysteines whose SG atoms are within 3.0 Å are disulfide-bonded. Consecutive
+residues that are not linked are reported as chain breaks. Cis peptides come from the file's
+CISPEP records when it has any (a shaken start's ω says little), else from geometry (gemmi:
+ω within 30° of 0).
 """
 from __future__ import annotations
 
@@ -175,7 +178,7 @@ def _decide_links(st: gemmi.Structure, model: Model, linked_prev: np.ndarray) ->
             if _residue_atom(r2, "P") and _residue_atom(r1, "O3'"):
                 c_name, n_name, ideal, dmax = "O3'", "P", 1.60, NUCLEOTIDE_LINK_MAX
             d, a_c, _ = _min_distance(_residue_atom(r1, c_name), _residue_atom(r2, n_name))
-            linked = _seq_adjacent(r1, r2) and a_c is not None and d < dmax
+            linked = a_c is not None and d < dmax
             if not linked and c_name == "C" and _seq_adjacent(r1, r2):
                 ca1, ca2 = r1.get_ca(), r2.get_ca()
                 linked = a_c is not None and ca1 is not None and ca2 is not None \
@@ -307,6 +310,7 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
     st.add_model(model.structure[model_index])
     st.entities = model.structure.entities
     st.connections = model.structure.connections
+    st.cispeps = model.structure.cispeps
     # Carry each atom's row index through gemmi in b_iso of this throwaway clone (exact in
     # float32 up to 2**24 atoms); gemmi renumbers serial numbers during topology setup.
     if idx.size >= 2 ** 24:
@@ -326,7 +330,8 @@ def build_restraints(model: Model, monlib_dir=None, extra_dicts=(), model_index:
     warnings = io.StringIO()
     try:
         topo = gemmi.prepare_topology(st, ml, model_index=0, h_change=gemmi.HydrogenChange.NoChange,
-                                      warnings=warnings, ignore_unknown_links=True)
+                                      warnings=warnings, ignore_unknown_links=True,
+                                      use_cispeps=len(st.cispeps) > 0)
     except (RuntimeError, ValueError) as e:
         raise DrefineError(f"restraint setup failed: {str(e).splitlines()[0]}") from None
     topology_warnings = [ln.removeprefix("Warning: ").strip() for ln in warnings.getvalue().splitlines()

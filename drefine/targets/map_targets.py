@@ -21,7 +21,7 @@ import numpy as np
 
 from ..density.interpolate import interpolate
 from ..density.map_fit import _pearson, model_map_on_grid
-from ..density.model_map import model_map_gradient
+from ..density.model_map import REFINEMENT_ACCURACY, model_map_gradient
 from ..errors import DrefineError
 from ..io.maps import DensityMap, mask_around_atoms
 from ..model.arrays import Model
@@ -95,7 +95,7 @@ class MapModelLSTarget:
     def _calc(self, xyz):
         m = self.model.copy()
         m.atoms.xyz = xyz
-        return m, model_map_on_grid(m, self.map, self.d_min, self.source, self.atoms)
+        return m, model_map_on_grid(m, self.map, self.d_min, self.source, self.atoms, REFINEMENT_ACCURACY)
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
         m, calc = self._calc(xyz)
@@ -110,7 +110,7 @@ class MapModelLSTarget:
         idx = [(self.map.start[a] + np.arange(self.map.shape[a])) % sampling[a] for a in range(3)]
         g_full[np.ix_(*idx)] = 2.0 * k * diff / self.norm
         gr = model_map_gradient(m, self.map.cell, sampling, self.d_min, g_full, source=self.source,
-                                origin=self.map.origin, atoms=self.atoms)
+                                origin=self.map.origin, atoms=self.atoms, accuracy=REFINEMENT_ACCURACY)
         g = np.zeros_like(xyz)
         g[self.atoms] = gr.xyz
         return f, g
