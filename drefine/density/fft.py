@@ -349,11 +349,11 @@ def fft_gradient(sc: Scatterers, hkl: np.ndarray, dtarget_df: np.ndarray, d_min:
 
 
 def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float, cutoff: float = 1e-6,
-                    threads: int = 2) -> StructureFactorGradient:
+                    threads: int = 2, prepared: _Prepared | None = None) -> StructureFactorGradient:
     """∂T/∂p = Σ_grid gmap · ∂ρ_blur/∂p · dvol for every scatterer (ρ_blur spread with `b_add`)."""
     shape = gmap.shape
     gmap = np.ascontiguousarray(gmap, dtype=np.float64)
-    p = _prepare(sc, shape, b_add, cutoff)
+    p = prepared or _prepare(sc, shape, b_add, cutoff)
     occ_img = sc.occ[p.atom]
     parts = _chunks(len(p.frac), max(1, threads))
 

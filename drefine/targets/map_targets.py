@@ -20,8 +20,8 @@ from __future__ import annotations
 import numpy as np
 
 from ..density.interpolate import interpolate
-from ..density.map_fit import _pearson, model_map_on_grid
-from ..density.model_map import REFINEMENT_ACCURACY, model_map_gradient
+from ..density.map_fit import _pearson
+from ..density.model_map import REFINEMENT_ACCURACY, ModelMapCalculator
 from ..errors import DrefineError
 from ..io.maps import DensityMap, mask_around_atoms
 from ..model.arrays import Model
@@ -88,33 +88,35 @@ class MapModelLSTarget:
         self.obs = np.asarray(self.map.data, dtype=np.float64)
         self.mask = mask_around_atoms(self.map, model.atoms.xyz[self.atoms], mask_radius)
         self.norm = float((self.obs[self.mask] ** 2).sum())
+        self.sampling = tuple(int(n) for n in self.map.sampling)
+        # the map's points within the full sampling grid the model map is made on
+        self.index = [(self.map.start[a] + np.arange(self.map.shape[a])) % self.sampling[a] for a in range(3)]
+        self.calculator = ModelMapCalculator(model, self.map.cell, self.sampling, d_min, source,
+                                             self.map.spacegroup if self.map.is_full_cell else None,
+                                             self.map.origin, self.atoms, accuracy=REFINEMENT_ACCURACY)
 
     def update(self, xyz: np.ndarray) -> None:
         pass
 
     def _calc(self, xyz):
-        m = self.model.copy()
-        m.atoms.xyz = xyz
-        return m, model_map_on_grid(m, self.map, self.d_min, self.source, self.atoms, REFINEMENT_ACCURACY)
+        self.calculator.set_positions(xyz)
+        return self.calculator.map()[np.ix_(*self.index)]
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        m, calc = self._calc(xyz)
+        calc = self._calc(xyz)
         c, o = calc[self.mask], self.obs[self.mask]
         k = float((c * o).sum() / (c * c).sum())
         diff = np.zeros_like(calc)
         diff[self.mask] = k * c - o
         f = float((diff ** 2).sum() / self.norm)
         # ∂T/∂ρ_calc on the map's points, placed on the full sampling grid the model map is made on
-        sampling = tuple(int(n) for n in self.map.sampling)
-        g_full = np.zeros(sampling)
-        idx = [(self.map.start[a] + np.arange(self.map.shape[a])) % sampling[a] for a in range(3)]
-        g_full[np.ix_(*idx)] = 2.0 * k * diff / self.norm
-        gr = model_map_gradient(m, self.map.cell, sampling, self.d_min, g_full, source=self.source,
-                                origin=self.map.origin, atoms=self.atoms, accuracy=REFINEMENT_ACCURACY)
+        g_full = np.zeros(self.sampling)
+        g_full[np.ix_(*self.index)] = 2.0 * k * diff / self.norm
+        gr = self.calculator.gradient(g_full)
         g = np.zeros_like(xyz)
         g[self.atoms] = gr.xyz
         return f, g
 
     def statistics(self, xyz: np.ndarray) -> dict:
-        _, calc = self._calc(xyz)
+        calc = self._calc(xyz)
         return {"cc_mask": _pearson(calc[self.mask], self.obs[self.mask])}
