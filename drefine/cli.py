@@ -142,7 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="dask scheduler for the weight scan: tcp://HOST:PORT, 'local' (a local cluster), or "
                         "'inprocess'; default: a local cluster for models over 4,000 atoms, else in-process")
     r.add_argument("--workers", type=int, metavar="N", help="workers of the local cluster (default: cores)")
-    r.add_argument("--rama-data", metavar="DIR", help="Top500 tables for validation (as in validate)")
+    r.add_argument("--rama-data", metavar="DIR",
+                   help="Top500 tables for Ramachandran restraints and validation (as in validate)")
+    r.add_argument("--no-rama-restraints", action="store_true",
+                   help="do not restrain φ/ψ to the Top500 distributions (on by default when tables are found)")
     return parser
 
 
@@ -385,7 +388,8 @@ def cmd_rsr(args) -> int:
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = RSROptions(resolution=args.resolution, weight=args.weight, macro_cycles=args.macro_cycles,
                      final_target=args.final_target, sharpen=sharpen, rigid_body=args.rigid_body,
-                     refine_b=args.refine_b, source=args.scattering, seed=args.seed)
+                     refine_b=args.refine_b, source=args.scattering, seed=args.seed,
+                     rama_restraints=not args.no_rama_restraints, rama_dir=args.rama_data)
     log(f"drefine rsr {args.model} against {args.map} at {args.resolution} Å: {len(idx0)} atoms, "
         f"{len(restraints.bond_ideal)} bonds, {len(restraints.chain_breaks)} chain breaks")
     scheduler = args.scheduler

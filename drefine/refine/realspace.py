@@ -36,7 +36,11 @@ class RealSpaceSettings:
     source: str = "electron"
     periodic: bool = False
     refine_hydrogens: bool = True
-    converged_shift: float = 0.01  # Å: stop the atom-centred cycles once one moves atoms less than this
+    converged_shift: float = 0.02  # Å RMS: stop the atom-centred cycles once one moves atoms less than this
+    bond_target: float = 0.01  # Å; the final map-model cycle may not leave bonds worse than this ...
+    angle_target: float = 1.0  # degrees; ... or angles (unless they were worse before it) ...
+    final_tolerance: float = 1.25  # ... by more than this factor (well-refined structures sit near 1.2°)
+    final_retries: int = 3  # times the final cycle's weight is halved to meet the targets
 
 
 @dataclass
@@ -91,14 +95,14 @@ def minimise(data, geom: GeometryTarget, weight: float, xyz: np.ndarray, movable
 
 def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, settings: RealSpaceSettings,
                        movable: np.ndarray | None = None, progress: Callable[[CycleStats], None] | None = None,
-                       map_target: AtomCentredMapTarget | None = None) -> tuple[np.ndarray, list[CycleStats]]:
+                       map_target: AtomCentredMapTarget | None = None, rama=None) -> tuple[np.ndarray, list[CycleStats]]:
     """Macro-cycles of coordinate refinement; returns the new coordinates (all atoms) and statistics."""
     xyz = model.atoms.xyz.copy()
     idx = restraints.atom_indices
     is_h = model.atoms.is_hydrogen
     if movable is None:
         movable = idx if settings.refine_hydrogens else idx[~is_h[idx]]
-    geom = GeometryTarget(model, restraints)
+    geom = GeometryTarget(model, restraints, rama=rama)
     data = map_target or AtomCentredMapTarget(model, dmap, idx, periodic=settings.periodic)
     start = xyz.copy()
     stats: list[CycleStats] = []
@@ -113,12 +117,26 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         geom.update(xyz)
         target = MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source) if final_ls else data
         weight = settings.weight * (_ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0)
-        xyz, info = minimise(target, geom, weight, xyz, movable,
+        new, info = minimise(target, geom, weight, xyz, movable,
                              settings.final_iterations if final_ls else settings.iterations)
-        b, a = geometry_rmsd(xyz, restraints, is_h)
+        b, a = geometry_rmsd(new, restraints, is_h)
+        if final_ls:
+            # The final target has no geometry of its own in the weight scan: keep it honest.
+            b0, a0 = geometry_rmsd(xyz, restraints, is_h)
+            tries = 0
+            b_lim = max(settings.bond_target * settings.final_tolerance, b0)
+            a_lim = max(settings.angle_target * settings.final_tolerance, a0)
+            while (b > b_lim or a > a_lim) and tries < settings.final_retries:
+                weight *= 0.5
+                tries += 1
+                new, info = minimise(target, geom, weight, xyz, movable, settings.final_iterations)
+                b, a = geometry_rmsd(new, restraints, is_h)
+            info["weight_halvings"] = tries
+        xyz = new
         shift = float(np.sqrt(((xyz[movable] - start[movable]) ** 2).sum(1).mean()))
         st = CycleStats(c, "map-model LS" if final_ls else "atom-centred", weight, info["map"], info["geometry"],
-                        b, a, shift, info["iterations"], time.perf_counter() - t0)
+                        b, a, shift, info["iterations"], time.perf_counter() - t0,
+                        {"weight_halvings": info["weight_halvings"]} if "weight_halvings" in info else {})
         stats.append(st)
         if progress:
             progress(st)

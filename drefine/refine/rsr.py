@@ -49,6 +49,8 @@ class RSROptions:
     source: str = "electron"
     seed: int = 0
     n_segments: int = 8
+    rama_restraints: bool = True
+    rama_dir: str | None = None
 
 
 @dataclass
@@ -201,6 +203,14 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         shift = np.sqrt(((work.atoms.xyz[idx] - xyz0) ** 2).sum(1).mean())
         log(f"rigid body: {len(chains)} chain(s), RMS shift {shift:.3f} Å")
         timing["rigid_body_s"] = time.perf_counter() - t
+    rama = None
+    if opt.rama_restraints:
+        from ..restraints.ramachandran import ramachandran_restraints
+
+        rama = ramachandran_restraints(model, restraints, opt.rama_dir)
+        notes.append(f"Ramachandran restraints on {len(rama)} residues ({rama.source})" if rama is not None
+                     else "Ramachandran restraints not used: no Top500 tables found (--rama-data DIR)")
+        log(notes[-1])
     cycles: list[CycleStats] = []
 
     def report(st: CycleStats):
@@ -216,19 +226,19 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
     if weight is None:
         xyz, _ = refine_coordinates(work, box, restraints, RealSpaceSettings(
             opt.resolution, weight=PROVISIONAL_WEIGHT, macro_cycles=1, final_target="atom", periodic=periodic,
-            source=opt.source), progress=report)
+            source=opt.source), progress=report, rama=rama)
         work.atoms.xyz = xyz
         remaining -= 1
         ts = time.perf_counter()
         result = weight_scan(work, box, restraints, client=client, n_segments=opt.n_segments,
-                             iterations=200, periodic=periodic, seed=opt.seed)
+                             iterations=200, periodic=periodic, seed=opt.seed, rama=rama)
         weight, scan = result.weight, result.as_dict()
         timing["weight_scan_s"] = time.perf_counter() - ts
         log(f"weight scan: {result.kept} of {len(result.per_segment)} segments kept, weight {weight:.2f} "
             f"({timing['weight_scan_s']:.1f} s)")
     xyz, _ = refine_coordinates(work, box, restraints, RealSpaceSettings(
         opt.resolution, weight=weight, macro_cycles=max(remaining, 0), final_target=opt.final_target,
-        periodic=periodic, source=opt.source), progress=report)
+        periodic=periodic, source=opt.source), progress=report, rama=rama)
     work.atoms.xyz = xyz
     timing["coordinates_s"] = time.perf_counter() - t - timing.get("weight_scan_s", 0.0)
     b_iso = model.atoms.b_iso.copy()

@@ -60,9 +60,9 @@ def make_segments(model: Model, restraints: Restraints, n_segments: int, length:
 
 def segment_trials(payload, segment: np.ndarray, weights, iterations: int, periodic: bool) -> list[dict]:
     """Refine one segment with every trial weight; statistics of each trial. (A task.)"""
-    model, dmap, restraints = payload
+    model, dmap, restraints, rama = payload
     is_h = model.atoms.is_hydrogen
-    geom = GeometryTarget(model, restraints, movable=segment)
+    geom = GeometryTarget(model, restraints, movable=segment, rama=rama)
     data = AtomCentredMapTarget(model, dmap, segment, periodic=periodic)
     local = restraints.touching(segment, every=True)
     out = []
@@ -94,10 +94,10 @@ def choose_weight(trials_per_segment: list[list[dict]], bond_target: float, angl
 
 def weight_scan(model: Model, dmap: DensityMap, restraints: Restraints, client=None, n_segments: int = 8,
                 weights=TRIAL_WEIGHTS, iterations: int = 60, bond_target: float = 0.01, angle_target: float = 1.0,
-                periodic: bool = False, seed: int = 0) -> WeightScanResult:
+                periodic: bool = False, seed: int = 0, rama=None) -> WeightScanResult:
     """The automatic weight; trials run as one batch of tasks on `client` (None: in this process)."""
     segments = make_segments(model, restraints, n_segments, seed=seed)
-    payload = (model, dmap.load(), restraints)
+    payload = (model, dmap.load(), restraints, rama)
     if client is None:
         results = [segment_trials(payload, s, weights, iterations, periodic) for s in segments]
     else:

@@ -11,9 +11,10 @@ import numpy as np
 from ..model.arrays import Model
 from . import kernels as K
 from .nonbonded import NONBONDED_SIGMA, NonbondedPairs, find_nonbonded_pairs, nonbonded_term
+from .ramachandran import rama_term
 from .topology import Restraints
 
-TERMS = ("bonds", "angles", "torsions", "chirals", "planes", "nonbonded")
+TERMS = ("bonds", "angles", "torsions", "chirals", "planes", "nonbonded", "ramachandran")
 
 
 class GeometryTarget:
@@ -21,13 +22,19 @@ class GeometryTarget:
 
     def __init__(self, model: Model, restraints: Restraints, nonbonded: bool = True,
                  search_buffer: float = 1.0, weights: dict[str, float] | None = None,
-                 movable: np.ndarray | None = None):
+                 movable: np.ndarray | None = None, rama=None):
         """`movable`: only restraints and contacts involving these atoms are evaluated (the rest
         of the model is fixed, so the others would only add a constant)."""
         self.model = model
         self.full_restraints = restraints
         self.movable = None if movable is None else np.asarray(movable)
         self.restraints = restraints if movable is None else restraints.touching(movable)
+        self.rama = rama
+        if rama is not None and movable is not None:
+            sel = np.zeros(len(model.atoms), dtype=bool)
+            sel[movable] = True
+            keep = sel[rama.atoms].any(axis=1)
+            self.rama = type(rama)(rama.atoms[keep], rama.kind[keep], rama.potential, rama.source)
         self.use_nonbonded = nonbonded
         self.search_buffer = search_buffer
         self.weights = {t: 1.0 for t in TERMS} | (weights or {})
@@ -70,6 +77,8 @@ class GeometryTarget:
             p = self.pairs
             run("nonbonded", nonbonded_term, p.i, p.j, p.op, p.d_min, p.weight, p.op_rot, p.op_trans,
                 NONBONDED_SIGMA)
+        if self.rama is not None and len(self.rama):
+            run("ramachandran", rama_term, self.rama.atoms, self.rama.kind, self.rama.potential, 1.0)
         return vals, grads
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
@@ -91,6 +100,8 @@ class GeometryTarget:
                 p = self.pairs
                 f += nonbonded_term(xyz, p.i, p.j, p.op, p.d_min, p.weight, p.op_rot, p.op_trans,
                                     NONBONDED_SIGMA, g)
+            if self.rama is not None and len(self.rama):
+                f += rama_term(xyz, self.rama.atoms, self.rama.kind, self.rama.potential, 1.0, g)
             return float(f), g
         vals, grads = self.terms(xyz)
         for name, v in vals.items():

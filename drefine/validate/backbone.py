@@ -18,6 +18,12 @@ _NAMES = sorted({"N", "CA", "C"} | {n for chis in CHI_ATOMS.values() for q in ch
 _NAME_ID = {n: k for k, n in enumerate(_NAMES)}
 
 
+def backbone_atom_table(model: Model, idx: np.ndarray, conformer: int) -> tuple[np.ndarray, dict[str, int]]:
+    """(atom_of, column of each name): atom_of[residue, column] = atom row (−1 if absent) of the
+    backbone and χ atoms for one conformer, shared atoms included."""
+    return _atom_table(model, idx, conformer), _NAME_ID
+
+
 def _atom_table(model: Model, idx: np.ndarray, conformer: int) -> np.ndarray:
     """atom_of[residue, name] = atom row (−1 if absent) for one conformer, shared atoms included."""
     a = model.atoms
