@@ -1,0 +1,125 @@
+"""Real-space refinement: recovery of a known truth, weight scan serial vs distributed, bad input."""
+import json
+
+import gemmi
+import numpy as np
+import pytest
+from conftest import need
+from test_cli import assert_one_line_error, run_cli
+
+from drefine.cli import main
+from drefine.density.maps_from_model import model_density_map
+from drefine.io.maps import write_map
+from drefine.io.models import read_model, write_model
+from drefine.model.perturb import shake_coordinates
+from drefine.refine.weight import weight_scan
+from drefine.restraints.ramachandran import ramachandran_restraints
+from drefine.restraints.target import GeometryTarget
+from drefine.restraints.topology import build_restraints
+from drefine.targets.map_targets import normalised_map
+
+
+@pytest.fixture(scope="module")
+def synthetic_case(example_model_path, tmp_path_factory):
+    """The example protein without hydrogens, its 3 Å electron map, and a start shaken by 0.4 Å."""
+    d = tmp_path_factory.mktemp("rsr")
+    st = gemmi.read_structure(str(example_model_path))
+    st.remove_hydrogens()
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(d / "truth.cif"))
+    truth = read_model(d / "truth.cif")
+    assert not truth.atoms.is_hydrogen.any()
+    dmap = model_density_map(truth, 3.0, source="electron", padding=6.0)
+    write_map(dmap, d / "map.mrc")
+    start, _ = shake_coordinates(truth, 0.4, seed=5)
+    write_model(start, d / "start.cif")
+    return d, truth, start
+
+
+def rmsd(a, b):
+    return float(np.sqrt(((a.atoms.xyz - b.atoms.xyz) ** 2).sum(1).mean()))
+
+
+def test_rsr_recovers_the_truth(synthetic_case, tmp_path):
+    d, truth, start = synthetic_case
+    out = tmp_path / "refined"
+    assert main(["rsr", str(d / "start.cif"), str(d / "map.mrc"), "--resolution", "3", "-o", str(out),
+                 "--scheduler", "inprocess"]) == 0
+    refined = read_model(f"{out}.cif")
+    assert rmsd(start, truth) == pytest.approx(0.4, abs=0.01)
+    assert rmsd(refined, truth) < 0.15
+    rep = json.loads((tmp_path / "refined.json").read_text())
+    assert rep["final"]["bonds_rmsd"] < 0.012 and rep["final"]["angles_rmsd"] < 1.5
+    assert rep["final"]["cc_mask"] > rep["start"]["cc_mask"]
+    assert rep["cycles"] and rep["cycles"][-1]["target"] == "map-model LS"
+    assert rep["details"]["weight_scan"]["weight"] == rep["final"]["weight"]
+    assert (tmp_path / "refined.log").read_text().count("cycle") >= 2
+    assert (tmp_path / "refined.pdb").exists()
+
+
+def test_weight_scan_is_identical_serial_and_on_a_cluster(synthetic_case):
+    from distributed import Client, LocalCluster
+
+    _, _, start = synthetic_case
+    r = build_restraints(start)
+    dmap = normalised_map(model_density_map(start, 3.0, padding=6.0))
+    serial = weight_scan(start, dmap, r, n_segments=4, iterations=60)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        parallel = weight_scan(start, dmap, r, client=client, n_segments=4, iterations=60)
+    assert parallel.weight == serial.weight
+    assert parallel.per_segment == serial.per_segment
+
+
+def test_restraint_subset_gives_the_same_gradient_on_movable_atoms(example_model_path):
+    m = read_model(example_model_path)
+    r = build_restraints(m)
+    x = m.atoms.xyz + np.random.default_rng(1).normal(scale=0.1, size=m.atoms.xyz.shape)
+    movable = np.arange(100, 180)
+    full, part = GeometryTarget(m, r), GeometryTarget(m, r, movable=movable)
+    full.update(x)
+    part.update(x)
+    np.testing.assert_allclose(part.value_and_gradient(x)[1][movable], full.value_and_gradient(x)[1][movable],
+                               rtol=1e-12, atol=1e-9)
+
+
+def test_ramachandran_restraint_gradient(data_dir, example_model_path):
+    m = read_model(example_model_path)
+    r = build_restraints(m)
+    rama = ramachandran_restraints(m, r, need(data_dir, "validation/rama-data"))
+    assert len(rama) == 38  # 40 residues less the two ends
+    t = GeometryTarget(m, r, rama=rama)
+    x = m.atoms.xyz + np.random.default_rng(2).normal(scale=0.1, size=m.atoms.xyz.shape)
+    vals, grads = t.terms(x)
+    h = 1e-5
+    for atom in rama.atoms[5]:
+        for c in range(3):
+            p, q = x.copy(), x.copy()
+            p[atom, c] += h
+            q[atom, c] -= h
+            fd = (t.terms(p)[0]["ramachandran"] - t.terms(q)[0]["ramachandran"]) / (2 * h)
+            assert fd == pytest.approx(grads["ramachandran"][atom, c], rel=1e-5, abs=1e-6)
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+def test_map_not_covering_the_model_says_how_much(synthetic_case, tmp_path):
+    d, truth, _ = synthetic_case
+    moved = truth.copy()
+    moved.atoms.xyz[: len(moved.atoms) // 4] += 200.0
+    write_model(moved, tmp_path / "away.cif")
+    code, out, err = run_cli("rsr", tmp_path / "away.cif", d / "map.mrc", "--resolution", "3", "-o", tmp_path / "x")
+    assert_one_line_error(code, out, err, "does not cover", "atoms")
+    assert "%" in err and not (tmp_path / "x.cif").exists()
+
+
+def test_resolution_not_a_number_or_beyond_nyquist(synthetic_case, tmp_path):
+    d, _, _ = synthetic_case
+    assert_one_line_error(*run_cli("rsr", d / "start.cif", d / "map.mrc", "--resolution", "three"), "resolution")
+    assert_one_line_error(*run_cli("rsr", d / "start.cif", d / "map.mrc", "--resolution", "0.5"), "Nyquist")
+
+
+def test_empty_model(synthetic_case, tmp_path):
+    d, _, _ = synthetic_case
+    (tmp_path / "empty.pdb").write_text("CRYST1   10.000   10.000   10.000  90.00  90.00  90.00 P 1\nEND\n")
+    assert_one_line_error(*run_cli("rsr", tmp_path / "empty.pdb", d / "map.mrc", "--resolution", "3"), "no atoms")
