@@ -90,7 +90,7 @@ def test_ramachandran_restraint_gradient(data_dir, example_model_path):
     assert len(rama) == 38  # 40 residues less the two ends
     t = GeometryTarget(m, r, rama=rama)
     x = m.atoms.xyz + np.random.default_rng(2).normal(scale=0.1, size=m.atoms.xyz.shape)
-    vals, grads = t.terms(x)
+    _, grads = t.terms(x)
     h = 1e-5
     for atom in rama.atoms[5]:
         for c in range(3):
