@@ -123,3 +123,34 @@ def test_empty_model(synthetic_case, tmp_path):
     d, _, _ = synthetic_case
     (tmp_path / "empty.pdb").write_text("CRYST1   10.000   10.000   10.000  90.00  90.00  90.00 P 1\nEND\n")
     assert_one_line_error(*run_cli("rsr", tmp_path / "empty.pdb", d / "map.mrc", "--resolution", "3"), "no atoms")
+
+
+def test_map_box_reads_only_the_chunks_under_the_model(synthetic_case):
+    """A map far bigger than the model: chunks away from it must never be computed."""
+    import dask.array as da
+
+    from drefine.io.maps import DensityMap
+    from drefine.refine.rsr import map_box_around
+
+    _, truth, _ = synthetic_case
+    small = model_density_map(truth, 3.0, padding=6.0)
+    n = np.array(small.data.shape)
+    big_shape = tuple(int(k) for k in 4 * n)
+    chunks = tuple(int(k) for k in n)
+
+    def block(x, block_info=None):
+        loc = block_info[0]["chunk-location"]
+        if any(loc):
+            raise AssertionError(f"chunk {loc} away from the model was read")
+        return np.asarray(small.data, dtype=np.float32)
+
+    data = da.zeros(big_shape, chunks=chunks, dtype=np.float32).map_blocks(block, dtype=np.float32)
+    vox = small.orth_matrix / small.sampling[None, :]
+    big_cell = gemmi.UnitCell(*(np.linalg.norm(vox, axis=0) * big_shape), 90, 90, 90)
+    big = DensityMap(data=data, cell=big_cell, sampling=np.array(big_shape), start=np.zeros(3, int),
+                     origin=small.origin)
+    box = map_box_around(big, truth.atoms.xyz, 2.0)
+    assert box.data.size < small.data.size
+    assert isinstance(box.data, np.ndarray)
+    with pytest.raises(AssertionError, match="away from the model"):  # the guard itself works
+        map_box_around(big, truth.atoms.xyz, 60.0)
