@@ -39,7 +39,7 @@ class RealSpaceSettings:
     converged_shift: float = 0.02  # Å RMS: stop the atom-centred cycles once one moves atoms less than this
     bond_target: float = 0.01  # Å; the final map-model cycle may not leave bonds worse than this ...
     angle_target: float = 1.0  # degrees; ... or angles (unless they were worse before it) ...
-    final_tolerance: float = 1.25  # ... by more than this factor (well-refined structures sit near 1.2°)
+    final_tolerance: float = 1.0  # ... by more than this factor
     final_retries: int = 3  # times the final cycle's weight is halved to meet the targets
 
 
