@@ -121,11 +121,12 @@ class ModelMapCalculator:
         spec *= self.filter
         return scipy.fft.irfftn(spec, s=self.shape, workers=self.threads)
 
-    def gradient(self, grad_map: np.ndarray):
-        """StructureFactorGradient of a target given ∂T/∂ρ_calc on the grid (see model_map_gradient)."""
+    def gradient(self, grad_map: np.ndarray, positions_only: bool = False):
+        """StructureFactorGradient of a target given ∂T/∂ρ_calc on the grid (see model_map_gradient);
+        `positions_only` skips the B/U/occupancy parts."""
         from .fft import gather_gradient
 
         g_blur = scipy.fft.irfftn(self.filter * scipy.fft.rfftn(grad_map, workers=self.threads), s=self.shape,
                                   workers=self.threads)
         return gather_gradient(self.sc, g_blur, self.b_add, 1.0, cutoff=self.cutoff, threads=self.threads,
-                               prepared=self.prepared)
+                               prepared=self.prepared, positions_only=positions_only)

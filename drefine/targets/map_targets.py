@@ -112,7 +112,7 @@ class MapModelLSTarget:
         # ∂T/∂ρ_calc on the map's points, placed on the full sampling grid the model map is made on
         g_full = np.zeros(self.sampling)
         g_full[np.ix_(*self.index)] = 2.0 * k * diff / self.norm
-        gr = self.calculator.gradient(g_full)
+        gr = self.calculator.gradient(g_full, positions_only=True)
         g = np.zeros_like(xyz)
         g[self.atoms] = gr.xyz
         return f, g
