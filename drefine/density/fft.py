@@ -292,7 +292,6 @@ def _gather_xyz(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol):
         c2 = int(math.floor(frac[a, 2] * n2))
         klo = c2 - half[a, 2]
         khi = c2 + half[a, 2] + 1
-        inv_occ = 1.0 / occ_of_image[a] if occ_of_image[a] != 0.0 else 0.0
         for i in range(c0 - half[a, 0], c0 + half[a, 0] + 2):
             d0 = i / n0 - frac[a, 0]
             for j in range(c1 - half[a, 1], c1 + half[a, 1] + 2):
