@@ -21,12 +21,9 @@ absolute grid index is ``index + start``.
 """
 from __future__ import annotations
 
-import contextlib
 import gzip
 import math
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -35,6 +32,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
+from .atomic import atomic_dir, atomic_file
 
 #: CCP4/MRC modes drefine reads: mode → numpy dtype (byte order added per file).
 MRC_MODES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
@@ -313,40 +311,6 @@ def read_map(path: str | os.PathLike) -> DensityMap:
 # ============================================================================================
 # Writing
 # ============================================================================================
-@contextlib.contextmanager
-def _atomic_file(path: Path):
-    """Yield a binary file handle on a temporary name beside `path`; rename it into place on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            yield fh
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-@contextlib.contextmanager
-def _atomic_dir(path: Path):
-    """Yield a temporary directory beside `path`; it replaces `path` (file or directory) on success."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.{os.getpid()}.old")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _slab_size(plane_values: int, target_values: int = 1 << 24) -> int:
     return max(1, target_values // max(1, plane_values))
 
@@ -400,7 +364,7 @@ def write_map(dmap: DensityMap, path: str | os.PathLike, label: str = "drefine")
         raise ValueError(f"cannot write a zero-size map {m.shape}")
     header = _mrc_header_bytes(m, label)
     step = _slab_size(nu * nv)
-    with _atomic_file(p) as fh:
+    with atomic_file(p) as fh:
         fh.write(header)
         for w0 in range(0, nw, step):
             slab = m.data[:, :, w0:w0 + step]
@@ -443,7 +407,7 @@ def write_zarr(dmap: DensityMap, path: str | os.PathLike, chunks=(64, 64, 64)) -
     """
     p = Path(path)
     m = dmap
-    with _atomic_dir(p) as tmp:
+    with atomic_dir(p) as tmp:
         arr = _create_zarr_array(tmp, m.shape, chunks, np.dtype(m.data.dtype), _zarr_attributes(m))
         if m.is_chunked:
             m.data.rechunk(arr.chunks).store(arr, lock=False)
@@ -496,7 +460,7 @@ def to_zarr(map_path: str | os.PathLike, zarr_path: str | os.PathLike, chunks=(6
     shape = h.shape_abc
     sec_axis = int(h.axes[2])  # the cell axis the sections run along
     out = Path(zarr_path)
-    with _atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp:
         arr = _create_zarr_array(tmp, shape, chunks, np.float32, attrs)
         step = int(arr.chunks[sec_axis])
         for s0 in range(0, nsec, step):

@@ -31,7 +31,6 @@ from __future__ import annotations
 import gzip
 import itertools
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +38,7 @@ import gemmi
 import numpy as np
 
 from ..errors import DrefineError, InputError
+from .atomic import atomic_path
 
 #: Column types of the MTZ format that hold what we read.
 _AMP, _INT, _SIG = "F", "J", "Q"
@@ -205,15 +205,8 @@ class ReflectionTable:
                 cols.append(arr)
         mtz.set_data(np.ascontiguousarray(np.column_stack(cols), dtype=np.float32))
         mtz.history = ["From drefine: " + n for n in self.notes][:30] or ["From drefine"]
-        fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".part", dir=p.parent)
-        os.close(fd)
-        try:
+        with atomic_path(p) as tmp:
             mtz.write_to_file(tmp)
-            os.replace(tmp, p)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
         self.notes.append(f"written to {p}" + (" (with the free set, FreeR_flag 0 = test)" if n_test else ""))
         return p
 
