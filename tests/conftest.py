@@ -35,3 +35,42 @@ def monlib_dir(data_dir) -> Path:
 @pytest.fixture(scope="session")
 def example_model_path() -> Path:
     return REPO / "examples" / "hth40.cif"
+
+
+def boxed_structure(path: Path, padding: float = 8.0, remove_hydrogens: bool = False):
+    """A gemmi.Structure of the protein part of `path`, moved into a padded P 1 box (a cryo-EM case)."""
+    import gemmi
+    import numpy as np
+
+    st = gemmi.read_structure(str(path))
+    st.setup_entities()
+    if remove_hydrogens:
+        st.remove_hydrogens()
+    st.remove_alternative_conformations()
+    st.remove_ligands_and_waters()
+    xyz = np.array([cra.atom.pos.tolist() for cra in st[0].all()])
+    lo = xyz.min(0) - padding
+    size = xyz.max(0) + padding - lo
+    for cra in st[0].all():
+        cra.atom.pos = gemmi.Position(*(np.array(cra.atom.pos.tolist()) - lo))
+    st.cell = gemmi.UnitCell(*size, 90, 90, 90)
+    st.spacegroup_hm = "P 1"
+    st.setup_cell_images()
+    return st
+
+
+def gemmi_model_map(st, d_min: float, electron: bool = True, spacing: float | None = None, shape=None):
+    """The independent reference model map: gemmi's density calculator, unblurred, cut at d_min
+    (the recipe of shared/tools/make_case.py and metrics.py)."""
+    import gemmi
+    import numpy as np
+
+    dc = gemmi.DensityCalculatorE() if electron else gemmi.DensityCalculatorX()
+    dc.d_min = d_min
+    dc.rate = 1.5
+    dc.set_refmac_compatible_blur(st[0])
+    dc.grid.setup_from(st, spacing=spacing or d_min / 3)
+    dc.put_model_density_on_grid(st[0])
+    f = gemmi.transform_map_to_f_phi(dc.grid).prepare_asu_data(dmin=d_min, unblur=dc.blur)
+    size = list(shape) if shape is not None else [dc.grid.nu, dc.grid.nv, dc.grid.nw]
+    return np.array(f.transform_f_phi_to_map(exact_size=size), copy=True)

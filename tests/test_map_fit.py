@@ -2,7 +2,7 @@
 import gemmi
 import numpy as np
 import pytest
-from conftest import need
+from conftest import boxed_structure, gemmi_model_map, need
 
 from drefine.density.map_fit import map_model_fit
 from drefine.density.model_map import model_map, model_map_gradient
@@ -38,28 +38,9 @@ def test_model_map_gradient_matches_finite_differences(data_dir):
 
 def _synthetic_case(data_dir, tmp_path, d_min=3.0):
     """The shared make_case recipe: 4hg7 in a padded P 1 box, gemmi's electron model map."""
-    st = gemmi.read_structure(str(need(data_dir, "xray/4hg7/4hg7.pdb")))
-    st.setup_entities()
-    st.remove_hydrogens()
-    st.remove_alternative_conformations()
-    st.remove_ligands_and_waters()
-    xyz = np.array([cra.atom.pos.tolist() for cra in st[0].all()])
-    lo = xyz.min(0) - 10
-    size = xyz.max(0) + 10 - lo
-    for cra in st[0].all():
-        cra.atom.pos = gemmi.Position(*(np.array(cra.atom.pos.tolist()) - lo))
-    st.cell = gemmi.UnitCell(*size, 90, 90, 90)
-    st.spacegroup_hm = "P 1"
-    st.setup_cell_images()
+    st = boxed_structure(need(data_dir, "xray/4hg7/4hg7.pdb"), padding=10.0, remove_hydrogens=True)
     st.write_pdb(str(tmp_path / "truth.pdb"))
-    dc = gemmi.DensityCalculatorE()
-    dc.d_min = d_min
-    dc.rate = 1.5
-    dc.set_refmac_compatible_blur(st[0])
-    dc.grid.setup_from(st, spacing=d_min / 3)
-    dc.put_model_density_on_grid(st[0])
-    f = gemmi.transform_map_to_f_phi(dc.grid).prepare_asu_data(dmin=d_min, unblur=dc.blur)
-    data = np.array(f.transform_f_phi_to_map(exact_size=[dc.grid.nu, dc.grid.nv, dc.grid.nw]), copy=True)
+    data = gemmi_model_map(st, d_min)
     dmap = DensityMap(data=data, cell=st.cell, sampling=np.array(data.shape), start=np.zeros(3, int))
     return st, dmap
 
@@ -71,14 +52,7 @@ def test_cc_mask_matches_an_independent_computation(data_dir, tmp_path):
     ours = map_model_fit(shaken, dmap, 3.0)
     # independent: gemmi model map of the shaken model + gemmi's 2.5 Å atom mask (as tools/metrics.py)
     sst = shaken.to_structure()
-    dc = gemmi.DensityCalculatorE()
-    dc.d_min = 3.0
-    dc.rate = 1.5
-    dc.set_refmac_compatible_blur(sst[0])
-    dc.grid.setup_from(sst, spacing=1.0)
-    dc.put_model_density_on_grid(sst[0])
-    f = gemmi.transform_map_to_f_phi(dc.grid).prepare_asu_data(dmin=3.0, unblur=dc.blur)
-    calc = np.array(f.transform_f_phi_to_map(exact_size=list(dmap.data.shape)), copy=True)
+    calc = gemmi_model_map(sst, 3.0, spacing=1.0, shape=dmap.data.shape)
     mask = gemmi.FloatGrid(*dmap.data.shape)
     mask.set_unit_cell(st.cell)
     for cra in sst[0].all():
