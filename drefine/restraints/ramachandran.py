@@ -21,7 +21,7 @@ from numba import njit
 from scipy.ndimage import gaussian_filter
 
 from ..model.arrays import Model
-from ..validate.backbone import CHI_ATOMS, backbone_atom_table
+from ..validate.backbone import NAME_ID, conformer_residues
 from ..validate.ramachandran import RamachandranTables, find_rama_data
 from .kernels import _dihedral_and_gradient
 from .topology import Restraints
@@ -66,19 +66,11 @@ def ramachandran_restraints(model: Model, restraints: Restraints, rama_dir=None,
     where = find_rama_data(rama_dir)
     if where is None:
         return None
-    a, res = model.atoms, model.residues
-    idx = restraints.atom_indices
-    residues = np.unique(a.residue_index[idx])
-    protein = residues[np.isin(res.name[residues], list(CHI_ATOMS) + ["ALA", "GLY"])]
-    prev = restraints.linked_prev
-    nxt = np.full(len(res), -1, dtype=np.int64)
-    has = np.flatnonzero(prev >= 0)
-    nxt[prev[has]] = has
-    confs = sorted(set(np.unique(a.conformer[idx]).tolist()) - {0}) or [0]
+    res = model.residues
+    (prev, nxt), per_conformer = conformer_residues(model, restraints)
+    name_id = NAME_ID
     rows, kinds = [], []
-    for c_i, conf in enumerate(confs):
-        table, name_id = backbone_atom_table(model, idx, conf)
-        sel = protein if c_i == 0 else protein[np.isin(protein, np.unique(a.residue_index[idx][a.conformer[idx] == conf]))]
+    for _, _, table, sel in per_conformer:
         sel = sel[(prev[sel] >= 0) & (nxt[sel] >= 0)]
         q = np.stack([table[prev[sel], name_id["C"]], table[sel, name_id["N"]], table[sel, name_id["CA"]],
                       table[sel, name_id["C"]], table[nxt[sel], name_id["N"]]], axis=1)

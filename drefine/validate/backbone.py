@@ -18,10 +18,37 @@ _NAMES = sorted({"N", "CA", "C"} | {n for chis in CHI_ATOMS.values() for q in ch
 _NAME_ID = {n: k for k, n in enumerate(_NAMES)}
 
 
-def backbone_atom_table(model: Model, idx: np.ndarray, conformer: int) -> tuple[np.ndarray, dict[str, int]]:
-    """(atom_of, column of each name): atom_of[residue, column] = atom row (−1 if absent) of the
-    backbone and χ atoms for one conformer, shared atoms included."""
-    return _atom_table(model, idx, conformer), _NAME_ID
+def conformer_residues(model: Model, r: Restraints):
+    """For each conformer: (conformer id, altloc letter, atom table, protein residues scored in it).
+
+    The atom table maps [residue, NAME_ID[name]] to the atom row (−1 if absent), shared atoms
+    included. Every protein residue is scored in the first conformer, and again in each other
+    conformer its own atoms have. Also returns, once, the linked predecessor and successor of
+    every residue (−1 at chain ends and breaks) as the first item.
+    """
+    a, res = model.atoms, model.residues
+    idx = r.atom_indices
+    residues = np.unique(a.residue_index[idx])
+    protein = residues[np.isin(res.name[residues], list(CHI_ATOMS) + ["ALA", "GLY"])]
+    linked_prev = r.linked_prev
+    linked_next = np.full(len(res), -1, dtype=np.int64)
+    has_prev = np.flatnonzero(linked_prev >= 0)
+    linked_next[linked_prev[has_prev]] = has_prev
+    confs = sorted(set(np.unique(a.conformer[idx]).tolist()) - {0}) or [0]
+    out = []
+    for c_i, conf in enumerate(confs):
+        table = _atom_table(model, idx, conf)
+        if c_i == 0:
+            rows = protein
+        else:
+            own = np.unique(a.residue_index[idx][a.conformer[idx] == conf])
+            rows = protein[np.isin(protein, own)]
+        alt = "" if conf == 0 else str(a.altloc[idx][a.conformer[idx] == conf][0])
+        out.append((conf, alt, table, rows))
+    return (linked_prev, linked_next), out
+
+
+NAME_ID = _NAME_ID
 
 
 def _atom_table(model: Model, idx: np.ndarray, conformer: int) -> np.ndarray:
@@ -64,24 +91,11 @@ def backbone_statistics(model: Model, r: Restraints, xyz: np.ndarray | None = No
     rama = RamachandranTables.load(where)
     rota = RotamerTables.load(where)
     xyz = model.atoms.xyz if xyz is None else xyz
-    a, res = model.atoms, model.residues
-    idx = r.atom_indices
-    residues = np.unique(a.residue_index[idx])
-    protein = residues[np.isin(res.name[residues], list(CHI_ATOMS) + ["ALA", "GLY"])]
-    linked_prev = r.linked_prev
-    linked_next = np.full(len(res), -1, dtype=np.int64)
-    has_prev = np.flatnonzero(linked_prev >= 0)
-    linked_next[linked_prev[has_prev]] = has_prev
-    confs = sorted(set(np.unique(a.conformer[idx]).tolist()) - {0}) or [0]
+    res = model.residues
+    (linked_prev, linked_next), per_conformer = conformer_residues(model, r)
 
     rama_rows, rota_rows = [], []
-    for c_i, conf in enumerate(confs):
-        table = _atom_table(model, idx, conf)
-        if c_i == 0:
-            rows = protein
-        else:
-            own = np.unique(a.residue_index[idx][a.conformer[idx] == conf])
-            rows = protein[np.isin(protein, own)]
+    for _, alt, table, rows in per_conformer:
         if not len(rows):
             continue
         phi = _torsion(xyz, table, rows, ("C", "N", "CA", "C"), prev=linked_prev[rows])
@@ -93,7 +107,6 @@ def backbone_statistics(model: Model, r: Restraints, xyz: np.ndarray | None = No
         score = np.full(len(rows), np.nan)
         score[ok] = rama.score(phi[ok], psi[ok], kinds[ok])
         cls = np.asarray(rama.classify_scores(score, kinds), dtype=object)
-        alt = "" if conf == 0 else str(a.altloc[idx][a.conformer[idx] == conf][0])
         for k in np.flatnonzero(ok):
             rama_rows.append((int(rows[k]), alt, float(phi[k]), float(psi[k]), KIND_NAMES[int(kinds[k])],
                               float(score[k]), str(cls[k])))
