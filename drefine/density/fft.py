@@ -116,6 +116,29 @@ def _row_range(rb, step, r2max, klo, khi):
     return k0, k1
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_recurrence(coef, minv, rb, step, k0, val, ratio, mult):
+    """Start values of each Gaussian on a grid row r(k) = rb + k·s at k0, and the factors of its
+    recurrence: q(k+1) − q(k) = 2 sᵀM⁻¹r(k) + sᵀM⁻¹s, so e^{−4π²q} moves by `ratio`, which itself
+    moves by `mult` (two multiplications per point instead of an exp)."""
+    fpp = 4.0 * math.pi * math.pi
+    x = rb[0] + k0 * step[0]
+    y = rb[1] + k0 * step[1]
+    z = rb[2] + k0 * step[2]
+    for g in range(coef.shape[0]):
+        m = minv[g]
+        q = (m[0, 0] * x * x + m[1, 1] * y * y + m[2, 2] * z * z
+             + 2.0 * (m[0, 1] * x * y + m[0, 2] * x * z + m[1, 2] * y * z))
+        ms0 = m[0, 0] * step[0] + m[0, 1] * step[1] + m[0, 2] * step[2]
+        ms1 = m[1, 0] * step[0] + m[1, 1] * step[1] + m[1, 2] * step[2]
+        ms2 = m[2, 0] * step[0] + m[2, 1] * step[1] + m[2, 2] * step[2]
+        sms = step[0] * ms0 + step[1] * ms1 + step[2] * ms2
+        smr = x * ms0 + y * ms1 + z * ms2
+        val[g] = coef[g] * math.exp(-fpp * q)
+        ratio[g] = math.exp(-fpp * (2.0 * smr + sms))
+        mult[g] = math.exp(-2.0 * fpp * sms)
+
+
 @njit(cache=True, nogil=True)
 def _spread(grid, frac, coef, minv, radius, half, orth):
     """Add every image's density to the grid, row by row.
@@ -124,7 +147,6 @@ def _spread(grid, frac, coef, minv, radius, half, orth):
     follow a recurrence (two multiplications per point and Gaussian instead of an exp).
     """
     n0, n1, n2 = grid.shape
-    fpp = 4.0 * math.pi * math.pi
     ng = coef.shape[1]
     step = np.empty(3)
     rb = np.empty(3)
@@ -152,22 +174,7 @@ def _spread(grid, frac, coef, minv, radius, half, orth):
                 k0, k1 = _row_range(rb, step, r2max, klo, khi)
                 if k1 < k0:
                     continue
-                for g in range(ng):
-                    m = minv[a, g]
-                    x = rb[0] + k0 * step[0]
-                    y = rb[1] + k0 * step[1]
-                    z = rb[2] + k0 * step[2]
-                    q = (m[0, 0] * x * x + m[1, 1] * y * y + m[2, 2] * z * z
-                         + 2.0 * (m[0, 1] * x * y + m[0, 2] * x * z + m[1, 2] * y * z))
-                    # q(k+1) − q(k) = 2 sᵀM⁻¹r(k) + sᵀM⁻¹s
-                    ms0 = m[0, 0] * step[0] + m[0, 1] * step[1] + m[0, 2] * step[2]
-                    ms1 = m[1, 0] * step[0] + m[1, 1] * step[1] + m[1, 2] * step[2]
-                    ms2 = m[2, 0] * step[0] + m[2, 1] * step[1] + m[2, 2] * step[2]
-                    sms = step[0] * ms0 + step[1] * ms1 + step[2] * ms2
-                    smr = x * ms0 + y * ms1 + z * ms2
-                    val[g] = coef[a, g] * math.exp(-fpp * q)
-                    ratio[g] = math.exp(-fpp * (2.0 * smr + sms))
-                    mult[g] = math.exp(-2.0 * fpp * sms)
+                _row_recurrence(coef[a], minv[a], rb, step, k0, val, ratio, mult)
                 for k in range(k0, k1 + 1):
                     tot = 0.0
                     for g in range(ng):
@@ -224,21 +231,7 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
                 k0, k1 = _row_range(rb, step, r2max, klo, khi)
                 if k1 < k0:
                     continue
-                for g in range(ng):
-                    m = minv[a, g]
-                    x = rb[0] + k0 * step[0]
-                    y = rb[1] + k0 * step[1]
-                    z = rb[2] + k0 * step[2]
-                    q = (m[0, 0] * x * x + m[1, 1] * y * y + m[2, 2] * z * z
-                         + 2.0 * (m[0, 1] * x * y + m[0, 2] * x * z + m[1, 2] * y * z))
-                    ms0 = m[0, 0] * step[0] + m[0, 1] * step[1] + m[0, 2] * step[2]
-                    ms1 = m[1, 0] * step[0] + m[1, 1] * step[1] + m[1, 2] * step[2]
-                    ms2 = m[2, 0] * step[0] + m[2, 1] * step[1] + m[2, 2] * step[2]
-                    sms = step[0] * ms0 + step[1] * ms1 + step[2] * ms2
-                    smr = x * ms0 + y * ms1 + z * ms2
-                    val[g] = coef[a, g] * math.exp(-fpp * q)
-                    ratio[g] = math.exp(-fpp * (2.0 * smr + sms))
-                    mult[g] = math.exp(-2.0 * fpp * sms)
+                _row_recurrence(coef[a], minv[a], rb, step, k0, val, ratio, mult)
                 ii = i % n0
                 jj = j % n1
                 for k in range(k0, k1 + 1):
