@@ -1,0 +1,147 @@
+"""Reciprocal-space data targets on amplitudes: least squares and maximum likelihood (σA).
+
+Both work on F_model = k_total (F_calc + F_bulk) from `density.fmodel` and return the value and
+D(h) = ∂T/∂Re F_calc + i ∂T/∂Im F_calc, which `density.direct.direct_gradient` or
+`density.fft.fft_gradient` turn into gradients with respect to coordinates, B and occupancy.
+Since |F_model| depends on F_calc only through k_total·F_model/|F_model| (k_total real, > 0):
+D(h) = ∂T/∂|F_model| · k_total · F_model/|F_model|. Sums run over the work set only; the test set
+is never used for the target (R-free stays honest).
+
+Least squares: T = Σ w (|Fo| − k|Fm|)², w = 1/σ² ("sigma", default) or 1 ("unit"), k the
+least-squares scale of the current cycle (optimal, so its own derivative term vanishes).
+
+Maximum likelihood with measurement error (Read 1986; Pannu & Read 1996; as in REFMAC and
+servalcat), per resolution bin D (scale of F_model's contribution) and S (variance of the
+model error per ε), with Σ = ε·S + 2σ² (acentric) or ε·S + σ² (centric):
+  acentric (Rice):    −ln L = ln Σ + (Fo² + D²Fm²)/Σ − ln I₀(2 Fo D Fm / Σ)
+  centric (Woolfson): −ln L = ½ ln Σ + (Fo² + D²Fm²)/(2Σ) − ln cosh(Fo D Fm / Σ)
+(constants in Fo dropped). D and S per bin maximise the likelihood of the test set when each bin
+has at least MIN_FREE_PER_BIN test reflections (as phenix does, so that the error model is not
+fitted to the reflections the model was refined against), else of the work set.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+from scipy.special import i0e, i1e
+
+MIN_FREE_PER_BIN = 30
+
+
+@dataclass
+class LeastSquaresTarget:
+    """Σ_work w (|Fo| − k|Fm|)²."""
+
+    f_obs: np.ndarray
+    sigma: np.ndarray
+    work: np.ndarray
+    weighting: str = "sigma"  # "sigma": w = 1/σ²; "unit": w = 1
+
+    def weights(self) -> np.ndarray:
+        if self.weighting == "unit":
+            return np.ones_like(self.f_obs)
+        s = np.where(self.sigma > 0, self.sigma, np.nan)
+        w = 1.0 / s ** 2
+        return np.where(np.isfinite(w), w, 0.0)
+
+    def value_and_derivative(self, f_model: np.ndarray, k_total: np.ndarray) -> tuple[float, np.ndarray]:
+        """T and D(h) = ∂T/∂F_calc (complex; zero outside the work set)."""
+        a = np.abs(f_model)
+        w = self.weights() * self.work
+        k = float((w * self.f_obs * a).sum() / max((w * a * a).sum(), 1e-300))
+        r = self.f_obs - k * a
+        t = float((w * r * r).sum())
+        with np.errstate(invalid="ignore", divide="ignore"):
+            phase = np.where(a > 0, f_model / a, 0.0)
+        d = -2.0 * w * r * k * k_total * phase
+        return t, d
+
+    def statistics(self, f_model: np.ndarray) -> dict:
+        return {"target": "least squares", "weighting": self.weighting}
+
+
+@dataclass
+class MLParameters:
+    """σA parameters per resolution bin."""
+
+    d: np.ndarray  # (n_bins,)
+    s: np.ndarray  # (n_bins,) model-error variance per ε
+    from_test_set: bool = True
+    per_bin: list[dict] = field(default_factory=list)
+
+
+def _ml_terms(fo, sig, fm, eps, centric, d, s):
+    """−ln L per reflection and ∂/∂|Fm| (vectorised), with d, s per reflection."""
+    sig2 = np.where(centric, sig * sig, 2.0 * sig * sig)
+    var = eps * s + sig2
+    x = np.where(centric, fo * d * fm / var, 2.0 * fo * d * fm / var)
+    # ln I0(x) = ln i0e(x) + x ; ln cosh(x) = x + ln(1 + e^{−2x}) − ln 2 (stable for large x)
+    ln_i0 = np.log(i0e(x)) + x
+    ln_cosh = x + np.log1p(np.exp(-2.0 * x)) - np.log(2.0)
+    nll = np.where(centric, 0.5 * np.log(var) + (fo * fo + d * d * fm * fm) / (2.0 * var) - ln_cosh,
+                   np.log(var) + (fo * fo + d * d * fm * fm) / var - ln_i0)
+    ratio = i1e(x) / i0e(x)  # I1/I0
+    dfm = np.where(centric, d * d * fm / var - (fo * d / var) * np.tanh(x),
+                   2.0 * d * d * fm / var - (2.0 * fo * d / var) * ratio)
+    return nll, dfm
+
+
+def estimate_ml_parameters(f_obs, sigma, f_model_abs, epsilon, centric, bins, work, test) -> MLParameters:
+    """D and S per bin by maximum likelihood (test set when large enough, else work set)."""
+    n_bins = int(bins.max()) + 1
+    use_test = all(int((test & (bins == b)).sum()) >= MIN_FREE_PER_BIN for b in range(n_bins))
+    sel_set = test if use_test else work
+    d_out, s_out, rows = np.zeros(n_bins), np.zeros(n_bins), []
+    for b in range(n_bins):
+        sel = sel_set & (bins == b) & np.isfinite(f_obs)
+        fo, sg, fm, ep, ce = f_obs[sel], sigma[sel], f_model_abs[sel], epsilon[sel], centric[sel]
+        d0 = float((fo * fm).sum() / max((fm * fm).sum(), 1e-300))
+        s0 = float(max(np.mean((fo - d0 * fm) ** 2 / ep), 1e-6))
+
+        def nll(p, fo=fo, sg=sg, fm=fm, ep=ep, ce=ce):
+            d, ln_s = p
+            return float(_ml_terms(fo, sg, fm, ep, ce, d, np.exp(ln_s))[0].sum())
+
+        res = minimize(nll, [d0, np.log(s0)], method="L-BFGS-B", bounds=[(1e-4, 10 * max(d0, 1e-3)), (None, None)])
+        d_out[b], s_out[b] = res.x[0], np.exp(res.x[1])
+        rows.append({"bin": b, "n": int(sel.sum()), "D": float(d_out[b]), "S": float(s_out[b])})
+    return MLParameters(d_out, s_out, use_test, rows)
+
+
+@dataclass
+class MaximumLikelihoodTarget:
+    """−ln L of |Fo| given |F_model| summed over the work set (σA parameters held per cycle)."""
+
+    f_obs: np.ndarray
+    sigma: np.ndarray
+    epsilon: np.ndarray
+    centric: np.ndarray
+    bins: np.ndarray
+    work: np.ndarray
+    test: np.ndarray
+    params: MLParameters | None = None
+
+    def update(self, f_model: np.ndarray) -> None:
+        """Re-estimate D and S per bin for the current model (once per macro-cycle)."""
+        self.params = estimate_ml_parameters(self.f_obs, self.sigma, np.abs(f_model), self.epsilon, self.centric,
+                                             self.bins, self.work, self.test)
+
+    def value_and_derivative(self, f_model: np.ndarray, k_total: np.ndarray) -> tuple[float, np.ndarray]:
+        if self.params is None:
+            self.update(f_model)
+        a = np.abs(f_model)
+        d = self.params.d[self.bins]
+        s = self.params.s[self.bins]
+        w = self.work & np.isfinite(self.f_obs)
+        fo = np.where(w, self.f_obs, 0.0)
+        nll, dfm = _ml_terms(fo, self.sigma, a, self.epsilon, self.centric, d, s)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            phase = np.where(a > 0, f_model / a, 0.0)
+        return float(nll[w].sum()), np.where(w, dfm, 0.0) * k_total * phase
+
+    def statistics(self, f_model: np.ndarray) -> dict:
+        p = self.params
+        return {"target": "maximum likelihood", "sigmaa_from_test_set": p.from_test_set if p else None,
+                "per_bin": p.per_bin if p else []}
