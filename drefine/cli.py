@@ -134,6 +134,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--sharpen", metavar="B|auto", default=None,
                    help="sharpen (B < 0) or blur (B > 0) the map by B Å² first, or 'auto' to choose B")
     r.add_argument("--rigid-body", action="store_true", help="rigid-body fit of each chain before the cycles")
+    r.add_argument("--rigid-groups", metavar="CID[;CID...]",
+                   help="rigid-body fit of these groups instead (gemmi selections separated by ';', "
+                        "e.g. 'A/1-60;A/61-120')")
     r.add_argument("--refine-b", action="store_true", help="refine per-atom isotropic B against the map at the end")
     r.add_argument("--scattering", choices=("electron", "xray"), default="electron",
                    help="form factors of model maps: electron (cryo-EM, default) or xray")
@@ -388,6 +391,7 @@ def cmd_rsr(args) -> int:
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = RSROptions(resolution=args.resolution, weight=args.weight, macro_cycles=args.macro_cycles,
                      final_target=args.final_target, sharpen=sharpen, rigid_body=args.rigid_body,
+                     rigid_groups=tuple(g.strip() for g in (args.rigid_groups or "").split(";") if g.strip()),
                      refine_b=args.refine_b, source=args.scattering, seed=args.seed,
                      rama_restraints=not args.no_rama_restraints, rama_dir=args.rama_data)
     log(f"drefine rsr {args.model} against {args.map} at {args.resolution} Å: {len(idx0)} atoms, "

@@ -5,7 +5,8 @@
    the chunks the box touches). The box is normalised to zero mean and unit σ.
 2. Optional map sharpening/blurring by B (`sharpen`: a number, or "auto": the B in −100..+100 Å²
    that maximises the correlation of the map with the start model's map inside the model mask).
-3. Optional rigid-body refinement of chains (atom-centred target, 6 parameters a chain).
+3. Optional rigid-body refinement of chains or of groups given as gemmi selections (atom-centred
+   target, 6 parameters a group).
 4. Macro-cycle 1 at a provisional weight; then, unless a weight is given, the weight scan on
    the model it reached (a batch of tasks on the dask cluster); then the remaining macro-cycles
    with the atom-centred target and a final cycle with the map-model least-squares target.
@@ -43,7 +44,8 @@ class RSROptions:
     macro_cycles: int = 5
     final_target: str = "ls"
     sharpen: float | str | None = None  # B in Å², "auto" or None
-    rigid_body: bool = False
+    rigid_body: bool = False  # each chain, unless rigid_groups are given
+    rigid_groups: tuple[str, ...] = ()  # gemmi selections (e.g. "A/1-50"), one rigid group each
     refine_b: bool = False
     box_margin: float = 6.0
     source: str = "electron"
@@ -195,13 +197,20 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
     box = normalised_map(box)
     timing["map_s"] = time.perf_counter() - t0
     work = model.copy()
-    if opt.rigid_body:
+    if opt.rigid_body or opt.rigid_groups:
         t = time.perf_counter()
-        chains = [idx[model.residues.chain_index[model.atoms.residue_index[idx]] == c]
-                  for c in np.unique(model.residues.chain_index[model.atoms.residue_index[idx]])]
-        work.atoms.xyz = rigid_body_fit(work, box, chains, periodic)
+        if opt.rigid_groups:
+            from ..model.perturb import selection_mask
+
+            groups = [np.intersect1d(np.flatnonzero(selection_mask(model, cid)), idx) for cid in opt.rigid_groups]
+            what = f"{len(groups)} group(s)"
+        else:
+            groups = [idx[model.residues.chain_index[model.atoms.residue_index[idx]] == c]
+                      for c in np.unique(model.residues.chain_index[model.atoms.residue_index[idx]])]
+            what = f"{len(groups)} chain(s)"
+        work.atoms.xyz = rigid_body_fit(work, box, groups, periodic)
         shift = np.sqrt(((work.atoms.xyz[idx] - xyz0) ** 2).sum(1).mean())
-        log(f"rigid body: {len(chains)} chain(s), RMS shift {shift:.3f} Å")
+        log(f"rigid body: {what}, RMS shift {shift:.3f} Å")
         timing["rigid_body_s"] = time.perf_counter() - t
     rama = None
     if opt.rama_restraints:
