@@ -175,3 +175,26 @@ def test_rigid_body_groups_recover_a_displaced_part(synthetic_case):
     assert before > 0.8 and after < 0.1
     assert np.array_equal(xyz[~np.isin(np.arange(len(xyz)), group)],
                           moved.atoms.xyz[~np.isin(np.arange(len(xyz)), group)])
+
+
+def test_b_refinement_moves_b_towards_the_truth(synthetic_case):
+    """Start with every B at 40 Å²: refined B correlate with the true ones and move towards them."""
+    from drefine.refine.rsr import refine_b_factors
+
+    _, truth, _ = synthetic_case
+    dmap = model_density_map(truth, 3.0, padding=6.0)
+    r = build_restraints(truth)
+    flat = truth.copy()
+    flat.atoms.b_iso[:] = 40.0
+    b = refine_b_factors(flat, dmap, 3.0, r, "electron", iterations=60)
+    true_b = truth.atoms.b_iso
+    assert np.abs(b - true_b).mean() < 0.5 * np.abs(40.0 - true_b).mean()
+    assert np.corrcoef(b, true_b)[0, 1] > 0.5
+
+
+def test_automatic_sharpening_leaves_a_model_map_alone(synthetic_case):
+    from drefine.refine.rsr import choose_sharpening
+
+    _, truth, start = synthetic_case
+    b, scores = choose_sharpening(start, model_density_map(truth, 3.0, padding=6.0), 3.0, "electron")
+    assert abs(b) <= 20 and len(scores) == 11
