@@ -58,21 +58,29 @@ def make_segments(model: Model, restraints: Restraints, n_segments: int, length:
     return segments
 
 
-def segment_trials(payload, segment: np.ndarray, weights, iterations: int, periodic: bool) -> list[dict]:
-    """Refine one segment with every trial weight; statistics of each trial. (A task.)"""
+def segment_trials(payload, segment: np.ndarray, weights, iterations: int, periodic: bool,
+                   targets: tuple[float, float] | None = None) -> list[dict]:
+    """Refine one segment with the trial weights in increasing order; statistics of each trial.
+    With `targets` (bond Å, angle °), stop after two consecutive trials beyond them: geometry only
+    worsens with the weight, so heavier trials could not be chosen. (A task.)"""
     model, dmap, restraints, rama = payload
     is_h = model.atoms.is_hydrogen
     geom = GeometryTarget(model, restraints, movable=segment, rama=rama)
     data = AtomCentredMapTarget(model, dmap, segment, periodic=periodic)
     local = restraints.touching(segment, every=True)
     out = []
-    for w in weights:
+    beyond = 0
+    for w in sorted(weights):
         xyz, _ = minimise(data, geom, w, model.atoms.xyz, segment, iterations)
         b, a = geometry_rmsd(xyz, local, is_h)
         heavy = segment[~is_h[segment]]
         fit = -data.value_and_gradient(xyz)[0] / max(float(data.weights.sum()), 1e-12)
         out.append({"weight": float(w), "bonds_rmsd": b, "angles_rmsd": a, "map_fit": float(fit),
                     "n_atoms": len(heavy)})
+        if targets is not None:
+            beyond = beyond + 1 if (b > targets[0] or a > targets[1]) else 0
+            if beyond >= 2:
+                break
     return out
 
 
@@ -99,10 +107,11 @@ def weight_scan(model: Model, dmap: DensityMap, restraints: Restraints, client=N
     segments = make_segments(model, restraints, n_segments, seed=seed)
     payload = (model, dmap.load(), restraints, rama)
     if client is None:
-        results = [segment_trials(payload, s, weights, iterations, periodic) for s in segments]
+        results = [segment_trials(payload, s, weights, iterations, periodic, (bond_target, angle_target))
+                   for s in segments]
     else:
         shared = client.scatter(payload, broadcast=True)
-        futures = [client.submit(segment_trials, shared, s, tuple(weights), iterations, periodic, pure=False)
-                   for s in segments]
+        futures = [client.submit(segment_trials, shared, s, tuple(weights), iterations, periodic,
+                                 (bond_target, angle_target), pure=False) for s in segments]
         results = client.gather(futures)
     return choose_weight(results, bond_target, angle_target)
