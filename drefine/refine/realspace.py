@@ -116,7 +116,8 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         before = xyz.copy()
         geom.update(xyz)
         target = MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source) if final_ls else data
-        weight = settings.weight * (_ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0)
+        scale = _ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0
+        weight = settings.weight * scale
         new, info = minimise(target, geom, weight, xyz, movable,
                              settings.final_iterations if final_ls else settings.iterations)
         b, a = geometry_rmsd(new, restraints, is_h)
@@ -134,9 +135,11 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
             info["weight_halvings"] = tries
         xyz = new
         shift = float(np.sqrt(((xyz[movable] - start[movable]) ** 2).sum(1).mean()))
-        st = CycleStats(c, "map-model LS" if final_ls else "atom-centred", weight, info["map"], info["geometry"],
-                        b, a, shift, info["iterations"], time.perf_counter() - t0,
-                        {"weight_halvings": info["weight_halvings"]} if "weight_halvings" in info else {})
+        # report the nominal weight (the one the scan chose, halved if the guard acted); the final
+        # target's gradient-matching scale is kept apart
+        extra = {"weight_halvings": info["weight_halvings"], "ls_gradient_scale": scale} if final_ls else {}
+        st = CycleStats(c, "map-model LS" if final_ls else "atom-centred", weight / scale, info["map"],
+                        info["geometry"], b, a, shift, info["iterations"], time.perf_counter() - t0, extra)
         stats.append(st)
         if progress:
             progress(st)
