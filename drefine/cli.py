@@ -255,8 +255,10 @@ def _fit_to_map(model, path, resolution, scattering="auto") -> dict:
     if resolution < 2 * float(np.max(dmap.voxel_size)) - 1e-6:
         raise DrefineError(f"--resolution {resolution} Å is finer than the map's Nyquist limit "
                            f"{2 * float(np.max(dmap.voxel_size)):.2f} Å (voxels of {np.max(dmap.voxel_size):.2f} Å)")
+    from .refine.rsr import is_crystal_map
+
     xyz = model.atoms.xyz[model.model_atoms(0)]
-    inside = dmap.covers(xyz)
+    inside = dmap.covers(xyz, periodic=is_crystal_map(dmap, model))
     if inside == 0:
         raise DrefineError(f"the map {path} does not cover the model: none of its {len(xyz)} atoms is inside the "
                            "map box (wrong map, or an ORIGIN/NSTART the model was not built against?)")
@@ -382,7 +384,10 @@ def cmd_rsr(args) -> int:
     nyquist = 2 * float(np.max(dmap.voxel_size))
     if args.resolution < nyquist - 1e-6:
         raise DrefineError(f"--resolution {args.resolution} Å is finer than the map's Nyquist limit {nyquist:.2f} Å")
-    inside = dmap.covers(model.atoms.xyz[idx0])
+    from .refine.rsr import is_crystal_map
+
+    # a crystal's unit-cell map is periodic: it covers the model wherever the model lies
+    inside = dmap.covers(model.atoms.xyz[idx0], periodic=is_crystal_map(dmap, model))
     if inside < 1.0:
         n_out = round((1 - inside) * len(idx0))
         raise DrefineError(f"the map does not cover the model: {n_out} of {len(idx0)} atoms "
