@@ -282,13 +282,13 @@ def _prepare(sc: Scatterers, shape, b_add: float, cutoff: float) -> _Prepared:
 
 
 def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float = 1e-6, threads: int = 2,
-                      prepared: _Prepared | None = None) -> np.ndarray:
+                      prepared: _Prepared | None = None, dtype=np.float64) -> np.ndarray:
     """Electron (or electrostatic-potential) density of all symmetry images on the cell grid (e/Å³)."""
     p = prepared or _prepare(sc, shape, b_add, cutoff)
     parts = _chunks(len(p.frac), max(1, threads))
 
     def run(sl):
-        g = np.zeros(shape)
+        g = np.zeros(shape, dtype=dtype)
         return _spread(g, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix)
 
     if len(parts) == 1:
@@ -349,7 +349,7 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
     """∂T/∂p = Σ_grid gmap · ∂ρ_blur/∂p · dvol for every scatterer (ρ_blur spread with `b_add`);
     with `positions_only` the B, U and occupancy parts are zero (not computed)."""
     shape = gmap.shape
-    gmap = np.ascontiguousarray(gmap, dtype=np.float64)
+    gmap = np.ascontiguousarray(gmap)
     p = prepared or _prepare(sc, shape, b_add, cutoff)
     occ_img = sc.occ[p.atom]
     parts = _chunks(len(p.frac), max(1, threads))

@@ -105,7 +105,9 @@ class ModelMapCalculator:
         self.b_add = choose_blur(self.sc, self.shape, d_min, acc["alias"])
         self.prepared = _prepare(self.sc, self.shape, self.b_add, self.cutoff)
         s2 = reciprocal_s2(cell, self.shape)
-        self.filter = np.where(s2 <= 1.0 / d_min ** 2, np.exp(self.b_add * s2 / 4.0), 0.0)
+        # refinement targets need ~1e-3 relative accuracy: single precision grids and FFTs suffice
+        self.dtype = np.float32 if accuracy is REFINEMENT_ACCURACY else np.float64
+        self.filter = np.where(s2 <= 1.0 / d_min ** 2, np.exp(self.b_add * s2 / 4.0), 0.0).astype(self.dtype)
 
     def set_positions(self, xyz_all: np.ndarray) -> None:
         """Take the positions (Å) of the scatterers from the model-wide coordinate array."""
@@ -116,7 +118,8 @@ class ModelMapCalculator:
     def map(self) -> np.ndarray:
         from .fft import atom_density_grid
 
-        rho = atom_density_grid(self.sc, self.shape, self.b_add, self.cutoff, self.threads, prepared=self.prepared)
+        rho = atom_density_grid(self.sc, self.shape, self.b_add, self.cutoff, self.threads, prepared=self.prepared,
+                                dtype=self.dtype)
         spec = scipy.fft.rfftn(rho, workers=self.threads)
         spec *= self.filter
         return scipy.fft.irfftn(spec, s=self.shape, workers=self.threads)
@@ -126,7 +129,8 @@ class ModelMapCalculator:
         `positions_only` skips the B/U/occupancy parts."""
         from .fft import gather_gradient
 
-        g_blur = scipy.fft.irfftn(self.filter * scipy.fft.rfftn(grad_map, workers=self.threads), s=self.shape,
+        g = np.asarray(grad_map, dtype=self.dtype)
+        g_blur = scipy.fft.irfftn(self.filter * scipy.fft.rfftn(g, workers=self.threads), s=self.shape,
                                   workers=self.threads)
         return gather_gradient(self.sc, g_blur, self.b_add, 1.0, cutoff=self.cutoff, threads=self.threads,
                                prepared=self.prepared, positions_only=positions_only)
