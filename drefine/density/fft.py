@@ -190,11 +190,13 @@ def _spread(grid, frac, coef, minv, radius, half, orth):
 
 
 @njit(cache=True, nogil=True)
-def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with_shape):
+def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with_shape, iso):
     """∫ g ∂ρ/∂p dV per image: position (Cartesian) and, with `with_shape`, occupancy and ∂T/∂M
     summed over Gaussians (coordinate refinement needs positions only: about 25 % cheaper).
 
-    Same row recurrence as `_spread` for the Gaussian values; r(k) is linear in k.
+    Same row recurrence as `_spread` for the Gaussian values; r(k) is linear in k. For an
+    isotropic image (M⁻¹ = m_g·I) and positions only, ∂ρ/∂x = 8π² r Σ_g m_g ρ_g: one scalar sum
+    per point instead of a matrix product per Gaussian.
     """
     n0, n1, n2 = gmap.shape
     m_img = frac.shape[0]
@@ -234,6 +236,17 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
                 _row_recurrence(coef[a], minv[a], rb, step, k0, val, ratio, mult)
                 ii = i % n0
                 jj = j % n1
+                if iso[a] and not with_shape:
+                    for k in range(k0, k1 + 1):
+                        acc = 0.0
+                        for g in range(ng):
+                            acc += val[g] * minv[a, g, 0, 0]
+                            val[g] *= ratio[g]
+                            ratio[g] *= mult[g]
+                        w = gmap[ii, jj, k % n2] * dvol * acc * 2.0 * fpp
+                        for p in range(3):
+                            g_x[a, p] += w * (rb[p] + k * step[p])
+                    continue
                 for k in range(k0, k1 + 1):
                     gval = gmap[ii, jj, k % n2] * dvol
                     for p in range(3):
@@ -273,12 +286,16 @@ class _Prepared:
     half: np.ndarray
     rc: np.ndarray
     atom: np.ndarray
+    iso: np.ndarray  # per image: every Gaussian's M is a multiple of the identity
 
 
 def _prepare(sc: Scatterers, shape, b_add: float, cutoff: float) -> _Prepared:
     frac, u_img, rc, atom = _images(sc)
     coef, minv, radius, half = _gaussians(sc, u_img, atom, b_add, shape, cutoff)
-    return _Prepared(np.ascontiguousarray(frac), coef, np.ascontiguousarray(minv), radius, half, rc, atom)
+    diag = minv[:, :, 0, 0]
+    iso = np.all(np.abs(minv - diag[:, :, None, None] * np.eye(3)) <= 1e-12 * np.abs(diag)[:, :, None, None],
+                 axis=(1, 2, 3))
+    return _Prepared(np.ascontiguousarray(frac), coef, np.ascontiguousarray(minv), radius, half, rc, atom, iso)
 
 
 def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float = 1e-6, threads: int = 2,
@@ -356,7 +373,7 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
 
     def run(sl):
         return _gather(gmap, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix,
-                       occ_img[sl], dvol, not positions_only)
+                       occ_img[sl], dvol, not positions_only, p.iso[sl])
 
     with ThreadPoolExecutor(len(parts)) as ex:
         res = list(ex.map(run, parts))
