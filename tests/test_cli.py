@@ -224,3 +224,12 @@ def test_nan_in_reflection_data_is_reported(tmp_path, example_model_path):
     m.set_data(data)
     m.write_to_file(str(mtz))
     assert_one_line_error(*run_cli("validate", example_model_path, "--mtz", mtz), "finite value")
+
+
+def test_readme_example_script(tmp_path):
+    """The README's first command's job: map, shake, refine the bundled example."""
+    p = subprocess.run(["bash", str(REPO / "examples" / "rsr_example.sh"), str(tmp_path / "ex")],
+                       capture_output=True, text=True, timeout=600, check=False)
+    assert p.returncode == 0, p.stderr
+    rep = json.loads((tmp_path / "ex" / "refined.json").read_text())
+    assert rep["final"]["cc_mask"] > rep["start"]["cc_mask"] and rep["final"]["bonds_rmsd"] < 0.012
