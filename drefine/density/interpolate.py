@@ -132,39 +132,34 @@ def _tricubic_point(arr, x, y, z, su, sv, sw, mode):
     return val, gu, gv, gw
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _store_point(arr, g, shift, mode, val, grad, p):
+    """Value and gradient at position p (NaN outside the map), written into val/grad."""
+    x, y, z = g[p, 0], g[p, 1], g[p, 2]
+    if _outside(arr, x, y, z, mode):
+        val[p] = np.nan
+        grad[p, 0] = np.nan
+        grad[p, 1] = np.nan
+        grad[p, 2] = np.nan
+        return
+    v, a, b, c = _tricubic_point(arr, x, y, z, shift[0], shift[1], shift[2], mode)
+    val[p] = v
+    grad[p, 0] = a
+    grad[p, 1] = b
+    grad[p, 2] = c
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _tricubic_parallel(arr, g, shift, mode, val, grad):
     for p in prange(g.shape[0]):
-        x, y, z = g[p, 0], g[p, 1], g[p, 2]
-        if _outside(arr, x, y, z, mode):
-            val[p] = np.nan
-            grad[p, 0] = np.nan
-            grad[p, 1] = np.nan
-            grad[p, 2] = np.nan
-            continue
-        v, a, b, c = _tricubic_point(arr, x, y, z, shift[0], shift[1], shift[2], mode)
-        val[p] = v
-        grad[p, 0] = a
-        grad[p, 1] = b
-        grad[p, 2] = c
+        _store_point(arr, g, shift, mode, val, grad, p)
 
 
 @njit(cache=True, nogil=True)
 def _tricubic_serial(arr, g, shift, mode, val, grad):
     """Same arithmetic as _tricubic_parallel, one thread (for tasks that already run in parallel)."""
     for p in range(g.shape[0]):
-        x, y, z = g[p, 0], g[p, 1], g[p, 2]
-        if _outside(arr, x, y, z, mode):
-            val[p] = np.nan
-            grad[p, 0] = np.nan
-            grad[p, 1] = np.nan
-            grad[p, 2] = np.nan
-            continue
-        v, a, b, c = _tricubic_point(arr, x, y, z, shift[0], shift[1], shift[2], mode)
-        val[p] = v
-        grad[p, 0] = a
-        grad[p, 1] = b
-        grad[p, 2] = c
+        _store_point(arr, g, shift, mode, val, grad, p)
 
 
 @njit(cache=True, nogil=True, parallel=True)
