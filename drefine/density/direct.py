@@ -71,6 +71,27 @@ def scatterers_of_model(model: Model, atoms: np.ndarray | None = None, source: s
         frac_matrix=F, orth_matrix=O, rot=rot, trans=trans)
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _s2(fmat, h0, h1, h2):
+    """|s|² (Å⁻²) of reflection h: s = Fᵀh."""
+    s0 = fmat[0, 0] * h0 + fmat[1, 0] * h1 + fmat[2, 0] * h2
+    s1 = fmat[0, 1] * h0 + fmat[1, 1] * h1 + fmat[2, 1] * h2
+    s2 = fmat[0, 2] * h0 + fmat[1, 2] * h1 + fmat[2, 2] * h2
+    return s0 * s0 + s1 * s1 + s2 * s2
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _operator_terms(rot, trans, fmat, k, h0, h1, h2):
+    """h' = Rᵀh, its Cartesian vector s' = Fᵀh', and the phase shift h·t of operator k."""
+    p0 = rot[k, 0, 0] * h0 + rot[k, 1, 0] * h1 + rot[k, 2, 0] * h2
+    p1 = rot[k, 0, 1] * h0 + rot[k, 1, 1] * h1 + rot[k, 2, 1] * h2
+    p2 = rot[k, 0, 2] * h0 + rot[k, 1, 2] * h1 + rot[k, 2, 2] * h2
+    q0 = fmat[0, 0] * p0 + fmat[1, 0] * p1 + fmat[2, 0] * p2
+    q1 = fmat[0, 1] * p0 + fmat[1, 1] * p1 + fmat[2, 1] * p2
+    q2 = fmat[0, 2] * p0 + fmat[1, 2] * p1 + fmat[2, 2] * p2
+    return p0, p1, p2, q0, q1, q2, h0 * trans[k, 0] + h1 * trans[k, 1] + h2 * trans[k, 2]
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _sf_kernel(hkl, frac, occ, u, type_idx, ga, gb, rot, trans, fmat):
     n = hkl.shape[0]
@@ -79,10 +100,7 @@ def _sf_kernel(hkl, frac, occ, u, type_idx, ga, gb, rot, trans, fmat):
     two_pi = 2.0 * math.pi
     for r in prange(n):
         h0, h1, h2 = hkl[r, 0], hkl[r, 1], hkl[r, 2]
-        s0 = fmat[0, 0] * h0 + fmat[1, 0] * h1 + fmat[2, 0] * h2
-        s1 = fmat[0, 1] * h0 + fmat[1, 1] * h1 + fmat[2, 1] * h2
-        s2 = fmat[0, 2] * h0 + fmat[1, 2] * h1 + fmat[2, 2] * h2
-        ss = s0 * s0 + s1 * s1 + s2 * s2
+        ss = _s2(fmat, h0, h1, h2)
         f_type = np.zeros(n_types)
         for t in range(n_types):
             acc = 0.0
@@ -92,14 +110,7 @@ def _sf_kernel(hkl, frac, occ, u, type_idx, ga, gb, rot, trans, fmat):
         re = 0.0
         im = 0.0
         for k in range(rot.shape[0]):
-            # h' = Rᵀ h and its Cartesian vector s' = Fᵀ h'
-            p0 = rot[k, 0, 0] * h0 + rot[k, 1, 0] * h1 + rot[k, 2, 0] * h2
-            p1 = rot[k, 0, 1] * h0 + rot[k, 1, 1] * h1 + rot[k, 2, 1] * h2
-            p2 = rot[k, 0, 2] * h0 + rot[k, 1, 2] * h1 + rot[k, 2, 2] * h2
-            q0 = fmat[0, 0] * p0 + fmat[1, 0] * p1 + fmat[2, 0] * p2
-            q1 = fmat[0, 1] * p0 + fmat[1, 1] * p1 + fmat[2, 1] * p2
-            q2 = fmat[0, 2] * p0 + fmat[1, 2] * p1 + fmat[2, 2] * p2
-            shift = h0 * trans[k, 0] + h1 * trans[k, 1] + h2 * trans[k, 2]
+            p0, p1, p2, q0, q1, q2, shift = _operator_terms(rot, trans, fmat, k, h0, h1, h2)
             for a in range(frac.shape[0]):
                 quad = (u[a, 0] * q0 * q0 + u[a, 1] * q1 * q1 + u[a, 2] * q2 * q2
                         + 2.0 * (u[a, 3] * q0 * q1 + u[a, 4] * q0 * q2 + u[a, 5] * q1 * q2))
@@ -127,23 +138,14 @@ def _sf_gradient_kernel(hkl, dt, frac, occ, u, type_idx, ga, gb, rot, trans, fma
         if dre == 0.0 and dim == 0.0:
             continue
         h0, h1, h2 = hkl[r, 0], hkl[r, 1], hkl[r, 2]
-        s0 = fmat[0, 0] * h0 + fmat[1, 0] * h1 + fmat[2, 0] * h2
-        s1 = fmat[0, 1] * h0 + fmat[1, 1] * h1 + fmat[2, 1] * h2
-        s2 = fmat[0, 2] * h0 + fmat[1, 2] * h1 + fmat[2, 2] * h2
-        ss = s0 * s0 + s1 * s1 + s2 * s2
+        ss = _s2(fmat, h0, h1, h2)
         for t in range(n_types):
             acc = 0.0
             for g in range(ga.shape[1]):
                 acc += ga[t, g] * math.exp(-gb[t, g] * ss * 0.25)
             f_type[t] = acc
         for k in range(rot.shape[0]):
-            p0 = rot[k, 0, 0] * h0 + rot[k, 1, 0] * h1 + rot[k, 2, 0] * h2
-            p1 = rot[k, 0, 1] * h0 + rot[k, 1, 1] * h1 + rot[k, 2, 1] * h2
-            p2 = rot[k, 0, 2] * h0 + rot[k, 1, 2] * h1 + rot[k, 2, 2] * h2
-            q0 = fmat[0, 0] * p0 + fmat[1, 0] * p1 + fmat[2, 0] * p2
-            q1 = fmat[0, 1] * p0 + fmat[1, 1] * p1 + fmat[2, 1] * p2
-            q2 = fmat[0, 2] * p0 + fmat[1, 2] * p1 + fmat[2, 2] * p2
-            shift = h0 * trans[k, 0] + h1 * trans[k, 1] + h2 * trans[k, 2]
+            p0, p1, p2, q0, q1, q2, shift = _operator_terms(rot, trans, fmat, k, h0, h1, h2)
             for a in range(m):
                 quad = (u[a, 0] * q0 * q0 + u[a, 1] * q1 * q1 + u[a, 2] * q2 * q2
                         + 2.0 * (u[a, 3] * q0 * q1 + u[a, 4] * q0 * q2 + u[a, 5] * q1 * q2))
