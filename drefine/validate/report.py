@@ -77,7 +77,8 @@ def format_text(result: dict, title: str = "") -> str:
     hnote = "" if geo["clashscore_with_hydrogens"] else " (no hydrogens in the model: underestimates)"
     lines.append(f"clashscore {f['clashscore']:.2f}  clashes {geo['n_clashes']}{hnote}")
     if rama["computed"]:
-        lines.append(f"Ramachandran favoured {rama['favored_percent']:.2f}%  outliers {rama['outliers_percent']:.2f}%"
+        lines.append(f"Ramachandran favoured {_fmt(rama['favored_percent'], '.2f')}%  "
+                     f"outliers {_fmt(rama['outliers_percent'], '.2f')}%"
                      f" ({rama['n_outlier']} of {rama['n_residues']})")
     else:
         lines.append(f"Ramachandran not computed: {rama['reason']}")
