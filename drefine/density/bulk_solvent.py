@@ -119,8 +119,11 @@ def _loglinear_scale(fo, fm, s2, w):
 def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_mask: np.ndarray,
                      cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None, work: np.ndarray,
                      free: np.ndarray | None = None, bins: np.ndarray | None = None,
-                     with_solvent: bool = True) -> BulkSolventScale:
-    """Fit k_overall, B_aniso (symmetry-constrained), k_sol, B_sol to |F_obs| on the work set."""
+                     with_solvent: bool = True, start: BulkSolventScale | None = None) -> BulkSolventScale:
+    """Fit k_overall, B_aniso (symmetry-constrained), k_sol, B_sol to |F_obs| on the work set.
+
+    `start`: a previous fit (refinement's earlier cycle) to start the least squares from,
+    skipping the grid search over (k_sol, B_sol)."""
     F = np.array(cell.frac.mat.tolist())
     s_vec = np.asarray(hkl, dtype=np.float64) @ F
     s2 = (s_vec ** 2).sum(1)
@@ -132,8 +135,11 @@ def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_m
         return float(np.abs(fo[sel] - np.abs(fmod[sel])).sum() / fo[sel].sum())
 
     best = (np.inf, 0.0, 0.0, 1.0, 0.0)
-    for ks in (K_SOL_GRID if with_solvent else [0.0]):
-        for bs in (B_SOL_GRID if with_solvent else [0.0]):
+    grid_k, grid_b = (K_SOL_GRID, B_SOL_GRID) if with_solvent else ([0.0], [0.0])
+    if start is not None:
+        grid_k, grid_b = [start.k_sol if with_solvent else 0.0], [start.b_sol if with_solvent else 0.0]
+    for ks in grid_k:
+        for bs in grid_b:
             fm = f_calc + ks * np.exp(-bs * s2 / 4.0) * f_mask
             k, b = _loglinear_scale(fo, np.abs(fm), s2, work)
             r = r_of(k * np.exp(-b * s2 / 4.0) * fm, work)
@@ -141,8 +147,10 @@ def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_m
                 best = (r, ks, bs, k, b)
     _, ks0, bs0, k0, b0 = best
     # B_iso as the starting anisotropic tensor, in the symmetry basis
-    coef0, *_ = np.linalg.lstsq(basis.reshape(len(basis), 9).T, (b0 * np.eye(3)).ravel(), rcond=None)
-    x0 = np.concatenate([[np.log(k0)], coef0, [ks0, bs0] if with_solvent else []])
+    b_start = start.b_aniso if start is not None else b0 * np.eye(3)
+    coef0, *_ = np.linalg.lstsq(basis.reshape(len(basis), 9).T, b_start.ravel(), rcond=None)
+    k_start = start.k_overall if start is not None else k0
+    x0 = np.concatenate([[np.log(k_start)], coef0, [ks0, bs0] if with_solvent else []])
     sqrt_w = np.ones(int(work.sum()))
 
     def unpack(x):
