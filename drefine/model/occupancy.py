@@ -1,0 +1,118 @@
+"""Occupancy groups of alternate conformers, constrained to sum to one (or at most one).
+
+Every residue with alternate locations is one group; each conformer (altloc) of it is one
+refinable occupancy shared by all its atoms. When the conformers' occupancies in the input add
+up to 1 (±0.02), they are refined with Σ q = 1 (the last one is 1 − Σ of the others); otherwise
+(a partly occupied ligand, say) with Σ q ≤ 1. Atoms without an altloc keep their occupancy.
+
+Parameters of the refinement are the free q's; `expand` turns them into per-atom occupancies
+and `chain_rule` turns ∂T/∂occupancy per atom into ∂T/∂q.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .arrays import Model
+
+Q_MIN = 0.01
+
+
+@dataclass
+class OccupancyGroups:
+    """Conformer occupancy groups of one model."""
+
+    atom: np.ndarray  # atoms with a refinable occupancy (indices into Model.atoms)
+    conformer_of_atom: np.ndarray  # for each of `atom`: global conformer number
+    group_of_conformer: np.ndarray  # (n_conformers,) group of each conformer
+    sum_to_one: np.ndarray  # (n_groups,) bool
+    labels: list[str]
+
+    @property
+    def n_conformers(self) -> int:
+        return len(self.group_of_conformer)
+
+    @property
+    def n_groups(self) -> int:
+        return len(self.sum_to_one)
+
+    def is_dependent(self) -> np.ndarray:
+        """Per conformer: True for the last conformer of a sum-to-one group (not a free parameter)."""
+        dep = np.zeros(self.n_conformers, dtype=bool)
+        for g in np.flatnonzero(self.sum_to_one):
+            dep[np.flatnonzero(self.group_of_conformer == g)[-1]] = True
+        return dep
+
+    def conformer_values(self, occupancy: np.ndarray) -> np.ndarray:
+        """Mean input occupancy of each conformer."""
+        s = np.bincount(self.conformer_of_atom, weights=occupancy[self.atom], minlength=self.n_conformers)
+        n = np.bincount(self.conformer_of_atom, minlength=self.n_conformers)
+        return s / np.maximum(n, 1)
+
+    def free_parameters(self, occupancy: np.ndarray) -> np.ndarray:
+        q = self.conformer_values(occupancy)
+        return np.clip(q[~self.is_dependent()], Q_MIN, 1.0)
+
+    def conformers_from_free(self, free: np.ndarray) -> np.ndarray:
+        dep = self.is_dependent()
+        q = np.zeros(self.n_conformers)
+        q[~dep] = free
+        for c in np.flatnonzero(dep):
+            g = self.group_of_conformer[c]
+            others = (self.group_of_conformer == g) & ~dep
+            q[c] = 1.0 - q[others].sum()
+        return q
+
+    def expand(self, free: np.ndarray, occupancy: np.ndarray) -> np.ndarray:
+        """Per-atom occupancies with the group values put in."""
+        occ = occupancy.copy()
+        occ[self.atom] = self.conformers_from_free(free)[self.conformer_of_atom]
+        return occ
+
+    def chain_rule(self, d_occ: np.ndarray) -> np.ndarray:
+        """∂T/∂(free q) from ∂T/∂occupancy per atom (of Model.atoms)."""
+        per_conf = np.bincount(self.conformer_of_atom, weights=d_occ[self.atom], minlength=self.n_conformers)
+        dep = self.is_dependent()
+        out = per_conf.copy()
+        for c in np.flatnonzero(dep):
+            g = self.group_of_conformer[c]
+            others = (self.group_of_conformer == g) & ~dep
+            out[others] -= per_conf[c]
+        return out[~dep]
+
+    def project(self, free: np.ndarray) -> np.ndarray:
+        """Nearest admissible values: every q ≥ Q_MIN and each group's sum ≤ 1 (sum-to-one groups:
+        the dependent conformer ≥ Q_MIN as well)."""
+        free = np.clip(free, Q_MIN, 1.0)
+        dep = self.is_dependent()
+        q = np.zeros(self.n_conformers)
+        q[~dep] = free
+        for g in range(self.n_groups):
+            members = np.flatnonzero((self.group_of_conformer == g) & ~dep)
+            limit = 1.0 - (Q_MIN if self.sum_to_one[g] else 0.0)
+            s = q[members].sum()
+            if s > limit:
+                q[members] *= limit / s
+        return q[~dep]
+
+
+def occupancy_groups(model: Model, atoms: np.ndarray | None = None) -> OccupancyGroups:
+    """Groups of the residues of `atoms` (default model 0) that have alternate conformers."""
+    a = model.atoms
+    idx = model.model_atoms(0) if atoms is None else np.asarray(atoms)
+    has_alt = idx[a.altloc[idx] != ""]
+    if not len(has_alt):
+        return OccupancyGroups(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.int64),
+                               np.zeros(0, bool), [])
+    res = a.residue_index[has_alt]
+    keys = np.char.add(res.astype(str), np.char.add(":", a.altloc[has_alt].astype(str)))
+    conf_keys, conf_of_atom = np.unique(keys, return_inverse=True)
+    conf_res = np.array([int(k.split(":")[0]) for k in conf_keys])
+    group_res, group_of_conf = np.unique(conf_res, return_inverse=True)
+    tmp = OccupancyGroups(has_alt, conf_of_atom, group_of_conf, np.zeros(len(group_res), bool), [])
+    q = tmp.conformer_values(a.occupancy)
+    sums = np.bincount(group_of_conf, weights=q, minlength=len(group_res))
+    tmp.sum_to_one = np.abs(sums - 1.0) <= 0.02
+    tmp.labels = [model.residues.label(int(r)) for r in group_res]
+    return tmp
