@@ -18,6 +18,7 @@ subcommands available now:
   shake      perturb coordinates by a given RMS shift (seeded), e.g. to make refinement tests
   fmodel     synthetic data from a model: structure factors (MTZ) and/or a model map (CCP4/MRC)
   rsr        real-space refinement against a map (cryo-EM or crystallographic), weight found automatically
+  xray       reciprocal-space refinement against X-ray data (ML or LS), with 2mFo-DFc / mFo-DFc maps
 """
 
 
@@ -149,6 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Top500 tables for Ramachandran restraints and validation (as in validate)")
     r.add_argument("--no-rama-restraints", action="store_true",
                    help="do not restrain φ/ψ to the Top500 distributions (on by default when tables are found)")
+    x = sub.add_parser("xray", help="reciprocal-space refinement against X-ray (or electron/neutron) data",
+                       description="Refine coordinates, B factors (isotropic or anisotropic) and the occupancies of "
+                                   "alternate conformers against amplitudes or intensities (French-Wilson): bulk "
+                                   "solvent and scale re-fitted every cycle, maximum-likelihood (default) or "
+                                   "least-squares target plus geometry and ADP restraints, automatic weight. Writes "
+                                   "PREFIX.cif (and .pdb when it fits), PREFIX.mtz (FWT/PHWT 2mFo-DFc, DELFWT/PHDELWT "
+                                   "mFo-DFc, FC/PHIC, FOM, the data and free flags), PREFIX_2mFo-DFc.ccp4, "
+                                   "PREFIX_mFo-DFc.ccp4, PREFIX.json and PREFIX.log.")
+    x.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
+    x.add_argument("data", metavar="DATA", help="MTZ or mmCIF structure factors (optionally .gz)")
+    _common(x, "output prefix (default: MODEL name + '_xray' in the current directory)")
+    x.add_argument("--target", choices=("ml", "ls"), default="ml",
+                   help="maximum likelihood with σA (default) or least squares")
+    x.add_argument("--ls-weighting", choices=("sigma", "unit"), default="sigma",
+                   help="least-squares weights: 1/σ² (default) or 1")
+    x.add_argument("--resolution", type=_positive_float, metavar="Å", help="high-resolution limit (default: all data)")
+    x.add_argument("--labin", metavar="LABELS", help="columns, e.g. FP,SIGFP,FREE or I,SIGI or F=FP,SIGF=SIGFP")
+    x.add_argument("--free-value", type=int, metavar="N", help="flag value of the test set (default: guessed)")
+    x.add_argument("--free-fraction", type=_positive_float, default=0.05,
+                   help="test-set fraction when the data have no free flags (default 0.05)")
+    x.add_argument("--seed", type=int, default=0, help="seed of a new free set (default 0)")
+    x.add_argument("--cycles", type=int, default=10, help="macro-cycles (default 10)")
+    x.add_argument("--iterations", type=int, default=5, help="L-BFGS iterations per macro-cycle (default 5)")
+    x.add_argument("--weight", type=_positive_float, metavar="W",
+                   help="fix the data weight (default: automatic, see README)")
+    x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
+                   help="B-factor refinement: auto (anisotropic when ≥ 4 reflections per parameter), iso, "
+                        "aniso or fixed")
+    x.add_argument("--no-occupancies", action="store_true",
+                   help="keep occupancies (default: refine alternate conformers, summing to one)")
+    x.add_argument("--no-bulk-solvent", action="store_true", help="no flat bulk-solvent model")
+    x.add_argument("--esd", choices=("auto", "full", "diagonal", "none"), default="auto",
+                   help="standard uncertainties: full normal matrix (auto: up to 1,500 parameters), "
+                        "a diagonal approximation, or none")
+    x.add_argument("--scattering", choices=("xray", "electron", "neutron"), default="xray",
+                   help="form factors (default xray)")
+    x.add_argument("--rama-data", metavar="DIR", help="Top500 tables for validation (as in validate)")
     return parser
 
 
@@ -442,7 +480,115 @@ def cmd_rsr(args) -> int:
     return 0
 
 
-COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel, "rsr": cmd_rsr}
+def cmd_xray(args) -> int:
+    from .io.atomic import atomic_write, write_json
+    from .io.maps import write_coefficient_map
+    from .io.models import read_model, write_model_outputs
+    from .io.reflections import check_cell_compatible, read_reflections
+    from .refine.uncertainty import standard_uncertainties
+    from .refine.xray import XrayOptions, map_coefficients, refine_xray
+    from .restraints.topology import build_restraints
+    from .validate.report import Stopwatch, format_text, new_report, validate_structure
+
+    clock = Stopwatch()
+    lines: list[str] = []
+
+    def log(msg: str):
+        lines.append(msg)
+        print(msg, flush=True)
+
+    if args.cycles < 1 or args.iterations < 1:
+        raise DrefineError("--cycles and --iterations must be at least 1")
+    model = read_model(args.model)
+    idx0 = model.model_atoms(0)
+    if len(idx0) == 0:
+        raise DrefineError(f"{args.model}: the model has no atoms")
+    if not model.has_crystal_cell:
+        raise DrefineError(f"{args.model}: the model has no crystal cell (CRYST1 / _cell), needed for X-ray data")
+    table = read_reflections(args.data, labin=args.labin, free_test_value=args.free_value,
+                             seed=args.seed, free_fraction=args.free_fraction)
+    if args.resolution is not None:
+        if args.resolution < table.d_min - 1e-3:
+            raise DrefineError(f"--resolution {args.resolution} Å is beyond the data, which end at {table.d_min:.2f} Å")
+        table = table.select(table.d >= args.resolution).with_bins()
+    check_cell_compatible(table, model.cell)
+    if model.n_models > 1:
+        log(f"note: {args.model} has {model.n_models} models; only the first is refined")
+    for note in table.notes:
+        log(f"data: {note}")
+    new_free = any(n.startswith("free set made") or "no free" in n.lower() for n in table.notes)
+    ls_weighting = args.ls_weighting
+    if args.target == "ls" and ls_weighting == "sigma" and not np.any(np.nan_to_num(table.sigma_f) > 0):
+        ls_weighting = "unit"
+        log("data: every σ is zero or missing: least squares with unit weights instead of 1/σ²")
+    if args.target == "ml" and not np.any(np.nan_to_num(table.sigma_f) > 0):
+        log("data: every σ is zero or missing: the likelihood has no measurement-error term")
+    prefix = args.output or (Path(args.model).name.split(".")[0] + "_xray")
+    restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    opt = XrayOptions(target=args.target, cycles=args.cycles, weight=args.weight, adp=args.adp,
+                      occupancies=not args.no_occupancies, bulk_solvent=not args.no_bulk_solvent,
+                      ls_weighting=ls_weighting, iterations=args.iterations, source=args.scattering)
+    log(f"drefine xray {args.model} against {args.data}: {len(idx0)} atoms, {len(table)} reflections "
+        f"({table.d_max:.2f}-{table.d_min:.2f} Å, {int(table.test.sum())} free), {table.spacegroup.hm}")
+    result = refine_xray(model, table, restraints, opt, log=log)
+    refined = model.copy()
+    a = refined.atoms
+    a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,
+                                                         result.has_aniso, result.occupancy)
+    esd = standard_uncertainties(refined, table, result, mode=args.esd, log=log)
+    coeffs = map_coefficients(table, result.f_model, result.ml)
+    start_val = validate_structure(model, restraints, rama_dir=args.rama_data)
+    end_val = validate_structure(refined, restraints, rama_dir=args.rama_data)
+    paths = write_model_outputs(refined, prefix, esd=esd.xyz if esd is not None else None)
+    mtz_path = f"{prefix}.mtz"
+    extra = {"FC": ("F", coeffs["FC"]), "PHIC": ("P", coeffs["PHIC"]), "FWT": ("F", coeffs["FWT"]),
+             "PHWT": ("P", coeffs["PHWT"]), "DELFWT": ("F", coeffs["DELFWT"]), "PHDELWT": ("P", coeffs["PHDELWT"]),
+             "FOM": ("W", coeffs["FOM"])}
+    table_out = table.select(np.arange(len(table)))
+    table_out.fom = None
+    table_out.phases_deg = None
+    table_out.to_mtz(mtz_path, extra=extra)
+    maps = {}
+    for name, f, phi in (("2mFo-DFc", "FWT", "PHWT"), ("mFo-DFc", "DELFWT", "PHDELWT")):
+        maps[name] = str(write_coefficient_map(f"{prefix}_{name}.ccp4", table.cell, table.spacegroup, table.hkl,
+                                               coeffs[f], coeffs[phi]))
+    first, _last = result.cycles[0], result.cycles[-1]
+    report = new_report("xray", {"model": str(args.model), "data": str(args.data), "target": args.target,
+                                 "columns": table.columns_used, "d_min": table.d_min, "d_max": table.d_max})
+    report["start"] = {**start_val["final"], "r_work": first.r_work, "r_free": first.r_free}
+    report["final"] = {**end_val["final"], "r_work": result.scale.r_work, "r_free": result.scale.r_free,
+                       "r_free_minus_r_work": result.scale.r_free - result.scale.r_work, "weight": result.weight,
+                       "adp": result.adp, "k_sol": result.scale.k_sol, "b_sol": result.scale.b_sol,
+                       "mean_b": float(result.b_iso[idx0].mean())}
+    report["cycles"] = [c.as_dict() for c in result.cycles]
+    report["details"] = {**end_val["details"], "scale": result.scale.as_dict(), "sigmaa": result.ml.per_bin,
+                         "notes": result.notes + table.notes, "free_set_made": new_free,
+                         "occupancy_groups": _occupancy_report(result),
+                         "uncertainties": esd.as_dict() if esd is not None else None}
+    report["outputs"] = {"model": [str(p) for p in paths], "mtz": mtz_path, "maps": maps, "log": f"{prefix}.log",
+                         "json": args.json or f"{prefix}.json"}
+    report["timing"] = {"wall_s": clock.seconds(), **{k: round(v, 3) for k, v in result.timing.items()}}
+    log(f"R-work {first.r_work:.4f} -> {result.scale.r_work:.4f}  R-free {first.r_free:.4f} -> {result.scale.r_free:.4f}"
+        f"  bonds {start_val['final']['bonds_rmsd']:.4f} -> {end_val['final']['bonds_rmsd']:.4f} Å  angles "
+        f"{start_val['final']['angles_rmsd']:.2f} -> {end_val['final']['angles_rmsd']:.2f}°")
+    log(format_text(end_val, "final model"))
+    log(f"wrote {', '.join(str(p) for p in paths)}, {mtz_path}, {', '.join(maps.values())} in "
+        f"{report['timing']['wall_s']:.1f} s")
+    write_json(report["outputs"]["json"], report)
+    atomic_write(f"{prefix}.log", "\n".join(lines) + "\n")
+    return 0
+
+
+def _occupancy_report(result) -> list[dict]:
+    g = result.occupancy_groups
+    if g is None or not g.n_conformers:
+        return []
+    q = g.conformer_values(result.occupancy)
+    return [{"residue": g.labels[k], "sum_to_one": bool(g.sum_to_one[k]),
+             "occupancies": [round(float(v), 3) for v in q[g.group_of_conformer == k]]} for k in range(g.n_groups)]
+
+
+COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel, "rsr": cmd_rsr, "xray": cmd_xray}
 
 
 def main(argv=None) -> int:

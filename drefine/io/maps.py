@@ -32,7 +32,7 @@ import numpy as np
 from numba import njit
 
 from ..errors import InputError
-from .atomic import atomic_dir, atomic_file
+from .atomic import atomic_dir, atomic_file, atomic_path
 
 #: CCP4/MRC modes drefine reads: mode → numpy dtype (byte order added per file).
 MRC_MODES = {0: "i1", 1: "i2", 2: "f4", 6: "u2", 12: "f2"}
@@ -662,3 +662,30 @@ def correlation(a, b, mask=None) -> float:
     y = y.ravel() - y.mean()
     den = math.sqrt(float(x @ x) * float(y @ y))
     return float(x @ y) / den if den > 0 else float("nan")
+
+
+def write_coefficient_map(path: str | os.PathLike, cell: gemmi.UnitCell, spacegroup: gemmi.SpaceGroup,
+                          hkl: np.ndarray, amplitude: np.ndarray, phase_deg: np.ndarray,
+                          sample_rate: float = 3.0, normalise: bool = True) -> Path:
+    """The unit-cell map of Fourier coefficients (amplitude, phase in degrees), as CCP4, atomically.
+
+    gemmi expands the coefficients by symmetry and transforms them (spacing about d_min/3 with
+    `sample_rate` 3, what Coot uses); with `normalise` the map is in units of its own RMS (σ)."""
+    mtz = gemmi.Mtz(with_base=True)
+    mtz.spacegroup = spacegroup
+    mtz.set_cell_for_all(cell)
+    mtz.add_dataset("drefine")
+    mtz.add_column("F", "F")
+    mtz.add_column("PHI", "P")
+    ok = np.isfinite(amplitude) & np.isfinite(phase_deg)
+    mtz.set_data(np.ascontiguousarray(np.column_stack([hkl[ok], amplitude[ok], phase_deg[ok]]), dtype=np.float32))
+    grid = mtz.transform_f_phi_to_map("F", "PHI", sample_rate=sample_rate)
+    if normalise:
+        grid.normalize()
+    ccp4 = gemmi.Ccp4Map()
+    ccp4.grid = grid
+    ccp4.update_ccp4_header(2, True)
+    p = Path(path)
+    with atomic_path(p) as tmp:
+        ccp4.write_ccp4_map(tmp)
+    return p

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 import gemmi
+import numpy as np
 
 from ..errors import InputError
 from ..model.arrays import Model, arrays_from_structure
@@ -84,10 +85,13 @@ def pdb_fits(model: Model) -> tuple[bool, str]:
     return True, ""
 
 
-def write_model(model: Model, path: str | os.PathLike, fmt: str | None = None) -> Path:
+def write_model(model: Model, path: str | os.PathLike, fmt: str | None = None,
+                esd: np.ndarray | None = None) -> Path:
     """Write the model (arrays taken over into the structure) as mmCIF or PDB, atomically.
 
     The format is `fmt` ('cif' or 'pdb') or follows the file suffix (mmCIF unless .pdb/.ent).
+    `esd`: per-atom standard uncertainties of x, y, z (Å; N×3, NaN for none), written to mmCIF
+    as _atom_site.Cartn_x_esd etc. (PDB has no place for them).
     """
     p = Path(path)
     if fmt is None:
@@ -101,15 +105,31 @@ def write_model(model: Model, path: str | os.PathLike, fmt: str | None = None) -
     else:
         st.setup_entities()
         doc = st.make_mmcif_document()
+        if esd is not None:
+            _add_coordinate_esds(doc.sole_block(), esd)
         text = doc.as_string()
     atomic_write(p, text)
     return p
 
 
-def write_model_outputs(model: Model, prefix: str | os.PathLike) -> list[Path]:
+def _add_coordinate_esds(block: gemmi.cif.Block, esd: np.ndarray) -> None:
+    """_atom_site.Cartn_{x,y,z}_esd columns; rows are in the order of the model's atom arrays."""
+    loop = block.find_loop("_atom_site.id").get_loop()
+    if loop.length() != len(esd):
+        raise RuntimeError(f"atom_site has {loop.length()} rows, esds {len(esd)}")
+    tags = [f"_atom_site.Cartn_{c}_esd" for c in "xyz"]
+    loop.add_columns(tags, "?")
+    for k, tag in enumerate(tags):
+        col = block.find_values(tag)
+        for i, v in enumerate(esd[:, k].tolist()):
+            if np.isfinite(v):
+                col[i] = f"{v:.4f}"
+
+
+def write_model_outputs(model: Model, prefix: str | os.PathLike, esd: np.ndarray | None = None) -> list[Path]:
     """Write PREFIX.cif and, when the model fits the format, PREFIX.pdb; return the paths written."""
     prefix = str(prefix)
-    out = [write_model(model, prefix + ".cif", "cif")]
+    out = [write_model(model, prefix + ".cif", "cif", esd=esd)]
     if pdb_fits(model)[0]:
         out.append(write_model(model, prefix + ".pdb", "pdb"))
     return out

@@ -176,13 +176,14 @@ class ReflectionTable:
             "columns": dict(self.columns_used), "n_bins": self.n_bins, "notes": list(self.notes),
         }
 
-    def to_mtz(self, path: str | os.PathLike) -> Path:
+    def to_mtz(self, path: str | os.PathLike, extra: dict[str, tuple[str, np.ndarray]] | None = None) -> Path:
         """Write the table as MTZ, atomically (temporary file in the same folder, then os.replace).
 
         Columns: H K L, FreeR_flag (CCP4 convention: 0 = test set; work reflections are spread
         over 1..N-1, N ≈ 1/test fraction, by a hash of hkl), F, SIGF, then I SIGI, PHI, FOM
-        when the table has them. Missing values are written as MTZ missing (NaN). Appends a
-        note "written to PATH" to `notes`.
+        when the table has them, then `extra` columns ({label: (MTZ type, values)}, e.g. map
+        coefficients). Missing values are written as MTZ missing (NaN). Appends a note
+        "written to PATH" to `notes`.
         """
         p = Path(path)
         p.parent.mkdir(parents=True, exist_ok=True)
@@ -203,6 +204,9 @@ class ReflectionTable:
             if arr is not None:
                 mtz.add_column(label, typ)
                 cols.append(arr)
+        for label, (typ, arr) in (extra or {}).items():
+            mtz.add_column(label, typ)
+            cols.append(arr)
         mtz.set_data(np.ascontiguousarray(np.column_stack(cols), dtype=np.float32))
         mtz.history = ["From drefine: " + n for n in self.notes][:30] or ["From drefine"]
         with atomic_path(p) as tmp:

@@ -1,0 +1,493 @@
+"""Reciprocal-space refinement: coordinates, B (or U) and conformer occupancies against |F_obs|.
+
+One macro-cycle:
+  1. F_calc of the current model (one P 1 FFT of the model's atoms, symmetry in reciprocal
+     space: `density.crystal_fft`), the bulk-solvent mask and its transform, and the fit of
+     k_overall, B_aniso, k_sol, B_sol to the work set (`density.bulk_solvent`); R-work and
+     R-free of this model are recorded here.
+  2. For the ML target, σA parameters D and S per resolution bin (from the test set when it
+     has ≥ 30 reflections per bin, else the work set: `targets.xray_targets`).
+  3. L-BFGS-B (scipy) on all refined parameters together, scale and solvent held fixed:
+       T = w · T_data + T_geometry(xyz) + (w / w_n) · T_ADP(B or U),
+     with B (U) and occupancies rescaled so their curvatures are comparable with the
+     coordinates' (a diagonal preconditioner: see `ParameterLayout`), bounds on B ≥ 1 Å²
+     and on occupancies (Σ over a residue's conformers = 1, or ≤ 1).
+  4. Geometry statistics; the automatic weight is adjusted (below).
+
+Automatic data/restraint weight: w₀ = ½ |∇T_geometry| / |∇T_data| over the coordinates of the
+start (the gradient-norm ratio of phenix/cctbx), then after every cycle w ← w · clip(b*/b, ⅓, 3)
+when the bond RMSD b leaves [0.006, 0.012] Å (b* = 0.010 Å), and w ← w · 1.1°/a when the angle
+RMSD a exceeds 1.3°: restrained deviations grow about linearly with the weight. If the last
+cycle still ends beyond 0.015 Å or 1.5°, one more cycle runs at half the weight. `--weight W`
+fixes w. The test set never enters T (R-free stays honest).
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.optimize import minimize
+
+from ..density.bulk_solvent import (
+    BulkSolventScale,
+    fit_bulk_solvent,
+    mask_grid_shape,
+    mask_structure_factors,
+    solvent_mask,
+)
+from ..density.crystal_fft import CrystalStructureFactors
+from ..density.direct import scatterers_of_model
+from ..density.form_factors import u_cart_of_atoms
+from ..density.model_map import REFINEMENT_ACCURACY
+from ..errors import DrefineError
+from ..io.reflections import ReflectionTable
+from ..model.arrays import Model
+from ..model.occupancy import OccupancyGroups, occupancy_groups
+from ..restraints.adp import ADPPairs, adp_pairs, b_similarity_term, u_similarity_term
+from ..restraints.target import GeometryTarget
+from ..restraints.topology import Restraints
+from ..targets.xray_targets import (
+    LeastSquaresTarget,
+    MaximumLikelihoodTarget,
+    MLParameters,
+    estimate_ml_parameters,
+)
+from .realspace import geometry_rmsd
+
+B_MIN, B_MAX = 1.0, 500.0  # Å²
+BOND_BAND = (0.007, 0.013)  # Å
+BOND_AIM = 0.010  # Å
+ANGLE_MAX = 1.4  # °
+FINAL_LIMITS = (0.015, 1.5)  # Å, °
+ANISO_REFLECTIONS_PER_PARAMETER = 4.0
+
+
+@dataclass
+class XrayOptions:
+    """Settings of `refine_xray` (units: Å, Å²)."""
+
+    target: str = "ml"  # "ml" or "ls"
+    cycles: int = 10
+    weight: float | None = None  # None: automatic
+    adp: str = "auto"  # "iso", "aniso", "fixed" or "auto" (aniso when the data support it)
+    occupancies: bool = True
+    bulk_solvent: bool = True
+    ls_weighting: str = "sigma"  # least squares: "sigma" (1/σ²) or "unit"
+    iterations: int = 12  # L-BFGS iterations per macro-cycle
+    source: str = "xray"
+    threads: int = 2
+
+
+@dataclass
+class XrayCycle:
+    cycle: int
+    r_work: float
+    r_free: float
+    target: float
+    weight: float
+    bonds_rmsd: float
+    angles_rmsd: float
+    k_sol: float
+    b_sol: float
+    b_mean: float
+    evaluations: int
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class XrayResult:
+    xyz: np.ndarray
+    b_iso: np.ndarray
+    u_aniso: np.ndarray
+    has_aniso: np.ndarray
+    occupancy: np.ndarray
+    cycles: list[XrayCycle]
+    weight: float
+    adp: str
+    scale: BulkSolventScale
+    f_calc: np.ndarray
+    f_model: np.ndarray
+    ml: MLParameters
+    occupancy_groups: OccupancyGroups
+    notes: list[str] = field(default_factory=list)
+    timing: dict = field(default_factory=dict)
+
+
+class XrayData:
+    """F_calc, F_model and the data target of model 0 against a reflection table.
+
+    Bulk solvent (F_bulk = k_sol e^{−B_sol s²/4} F_mask) and k_total = k_overall e^{−sᵀB_aniso s/4}
+    are refreshed by `rescale` and held fixed between calls (within a macro-cycle)."""
+
+    def __init__(self, model: Model, table: ReflectionTable, options: XrayOptions):
+        self.model, self.table, self.options = model, table, options
+        self.atoms = model.model_atoms(0)
+        self.sc = scatterers_of_model(model, atoms=self.atoms, source=options.source, cell=table.cell,
+                                      spacegroup=table.spacegroup)
+        # the minimiser sees a ~1e-3-accurate F_calc and its exact gradient; reported R values and
+        # map coefficients use the default (~1e-5) accuracy
+        self.calc = CrystalStructureFactors(self.sc, table.hkl, table.d_min, threads=options.threads,
+                                            accuracy=REFINEMENT_ACCURACY)
+        self.report_calc = CrystalStructureFactors(self.sc, table.hkl, table.d_min, threads=options.threads)
+        self.frac_matrix = self.sc.frac_matrix
+        self.s_vec = np.asarray(table.hkl, dtype=np.float64) @ self.frac_matrix
+        self.s2 = (self.s_vec ** 2).sum(1)
+        self.k_total = np.ones(len(table))
+        self.f_bulk = np.zeros(len(table), dtype=np.complex128)
+        self.scale: BulkSolventScale | None = None
+        work = table.work & np.isfinite(table.f_obs)
+        if options.target == "ls":
+            sigma = table.sigma_f
+            self.target = LeastSquaresTarget(table.f_obs, sigma, work, options.ls_weighting)
+        else:
+            self.target = MaximumLikelihoodTarget(table.f_obs, np.nan_to_num(table.sigma_f), table.epsilon.astype(float),
+                                                  table.centric, table.bin, work, table.test & np.isfinite(table.f_obs))
+        self.evaluations = 0
+
+    def set_state(self, xyz, b_iso, u_aniso, has_aniso, occupancy) -> None:
+        i = self.atoms
+        self.sc.frac = xyz[i] @ self.frac_matrix.T
+        self.sc.u_cart = u_cart_of_atoms(b_iso[i], u_aniso[i], has_aniso[i])
+        self.sc.occ = occupancy[i].copy()
+
+    def f_calc(self, report: bool = False) -> np.ndarray:
+        return (self.report_calc if report else self.calc).structure_factors(self.sc)
+
+    def rescale(self, model: Model, report: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """New mask, bulk solvent and scale for the current state; returns (F_calc, F_model)."""
+        t = self.table
+        f_calc = self.f_calc(report)
+        if self.options.bulk_solvent:
+            mask = solvent_mask(model, mask_grid_shape(model, t.d_min))
+            f_mask = mask_structure_factors(mask, t.cell, t.hkl, threads=self.options.threads)
+        else:
+            f_mask = np.zeros_like(f_calc)
+        self.scale = fit_bulk_solvent(t.hkl, t.f_obs, f_calc, f_mask, t.cell, t.spacegroup, t.work, t.test, t.bin,
+                                      with_solvent=self.options.bulk_solvent, start=self.scale)
+        self.k_total = self.scale.k_total(self.s_vec)
+        self.f_bulk = self.scale.k_sol * np.exp(-self.scale.b_sol * self.s2 / 4.0) * f_mask
+        f_model = self.k_total * (f_calc + self.f_bulk)
+        if isinstance(self.target, MaximumLikelihoodTarget):
+            self.target.update(f_model)
+        return f_calc, f_model
+
+    def move_overall_b_to_atoms(self, b_iso, u_aniso, has_aniso, atoms):
+        """Give the isotropic part Δ of the overall B_aniso to the atoms (B += Δ, U += Δ/8π²) and
+        to B_sol, leaving F_model unchanged: otherwise atomic B and the overall scale drift
+        against each other, the pair being degenerate."""
+        delta = self.scale.b_iso
+        b_iso, u_aniso = b_iso.copy(), u_aniso.copy()
+        b_iso[atoms] = np.maximum(b_iso[atoms] + delta, B_MIN)
+        an = atoms[has_aniso[atoms]]
+        u_aniso[an, :3] += delta / (8 * np.pi ** 2)
+        self.scale.b_aniso = self.scale.b_aniso - delta * np.eye(3)
+        self.scale.b_sol += delta
+        self.k_total = self.scale.k_total(self.s_vec)
+        self.f_bulk = self.f_bulk * np.exp(-delta * self.s2 / 4.0)
+        return b_iso, u_aniso
+
+    def natural_weight(self) -> float:
+        """Weight that puts T_data on the −2 ln L scale of the restraints (module docstring)."""
+        if isinstance(self.target, MaximumLikelihoodTarget):
+            return 2.0
+        f_model = self.k_total * (self.f_calc() + self.f_bulk)
+        value, _ = self.target.value_and_derivative(f_model, self.k_total)
+        n = int(self.target.work.sum())
+        return n / value if value > 0 else 1.0
+
+    def value_and_gradient(self, need_adp: bool, need_occ: bool):
+        """T_data and its gradient (per scatterer: xyz Å⁻¹, B, occupancy, U)."""
+        self.evaluations += 1
+        f_model = self.k_total * (self.f_calc() + self.f_bulk)
+        value, d = self.target.value_and_derivative(f_model, self.k_total)
+        g = self.calc.gradient(self.sc, d, positions_only=not (need_adp or need_occ))
+        return value, g
+
+
+class ParameterLayout:
+    """Which parameters are refined, packed into one vector with diagonal preconditioning.
+
+    Curvatures of T_data per parameter, averaged over the data (|s| up to 1/d_min, uniform in
+    volume): ∂F/∂x ~ 2π s_x F gives ⟨4π²s²/3⟩, ∂F/∂B = −s²/4 F gives ⟨s⁴/16⟩; B enters as
+    B/s_B with s_B = √(⟨4π²s²/3⟩ / ⟨s⁴/16⟩) (≈ 30 Å² at 1.7 Å), U as U/(s_B/8π²), and a
+    conformer occupancy q as q/s_q with s_q = q̄ √(⟨4π²s²/3⟩ / n_atoms)."""
+
+    def __init__(self, model: Model, movable_xyz: np.ndarray, b_atoms: np.ndarray, u_atoms: np.ndarray,
+                 groups: OccupancyGroups | None, s2: np.ndarray):
+        self.n = len(model.atoms)
+        self.xyz_atoms, self.b_atoms, self.u_atoms = movable_xyz, b_atoms, u_atoms
+        self.groups = groups if groups is not None and groups.n_conformers else None
+        kx = 4 * np.pi ** 2 * float(np.mean(s2)) / 3.0
+        kb = float(np.mean(s2 ** 2)) / 16.0
+        self.s_b = float(np.sqrt(kx / kb))
+        self.s_u = self.s_b / (8 * np.pi ** 2)
+        if self.groups is not None:
+            dep = self.groups.is_dependent()
+            n_at = np.bincount(self.groups.conformer_of_atom, minlength=self.groups.n_conformers)[~dep]
+            q = self.groups.free_parameters(model.atoms.occupancy)
+            self.s_q = np.maximum(q, 0.2) * np.sqrt(kx / np.maximum(n_at, 1))
+        else:
+            self.s_q = np.zeros(0)
+        self.sizes = (3 * len(movable_xyz), len(b_atoms), 6 * len(u_atoms), len(self.s_q))
+
+    def pack(self, xyz, b_iso, u_aniso, occ_free) -> np.ndarray:
+        return np.concatenate([xyz[self.xyz_atoms].ravel(), b_iso[self.b_atoms] / self.s_b,
+                               u_aniso[self.u_atoms].ravel() / self.s_u, occ_free / self.s_q if len(self.s_q) else []])
+
+    def split(self, x):
+        a, b, c, _ = np.cumsum(self.sizes)
+        return x[:a].reshape(-1, 3), x[a:b] * self.s_b, x[b:c].reshape(-1, 6) * self.s_u, x[c:] * self.s_q
+
+    def gradient(self, g_xyz, g_b, g_u, g_q) -> np.ndarray:
+        return np.concatenate([g_xyz[self.xyz_atoms].ravel(), g_b[self.b_atoms] * self.s_b,
+                               g_u[self.u_atoms].ravel() * self.s_u, g_q * self.s_q if len(self.s_q) else []])
+
+    def bounds(self) -> list[tuple]:
+        from ..model.occupancy import Q_MIN
+        return ([(None, None)] * self.sizes[0] + [(B_MIN / self.s_b, B_MAX / self.s_b)] * self.sizes[1]
+                + [(None, None)] * self.sizes[2] + [(Q_MIN / s, 1.0 / s) for s in self.s_q])
+
+
+def choose_adp_mode(requested: str, n_reflections: int, n_atoms: int) -> str:
+    """"auto": anisotropic when there are ≥ 4 work reflections per parameter with xyz + U
+    (9 per atom), else isotropic."""
+    if requested != "auto":
+        return requested
+    return "aniso" if n_reflections >= ANISO_REFLECTIONS_PER_PARAMETER * 9 * n_atoms else "iso"
+
+
+def _movable_coordinates(model: Model, restraints: Restraints, atoms: np.ndarray) -> np.ndarray:
+    """Atoms whose coordinates refine: those with a restraint, and single-atom residues (waters,
+    ions: held by repulsion and the data). Atoms of residues left unrestrained (no dictionary)
+    stay where they are, since nothing would keep their shape."""
+    covered = np.zeros(len(model.atoms), dtype=bool)
+    covered[restraints.bond_atoms.ravel()] = True
+    res = model.atoms.residue_index[atoms]
+    counts = np.bincount(res, minlength=len(model.residues))
+    single = counts[res] == 1
+    return atoms[covered[atoms] | single]
+
+
+def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, options: XrayOptions,
+                log: Callable[[str], None] = print, interrupt_check: Callable[[], None] | None = None) -> XrayResult:
+    """Macro-cycles of reciprocal-space refinement of model 0 (see the module docstring)."""
+    t_start = time.perf_counter()
+    if options.target not in ("ml", "ls"):
+        raise DrefineError(f"unknown target {options.target!r} (ml or ls)")
+    notes: list[str] = []
+    a = model.atoms
+    atoms = model.model_atoms(0)
+    xyz, b_iso = a.xyz.copy(), a.b_iso.copy()
+    u_aniso, has_aniso, occ = a.u_aniso.copy(), a.has_aniso.copy(), a.occupancy.copy()
+    data = XrayData(model, table, options)
+    n_work = int((table.work & np.isfinite(table.f_obs)).sum())
+    adp = choose_adp_mode(options.adp, n_work, len(atoms))
+    if adp == "aniso":
+        # every atom becomes anisotropic, starting from its isotropic B
+        iso = ~has_aniso[atoms]
+        u_aniso[atoms[iso], :3] = (b_iso[atoms[iso]] / (8 * np.pi ** 2))[:, None]
+        u_aniso[atoms[iso], 3:] = 0.0
+        has_aniso[atoms] = True
+        b_atoms, u_atoms = np.zeros(0, np.int64), atoms
+    elif adp == "iso":
+        b_atoms, u_atoms = atoms[~has_aniso[atoms]], np.zeros(0, np.int64)
+        if len(b_atoms) < len(atoms):
+            notes.append(f"{len(atoms) - len(b_atoms)} anisotropic atoms keep their U (--adp aniso refines them)")
+    elif adp == "fixed":
+        b_atoms, u_atoms = np.zeros(0, np.int64), np.zeros(0, np.int64)
+    else:
+        raise DrefineError(f"unknown --adp {adp!r} (iso, aniso, fixed, auto)")
+    groups = occupancy_groups(model, atoms) if options.occupancies else None
+    if groups is not None and groups.n_conformers:
+        notes.append(f"occupancies of {groups.n_groups} residues with alternate conformers refined "
+                     f"({int(groups.sum_to_one.sum())} summing to 1, the others to at most 1)")
+    movable = _movable_coordinates(model, restraints, atoms)
+    if len(movable) < len(atoms):
+        notes.append(f"{len(atoms) - len(movable)} atoms of unrestrained residues keep their coordinates")
+    layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work])
+    q_free = groups.free_parameters(occ) if layout.groups is not None else np.zeros(0)
+    if layout.groups is not None:
+        occ = layout.groups.expand(q_free, occ)
+    geometry = GeometryTarget(model, restraints)
+    pairs: ADPPairs = adp_pairs(restraints)
+    is_h = a.is_hydrogen
+    need_adp = bool(len(b_atoms) or len(u_atoms))
+    need_occ = layout.groups is not None
+    for note in notes:
+        log(note)
+    log(f"target {'maximum likelihood' if options.target == 'ml' else 'least squares'}, ADP {adp}, "
+        f"{layout.sizes[0]} coordinates, {layout.sizes[1]} B, {layout.sizes[2]} U, {layout.sizes[3]} occupancies; "
+        f"{n_work} work and {int(table.test.sum())} test reflections to {table.d_min:.2f} Å")
+
+    def objective(x, weight, adp_weight, stats):
+        nonlocal xyz, b_iso, u_aniso, occ
+        pxyz, pb, pu, pq = layout.split(x)
+        xyz = xyz.copy()
+        xyz[movable] = pxyz
+        if len(b_atoms):
+            b_iso = b_iso.copy()
+            b_iso[b_atoms] = pb
+        if len(u_atoms):
+            u_aniso = u_aniso.copy()
+            u_aniso[u_atoms] = pu
+            if np.any(np.linalg.eigvalsh(_u33(u_aniso[u_atoms]))[:, 0] <= 1e-4):
+                return 1e30, np.zeros_like(x)
+        if need_occ:
+            occ = layout.groups.expand(pq, occ)
+        data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
+        t_data, g = data.value_and_gradient(need_adp, need_occ)
+        t_geom, g_geom = geometry.value_and_gradient(xyz)
+        g_xyz = np.zeros((len(a), 3))
+        g_xyz[atoms] = weight * g.xyz
+        g_xyz += g_geom
+        g_b = np.zeros(len(a))
+        g_u = np.zeros((len(a), 6))
+        t_adp = 0.0
+        if len(b_atoms):
+            g_b[atoms] = weight * g.b_iso
+            g_adp = np.zeros(len(a))
+            t_adp = adp_weight * b_similarity_term(b_iso, pairs, g_adp)
+            g_b += adp_weight * g_adp
+        if len(u_atoms):
+            g_u[atoms] = weight * g.u
+            g_adp = np.zeros((len(a), 6))
+            t_adp = adp_weight * u_similarity_term(u_aniso, pairs, g_adp, has_aniso)
+            g_u += adp_weight * g_adp
+        g_q = np.zeros(0)
+        if need_occ:
+            g_occ = np.zeros(len(a))
+            g_occ[atoms] = weight * g.occ
+            g_q = layout.groups.chain_rule(g_occ)
+        stats.update(data=t_data, geometry=t_geom, adp=t_adp)
+        return weight * t_data + t_geom + t_adp, layout.gradient(g_xyz, g_b, g_u, g_q)
+
+    data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
+    weight = options.weight
+    w_natural = None
+    cycles: list[XrayCycle] = []
+    extra_cycle_done = False
+    n_cycles = options.cycles
+    c = 0
+    while c < n_cycles:
+        c += 1
+        t0 = time.perf_counter()
+        data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
+        _, f_model = data.rescale(_with_state(model, xyz, b_iso, u_aniso, has_aniso, occ))
+        r_work, r_free = data.scale.r_work, data.scale.r_free
+        if need_adp:
+            b_iso, u_aniso = data.move_overall_b_to_atoms(b_iso, u_aniso, has_aniso, atoms)
+            data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
+        geometry.update(xyz)
+        if w_natural is None:
+            w_natural = data.natural_weight()
+        if weight is None:
+            weight = w_natural
+            log(f"automatic weight: start at the natural weight {weight:.4g}")
+        x0 = layout.pack(xyz, b_iso, u_aniso, q_free)
+        stats: dict = {}
+        evals0 = data.evaluations
+        res = minimize(objective, x0, args=(weight, weight / w_natural, stats), jac=True, method="L-BFGS-B", bounds=layout.bounds(),
+                       options={"maxiter": options.iterations, "maxcor": 20, "ftol": 1e-12, "gtol": 1e-8})
+        objective(res.x, weight, weight / w_natural, stats)
+        if need_occ:
+            q_free = layout.groups.project(layout.split(res.x)[3])
+            occ = layout.groups.expand(q_free, occ)
+        bonds, angles = geometry_rmsd(xyz, restraints, is_h)
+        rec = XrayCycle(cycle=c, r_work=r_work, r_free=r_free, target=float(stats["data"]), weight=float(weight),
+                        bonds_rmsd=bonds, angles_rmsd=angles, k_sol=data.scale.k_sol, b_sol=data.scale.b_sol,
+                        b_mean=float(b_iso[atoms].mean()), evaluations=data.evaluations - evals0,
+                        seconds=time.perf_counter() - t0)
+        cycles.append(rec)
+        log(f"cycle {c:2d}  R-work {r_work:.4f}  R-free {r_free:.4f}  target {rec.target:.6g}  w {weight:.4g}  "
+            f"bonds {bonds:.4f} Å  angles {angles:.2f}°  <B> {rec.b_mean:.1f} Å²  ({rec.evaluations} evaluations, "
+            f"{rec.seconds:.1f} s)")
+        if interrupt_check is not None:
+            interrupt_check()
+        if options.weight is None:
+            weight = _adjust_weight(weight, bonds, angles)
+        if c == n_cycles and not extra_cycle_done and (bonds > FINAL_LIMITS[0] or angles > FINAL_LIMITS[1]):
+            extra_cycle_done = True
+            n_cycles += 1
+            weight = weight * 0.5
+            log(f"geometry beyond {FINAL_LIMITS[0]} Å / {FINAL_LIMITS[1]}° after the last cycle: one more at "
+                f"weight {weight:.4g}")
+    data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
+    final_model = _with_state(model, xyz, b_iso, u_aniso, has_aniso, occ)
+    f_calc, f_model = data.rescale(final_model, report=True)
+    ml = estimate_ml_parameters(table.f_obs, np.nan_to_num(table.sigma_f), np.abs(f_model), table.epsilon.astype(float),
+                                table.centric, table.bin, table.work & np.isfinite(table.f_obs),
+                                table.test & np.isfinite(table.f_obs))
+    log(f"final   R-work {data.scale.r_work:.4f}  R-free {data.scale.r_free:.4f}  k_sol {data.scale.k_sol:.3f}  "
+        f"B_sol {data.scale.b_sol:.1f} Å²")
+    return XrayResult(xyz=xyz, b_iso=b_iso, u_aniso=u_aniso, has_aniso=has_aniso, occupancy=occ, cycles=cycles,
+                      weight=float(cycles[-1].weight), adp=adp, scale=data.scale, f_calc=f_calc, f_model=f_model,
+                      ml=ml, occupancy_groups=groups if groups is not None else occupancy_groups(model, np.zeros(0, int)),
+                      notes=notes, timing={"refinement_s": time.perf_counter() - t_start,
+                                           "evaluations": data.evaluations})
+
+
+def _u33(u6: np.ndarray) -> np.ndarray:
+    m = np.empty((len(u6), 3, 3))
+    m[:, 0, 0], m[:, 1, 1], m[:, 2, 2] = u6[:, 0], u6[:, 1], u6[:, 2]
+    m[:, 0, 1] = m[:, 1, 0] = u6[:, 3]
+    m[:, 0, 2] = m[:, 2, 0] = u6[:, 4]
+    m[:, 1, 2] = m[:, 2, 1] = u6[:, 5]
+    return m
+
+
+def _with_state(model: Model, xyz, b_iso, u_aniso, has_aniso, occ) -> Model:
+    m = model.copy()
+    m.atoms.xyz, m.atoms.b_iso, m.atoms.u_aniso = xyz.copy(), b_iso.copy(), u_aniso.copy()
+    m.atoms.has_aniso, m.atoms.occupancy = has_aniso.copy(), occ.copy()
+    return m
+
+
+def _adjust_weight(weight: float, bonds: float, angles: float) -> float:
+    """Angles beyond ANGLE_MAX or bonds beyond the band lower the weight; bonds below the band
+    raise it only when the angles leave room."""
+    if angles > ANGLE_MAX:
+        weight *= min(1.2 / angles, float(np.clip(BOND_AIM / max(bonds, 1e-6), 1 / 3, 1.0)))
+    elif bonds > BOND_BAND[1]:
+        weight *= max(BOND_AIM / bonds, 1 / 3)
+    elif bonds < BOND_BAND[0]:
+        weight *= min(np.sqrt(BOND_AIM / max(bonds, 1e-6)), 2.0)  # cautiously up: R-free pays for overshoot
+    return weight
+
+
+def map_coefficients(table: ReflectionTable, f_model: np.ndarray, ml: MLParameters) -> dict[str, np.ndarray]:
+    """σA-weighted 2mFo−DFc and mFo−DFc (Read 1986) with the model's phases.
+
+    m = I₁(X)/I₀(X) (acentric) or tanh(X) (centric) as in the ML target, X = 2 Fo D |Fm| / Σ
+    (acentric) or Fo D |Fm| / Σ (centric), Σ = ε S + 2σ² (σ² centric); 2mFo − DFc for acentric
+    and mFo for centric reflections (their phase error is 0 or 180°: no factor two). Reflections
+    without Fo get DFc in the 2mFo−DFc map and 0 in the difference map. Returns amplitudes and
+    phases (degrees) for FWT/PHWT, DELFWT/PHDELWT, plus FOM and FC/PHIC."""
+    from scipy.special import i0e, i1e
+
+    fo = table.f_obs
+    have = np.isfinite(fo)
+    fo0 = np.where(have, fo, 0.0)
+    sig = np.nan_to_num(table.sigma_f)
+    eps = table.epsilon.astype(float)
+    cen = table.centric
+    d = ml.d[table.bin]
+    s = ml.s[table.bin]
+    fm = np.abs(f_model)
+    var = eps * s + np.where(cen, sig * sig, 2 * sig * sig)
+    x = np.where(cen, fo0 * d * fm / var, 2 * fo0 * d * fm / var)
+    m = np.where(cen, np.tanh(x), i1e(x) / i0e(x))
+    m = np.where(have, m, 0.0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        phase = np.where(fm > 0, f_model / fm, 1.0)
+    dfc = d * fm
+    two = np.where(have, np.where(cen, m * fo0, 2 * m * fo0 - dfc), dfc)
+    diff = np.where(have, m * fo0 - dfc, 0.0)
+    c2 = two * phase
+    c1 = diff * phase
+    return {"FWT": np.abs(c2), "PHWT": np.degrees(np.angle(c2)), "DELFWT": np.abs(c1),
+            "PHDELWT": np.degrees(np.angle(c1)), "FOM": m, "FC": fm, "PHIC": np.degrees(np.angle(f_model))}

@@ -1,0 +1,299 @@
+"""Reciprocal-space refinement: the symmetry-expanded FFT against direct summation, the amplitude
+Jacobian, occupancy and ADP parametrisations against finite differences, map coefficients, and
+`drefine xray` end to end on data made here (a 40-residue model in P 2₁2₁2₁) and on 6mw0."""
+import copy
+import json
+
+import gemmi
+import numpy as np
+import pytest
+from conftest import need
+
+from drefine.cli import main
+from drefine.density.crystal_fft import CrystalStructureFactors
+from drefine.density.direct import direct_gradient, direct_structure_factors, scatterers_of_model
+from drefine.density.model_map import REFINEMENT_ACCURACY
+from drefine.density.synthetic import synthetic_reflections
+from drefine.io.models import read_model, write_model
+from drefine.io.reflections import read_reflections
+from drefine.model.occupancy import occupancy_groups
+from drefine.model.perturb import shake_coordinates
+from drefine.refine.uncertainty import amplitude_jacobian
+from drefine.refine.xray import map_coefficients
+from drefine.restraints.adp import ADPPairs, b_similarity_term, u_similarity_term
+from drefine.targets.xray_targets import MLParameters
+
+
+def rel(a, b):
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture(scope="module")
+def crystal_model(example_model_path, tmp_path_factory):
+    """hth40 in P 2₁2₁2₁ with a doubled cell (symmetry mates in other octants), B 15–35 Å², one
+    residue with two conformers."""
+    st = gemmi.read_structure(str(example_model_path))
+    st.remove_hydrogens()
+    a, b, c = st.cell.a, st.cell.b, st.cell.c
+    st.cell = gemmi.UnitCell(2 * a, 2 * b, 2 * c, 90, 90, 90)
+    st.spacegroup_hm = "P 21 21 21"
+    st.setup_cell_images()
+    rng = np.random.default_rng(0)
+    for cra in st[0].all():
+        cra.atom.b_iso = float(rng.uniform(15, 35))
+    res = st[0][0][10]
+    for at in list(res):
+        if at.name not in ("N", "CA", "C", "O"):
+            at.altloc = "A"
+            at.occ = 0.6
+            twin = at.clone()
+            twin.altloc = "B"
+            twin.occ = 0.4
+            twin.pos = gemmi.Position(at.pos.x + 0.3, at.pos.y, at.pos.z)
+            res.add_atom(twin)
+    path = tmp_path_factory.mktemp("xray") / "crystal.cif"
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(path))
+    return path
+
+
+def test_symmetry_expanded_fft_matches_direct(crystal_model):
+    m = read_model(crystal_model)
+    sc = scatterers_of_model(m)
+    sc.is_aniso[::7] = True
+    sc.u_cart[::7, 3] = 0.02  # a few anisotropic atoms
+    hkl = np.array(gemmi.make_miller_array(m.cell, m.spacegroup, 2.5, 0, True))
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    sub = np.arange(0, len(hkl), 37)
+    calc = CrystalStructureFactors(sc, hkl, 2.5)
+    f = calc.structure_factors(sc)
+    f_dir = direct_structure_factors(sc, hkl[sub])
+    assert rel(f[sub], f_dir) < 5e-5
+    rng = np.random.default_rng(2)
+    d = np.zeros(len(hkl), complex)
+    d[sub] = rng.normal(size=len(sub)) + 1j * rng.normal(size=len(sub))
+    g = calc.gradient(sc, d)
+    gd = direct_gradient(sc, hkl[sub], d[sub])
+    for name in ("xyz", "b_iso", "occ", "u"):
+        assert rel(getattr(g, name), getattr(gd, name)) < 5e-4, name
+    # single-precision refinement grids: ~1e-3, and gradient consistent with its own F
+    fast = CrystalStructureFactors(sc, hkl, 2.5, accuracy=REFINEMENT_ACCURACY)
+    assert rel(fast.structure_factors(sc)[sub], f_dir) < 5e-3
+    assert rel(fast.gradient(sc, d).xyz, gd.xyz) < 5e-3
+
+
+def test_amplitude_jacobian_matches_finite_differences(crystal_model):
+    m = read_model(crystal_model)
+    table = synthetic_reflections(m, 3.0, k_sol=0.0)
+    table = table.select(np.arange(0, len(table), max(1, len(table) // 300)))
+    sc = scatterers_of_model(m)
+    k_total = np.full(len(table), 1.7)
+    f = direct_structure_factors(sc, table.hkl) * k_total
+    rows = np.arange(len(table))
+    jac = amplitude_jacobian(m, table, f, k_total, rows)
+    atom, h = 5, 1e-4
+    for c in range(4):
+        p, q = copy.deepcopy(sc), copy.deepcopy(sc)
+        if c < 3:
+            p.frac[atom] += sc.frac_matrix[:, c] * h
+            q.frac[atom] -= sc.frac_matrix[:, c] * h
+            step = h
+        else:
+            step = h * 8 * np.pi ** 2  # B by h·8π² Å² is U by h
+            p.u_cart[atom, :3] += h
+            q.u_cart[atom, :3] -= h
+        fd = (np.abs(direct_structure_factors(p, table.hkl)) - np.abs(direct_structure_factors(q, table.hkl))) * 1.7
+        fd /= 2 * step
+        assert rel(jac[:, atom, c], fd) < 1e-4, c
+
+
+def test_occupancy_groups_sum_to_one_and_chain_rule(crystal_model):
+    m = read_model(crystal_model)
+    g = occupancy_groups(m)
+    assert g.n_groups == 1 and g.n_conformers == 2 and bool(g.sum_to_one[0])
+    free = g.free_parameters(m.atoms.occupancy)
+    assert free == pytest.approx([0.6])
+    occ = g.expand(np.array([0.7]), m.atoms.occupancy)
+    alt = m.atoms.altloc
+    assert np.allclose(occ[alt == "A"], 0.7) and np.allclose(occ[alt == "B"], 0.3)
+    assert np.allclose(occ[alt == ""], m.atoms.occupancy[alt == ""])
+    # ∂T/∂q of T = Σ c·occ, by finite differences
+    c = np.random.default_rng(1).normal(size=len(occ))
+    analytic = g.chain_rule(c)[0]
+    h = 1e-6
+    fd = (c @ g.expand(np.array([0.7 + h]), occ) - c @ g.expand(np.array([0.7 - h]), occ)) / (2 * h)
+    assert analytic == pytest.approx(fd, rel=1e-6)
+    assert g.project(np.array([1.5]))[0] <= 0.99 + 1e-12
+
+
+def test_adp_restraint_gradients():
+    rng = np.random.default_rng(4)
+    n = 12
+    pairs = ADPPairs(np.array([0, 1, 2, 3, 5, 7]), np.array([1, 2, 3, 4, 6, 8]), np.array([10.0, 10, 15, 10, 15, 10]))
+    b = rng.uniform(10, 40, n)
+    g = np.zeros(n)
+    v = b_similarity_term(b, pairs, g)
+    h = 1e-5
+    for i in (0, 3, 6):
+        p, q = b.copy(), b.copy()
+        p[i] += h
+        q[i] -= h
+        fd = (b_similarity_term(p, pairs, np.zeros(n)) - b_similarity_term(q, pairs, np.zeros(n))) / (2 * h)
+        assert g[i] == pytest.approx(fd, rel=1e-6)
+    assert v > 0
+    u = rng.uniform(0.1, 0.3, (n, 6))
+    u[:, 3:] *= 0.1
+    aniso = np.ones(n, bool)
+    aniso[11] = False
+    gu = np.zeros((n, 6))
+    u_similarity_term(u, pairs, gu, aniso)
+    for i, k in ((0, 0), (3, 4), (7, 2)):
+        p, q = u.copy(), u.copy()
+        p[i, k] += h
+        q[i, k] -= h
+        fd = (u_similarity_term(p, pairs, np.zeros((n, 6)), aniso) - u_similarity_term(q, pairs, np.zeros((n, 6)), aniso))
+        assert gu[i, k] == pytest.approx(fd / (2 * h), rel=1e-5)
+
+
+def test_map_coefficients_of_a_perfect_model(crystal_model):
+    m = read_model(crystal_model)
+    table = synthetic_reflections(m, 3.0, k_sol=0.0)
+    f_model = table.f_obs * np.exp(1j * np.radians(table.phases_deg))
+    table.sigma_f = np.full(len(table), 1e-3)
+    ml = MLParameters(d=np.ones(table.n_bins), s=np.full(table.n_bins, 1e-6))
+    c = map_coefficients(table, f_model, ml)
+    assert np.allclose(c["FOM"], 1.0, atol=1e-6)
+    assert np.allclose(c["FWT"], table.f_obs, rtol=1e-5)  # 2mFo − DFc = Fo when the model is perfect
+    assert np.allclose(c["DELFWT"], 0.0, atol=1e-3 * table.f_obs.mean())
+    ok = table.f_obs > 1e-3 * table.f_obs.max()
+    dphi = np.angle(np.exp(1j * np.radians(c["PHWT"][ok] - table.phases_deg[ok])))
+    assert np.abs(dphi).max() < 1e-6
+
+
+@pytest.fixture(scope="module")
+def refinement_case(crystal_model, tmp_path_factory):
+    """Data from the model (3 % noise, free set), and a start shaken by 0.3 Å RMS."""
+    d = tmp_path_factory.mktemp("xcase")
+    m = read_model(crystal_model)
+    table = synthetic_reflections(m, 2.0, noise=0.03, seed=1)
+    table.phases_deg = None
+    table.to_mtz(d / "data.mtz")
+    shaken, _ = shake_coordinates(m, 0.3, seed=5)
+    write_model(shaken, d / "start.cif")
+    return d, m
+
+
+def _rmsd(a, b):
+    return float(np.sqrt(((a - b) ** 2).sum(1).mean()))
+
+
+def test_xray_refines_a_shaken_model_and_writes_everything(refinement_case, capsys):
+    d, truth = refinement_case
+    out = d / "refined"
+    rc = main(["xray", str(d / "start.cif"), str(d / "data.mtz"), "-o", str(out), "--cycles", "6",
+               "--iterations", "10"])
+    assert rc == 0
+    start, refined = read_model(d / "start.cif"), read_model(f"{out}.cif")
+    heavy = ~truth.atoms.is_hydrogen
+    assert _rmsd(refined.atoms.xyz[heavy], truth.atoms.xyz[heavy]) < 0.5 * _rmsd(start.atoms.xyz[heavy],
+                                                                              truth.atoms.xyz[heavy])
+    rep = json.loads((d / "refined.json").read_text())
+    assert rep["final"]["r_free"] < rep["start"]["r_free"] - 0.05
+    assert rep["final"]["bonds_rmsd"] <= 0.015 and rep["final"]["angles_rmsd"] <= 1.5
+    assert len(rep["cycles"]) >= 6 and {"r_work", "r_free", "weight", "target"} <= set(rep["cycles"][0])
+    occ = rep["details"]["occupancy_groups"]
+    assert len(occ) == 1 and sum(occ[0]["occupancies"]) == pytest.approx(1.0, abs=1e-3)
+    mtz = gemmi.read_mtz_file(f"{out}.mtz")
+    assert {"FWT", "PHWT", "DELFWT", "PHDELWT", "FreeR_flag", "F", "SIGF"} <= set(mtz.column_labels())
+    for name in ("2mFo-DFc", "mFo-DFc"):
+        mp = gemmi.read_ccp4_map(f"{out}_{name}.ccp4")
+        assert mp.grid.spacegroup.hm == "P 21 21 21"
+    # the 2mFo-DFc map is high at the refined atoms
+    mp = gemmi.read_ccp4_map(f"{out}_2mFo-DFc.ccp4")
+    vals = [mp.grid.interpolate_value(gemmi.Position(*x)) for x in refined.atoms.xyz[heavy][::5]]
+    assert np.mean(vals) > 1.5
+    doc = gemmi.cif.read(f"{out}.cif")
+    esd = [float(v) for v in doc.sole_block().find_values("_atom_site.Cartn_x_esd") if v not in "?."]
+    assert len(esd) == len(truth.atoms) and min(esd) > 0
+    assert "R-free" in capsys.readouterr().out
+
+
+def test_ml_and_ls_both_work_on_synthetic_data(refinement_case, tmp_path):
+    d, _truth = refinement_case
+    for target in ("ml", "ls"):
+        rc = main(["xray", str(d / "start.cif"), str(d / "data.mtz"), "-o", str(tmp_path / target), "--cycles", "3",
+                   "--target", target, "--esd", "none"])
+        assert rc == 0
+        rep = json.loads((tmp_path / f"{target}.json").read_text())
+        assert rep["final"]["r_free"] < rep["start"]["r_free"], target
+
+
+def test_bad_inputs_are_one_line_errors(refinement_case, tmp_path, capsys):
+    d, _ = refinement_case
+    # model cell differs from the data's
+    st = gemmi.read_structure(str(d / "start.cif"))
+    st.cell = gemmi.UnitCell(st.cell.a * 1.1, st.cell.b, st.cell.c, 90, 90, 90)
+    st.setup_entities()
+    st.make_mmcif_document().write_file(str(tmp_path / "other_cell.cif"))
+    assert main(["xray", str(tmp_path / "other_cell.cif"), str(d / "data.mtz"), "-o", str(tmp_path / "x")]) == 1
+    assert "cell" in capsys.readouterr().err
+    assert main(["xray", str(d / "start.cif"), str(d / "data.mtz"), "--resolution", "1.0", "-o",
+                 str(tmp_path / "x")]) == 1
+    assert "beyond the data" in capsys.readouterr().err
+    assert main(["xray", str(d / "start.cif"), str(tmp_path / "missing.mtz"), "-o", str(tmp_path / "x")]) == 1
+    assert "missing.mtz" in capsys.readouterr().err
+    assert not list(tmp_path.glob("x*"))  # nothing written
+
+
+def test_zero_sigmas_and_missing_free_flags_have_stated_fallbacks(refinement_case, tmp_path, capsys):
+    d, _truth = refinement_case
+    mtz = gemmi.read_mtz_file(str(d / "data.mtz"))
+    arr = np.array(mtz.array)
+    labels = mtz.column_labels()
+    arr[:, labels.index("SIGF")] = 0.0
+    out = gemmi.Mtz(with_base=True)
+    out.spacegroup, out.cell = mtz.spacegroup, mtz.cell
+    out.add_dataset("x")
+    for lab in ("F", "SIGF"):
+        out.add_column(lab, "F" if lab == "F" else "Q")
+    out.set_data(np.ascontiguousarray(arr[:, [0, 1, 2, labels.index("F"), labels.index("SIGF")]], dtype=np.float32))
+    out.write_to_file(str(tmp_path / "nofree.mtz"))
+    rc = main(["xray", str(d / "start.cif"), str(tmp_path / "nofree.mtz"), "--target", "ls", "--cycles", "1",
+               "-o", str(tmp_path / "fb"), "--esd", "none"])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "free set made with seed 0" in text and "unit weights" in text
+    written = gemmi.read_mtz_file(str(tmp_path / "fb.mtz"))
+    assert "FreeR_flag" in written.column_labels()
+
+
+def test_esds_of_6mw0_are_positive_and_follow_b(data_dir, tmp_path):
+    """0.78 Å, 91 atoms: full normal-matrix esds finite, positive, smaller for well-ordered atoms
+    (low B, full occupancy), and the diagonal approximation ranks atoms alike."""
+    from drefine.refine.uncertainty import standard_uncertainties
+    from drefine.refine.xray import XrayOptions, refine_xray
+    from drefine.restraints.topology import build_restraints
+
+    m = read_model(need(data_dir, "xray/6mw0/6mw0.cif"))
+    table = read_reflections(need(data_dir, "xray/6mw0/6mw0-sf.cif.gz"))
+    rs = build_restraints(m, need(data_dir, "monlib"), unknown_residues="skip")
+    res = refine_xray(m, table, rs, XrayOptions(cycles=2, adp="fixed"), log=lambda s: None)
+    full = standard_uncertainties(m, table, res, mode="full", log=lambda s: None)
+    diag = standard_uncertainties(m, table, res, mode="diagonal", log=lambda s: None)
+    idx = m.model_atoms(0)
+    e_full = np.sqrt((full.xyz[idx] ** 2).sum(1))
+    e_diag = np.sqrt((diag.xyz[idx] ** 2).sum(1))
+    assert np.all(np.isfinite(e_full)) and np.all(e_full > 0)
+    b_eq = np.where(m.atoms.has_aniso[idx], m.atoms.u_aniso[idx, :3].mean(1) * 8 * np.pi ** 2, m.atoms.b_iso[idx])
+
+    def spearman(x, y):
+        rx, ry = np.argsort(np.argsort(x)), np.argsort(np.argsort(y))
+        return float(np.corrcoef(rx, ry)[0, 1])
+
+    # most atoms are in alternate conformers: "disorder" is B over occupancy
+    disorder = b_eq / m.atoms.occupancy[idx]
+    assert spearman(e_full, disorder) > 0.3
+    ordered = disorder <= np.median(disorder)
+    assert e_full[ordered].mean() < 0.8 * e_full[~ordered].mean()
+    assert spearman(e_full, e_diag) > 0.5
+    assert 0.3 < np.median(e_full / e_diag) < 5
