@@ -172,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-set fraction when the data have no free flags (default 0.05)")
     x.add_argument("--seed", type=int, default=0, help="seed of a new free set (default 0)")
     x.add_argument("--cycles", type=int, default=10, help="macro-cycles (default 10)")
-    x.add_argument("--iterations", type=int, default=5, help="L-BFGS iterations per macro-cycle (default 5)")
+    x.add_argument("--iterations", type=int, default=10, help="L-BFGS iterations per macro-cycle (default 10)")
     x.add_argument("--weight", type=_positive_float, metavar="W",
                    help="fix the data weight (default: automatic, see README)")
     x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
@@ -187,6 +187,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--scattering", choices=("xray", "electron", "neutron"), default="xray",
                    help="form factors (default xray)")
     x.add_argument("--rama-data", metavar="DIR", help="Top500 tables for validation (as in validate)")
+    x.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run structure factors and gradients as atom-chunk tasks on a dask cluster: "
+                        "tcp://HOST:PORT, or 'local' (a local cluster); default: in this process, threaded "
+                        "(fastest on one machine)")
+    x.add_argument("--workers", type=int, metavar="N", help="workers of the local cluster (default: cores)")
+    x.add_argument("--chunks", type=int, default=0, metavar="N",
+                   help="atom chunks (tasks) per structure-factor evaluation (default: one per worker with "
+                        "--scheduler; given without --scheduler, the same chunks run in-process, with "
+                        "identical results)")
     return parser
 
 
@@ -499,6 +508,8 @@ def cmd_xray(args) -> int:
 
     if args.cycles < 1 or args.iterations < 1:
         raise DrefineError("--cycles and --iterations must be at least 1")
+    if args.chunks < 0:
+        raise DrefineError("--chunks must be 0 or more")
     model = read_model(args.model)
     idx0 = model.model_atoms(0)
     if len(idx0) == 0:
@@ -527,10 +538,17 @@ def cmd_xray(args) -> int:
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = XrayOptions(target=args.target, cycles=args.cycles, weight=args.weight, adp=args.adp,
                       occupancies=not args.no_occupancies, bulk_solvent=not args.no_bulk_solvent,
-                      ls_weighting=ls_weighting, iterations=args.iterations, source=args.scattering)
+                      ls_weighting=ls_weighting, iterations=args.iterations, source=args.scattering,
+                      chunks=args.chunks)
     log(f"drefine xray {args.model} against {args.data}: {len(idx0)} atoms, {len(table)} reflections "
         f"({table.d_max:.2f}-{table.d_min:.2f} Å, {int(table.test.sum())} free), {table.spacegroup.hm}")
-    result = refine_xray(model, table, restraints, opt, log=log)
+    if args.scheduler is None:
+        result = refine_xray(model, table, restraints, opt, log=log)
+    else:
+        from .parallel.cluster import task_client
+
+        with task_client(None if args.scheduler == "local" else args.scheduler, args.workers) as client:
+            result = refine_xray(model, table, restraints, opt, log=log, client=client)
     refined = model.copy()
     a = refined.atoms
     a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,

@@ -16,12 +16,13 @@ cycle, so the calculator keeps everything that depends only on the reflections a
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
 import numpy as np
 import scipy.fft
 
 from .direct import Scatterers, StructureFactorGradient
-from .fft import _cell, _miller_to_rfft, atom_density_grid, choose_blur, gather_gradient, grid_shape
+from .fft import _cell, _miller_to_rfft, _prepare, atom_density_grid, choose_blur, gather_gradient, grid_shape
 from .model_map import REFINEMENT_ACCURACY, REPORT_ACCURACY
 
 
@@ -65,11 +66,20 @@ class CrystalStructureFactors:
     def _b_add(self, sc: Scatterers) -> float:
         return choose_blur(sc, self.shape, self.d_min, self.alias)
 
+    def _prepared(self, p1: Scatterers, b_add: float):
+        """Per-Gaussian set-up of the atoms, shared by F and the gradient at the same parameters
+        (the minimiser asks for both at every point)."""
+        key = (p1.frac.tobytes(), p1.u_cart.tobytes(), p1.occ.tobytes(), b_add)
+        if getattr(self, "_key", None) != key:
+            self._key, self._prep = key, _prepare(p1, self.shape, b_add, self.cutoff)
+        return self._prep
+
     def structure_factors(self, sc: Scatterers) -> np.ndarray:
         """F_calc at the calculator's reflections (complex, e⁻ for X-rays)."""
         p1 = self.asymmetric_unit(sc)
         b_add = self._b_add(p1)
-        rho = atom_density_grid(p1, self.shape, b_add, self.cutoff, self.threads, dtype=self.dtype)
+        rho = atom_density_grid(p1, self.shape, b_add, self.cutoff, self.threads, dtype=self.dtype,
+                                prepared=self._prepared(p1, b_add))
         spectrum = scipy.fft.rfftn(rho, workers=self.threads)
         vals = spectrum[self._idx]
         f1 = np.where(self._neg, vals, np.conj(vals)).reshape(len(self.hkl), self.n_ops)
@@ -90,4 +100,62 @@ class CrystalStructureFactors:
         np.add.at(spec, self._g_idx, (c * n).astype(spec.dtype))
         gmap = scipy.fft.irfftn(spec, s=self.shape, workers=self.threads)
         return gather_gradient(p1, gmap, b_add, self.cell.volume / n, self.cutoff, self.threads,
-                               positions_only=positions_only)
+                               prepared=self._prepared(p1, b_add), positions_only=positions_only)
+
+
+def _atom_chunk(sc: Scatterers, sl: slice) -> Scatterers:
+    return dataclasses.replace(sc, frac=sc.frac[sl], occ=sc.occ[sl], u_cart=sc.u_cart[sl], is_aniso=sc.is_aniso[sl],
+                               atom_index=sc.atom_index[sl],
+                               types=dataclasses.replace(sc.types, type_of_atom=sc.types.type_of_atom[sl]))
+
+
+def _chunk_structure_factors(calc: CrystalStructureFactors, chunk: Scatterers) -> np.ndarray:
+    """One task: F_calc of an atom chunk."""
+    return calc.structure_factors(chunk)
+
+
+def _chunk_gradient(calc: CrystalStructureFactors, chunk: Scatterers, d: np.ndarray,
+                    positions_only: bool) -> StructureFactorGradient:
+    """One task: the gradient with respect to an atom chunk's parameters."""
+    return calc.gradient(chunk, d, positions_only=positions_only)
+
+
+class ChunkedStructureFactors:
+    """F_calc and gradients as a sum over atom chunks, each chunk one task (F is linear in the atoms).
+
+    With a dask `client` the chunks run on its workers (the calculator is sent once); without,
+    the same chunks run here one after the other, so results are bitwise identical either way
+    (each chunk is computed single-threaded and the chunk sums are added in chunk order). Every
+    chunk pays a full FFT: this layout is for many workers and large models, not for a laptop,
+    where `CrystalStructureFactors` with threads is faster."""
+
+    def __init__(self, sc: Scatterers, hkl: np.ndarray, d_min: float, n_chunks: int, client=None,
+                 rate: float = 1.5, accuracy: dict | None = None):
+        self.calc = CrystalStructureFactors(sc, hkl, d_min, rate=rate, threads=1, accuracy=accuracy)
+        self.shape = self.calc.shape
+        bounds = np.linspace(0, len(sc), max(1, min(n_chunks, len(sc))) + 1).astype(int)
+        self.slices = [slice(int(a), int(b)) for a, b in itertools.pairwise(bounds)]
+        self.client = client
+        self._remote = client.scatter(self.calc, broadcast=True) if client is not None else None
+
+    def _map(self, fn, *args_per_chunk):
+        if self.client is None:
+            return [fn(self.calc, *a) for a in zip(*args_per_chunk)]
+        futures = [self.client.submit(fn, self._remote, *a, pure=False) for a in zip(*args_per_chunk)]
+        return self.client.gather(futures)
+
+    def structure_factors(self, sc: Scatterers) -> np.ndarray:
+        parts = self._map(_chunk_structure_factors, [_atom_chunk(sc, s) for s in self.slices])
+        total = parts[0].copy()
+        for p in parts[1:]:
+            total += p
+        return total
+
+    def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False) -> StructureFactorGradient:
+        n = len(self.slices)
+        parts = self._map(_chunk_gradient, [_atom_chunk(sc, s) for s in self.slices], [dtarget_df] * n,
+                          [positions_only] * n)
+        return StructureFactorGradient(xyz=np.concatenate([p.xyz for p in parts]),
+                                       b_iso=np.concatenate([p.b_iso for p in parts]),
+                                       occ=np.concatenate([p.occ for p in parts]),
+                                       u=np.concatenate([p.u for p in parts]))

@@ -195,8 +195,8 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
     summed over Gaussians (coordinate refinement needs positions only: about 25 % cheaper).
 
     Same row recurrence as `_spread` for the Gaussian values; r(k) is linear in k. For an
-    isotropic image (M⁻¹ = m_g·I) and positions only, ∂ρ/∂x = 8π² r Σ_g m_g ρ_g: one scalar sum
-    per point instead of a matrix product per Gaussian.
+    isotropic image (M⁻¹ = m_g·I), ∂ρ/∂x = 8π² r Σ_g m_g ρ_g and ∂ρ/∂M needs only Σ ρ_g, Σ m_g ρ_g
+    and Σ m_g² ρ_g: scalar sums per point instead of matrix products per Gaussian.
     """
     n0, n1, n2 = gmap.shape
     m_img = frac.shape[0]
@@ -236,6 +236,29 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
                 _row_recurrence(coef[a], minv[a], rb, step, k0, val, ratio, mult)
                 ii = i % n0
                 jj = j % n1
+                if iso[a] and with_shape:
+                    # M⁻¹ = m_g I: per point only Σ ρ_g, Σ ρ_g m_g and Σ ρ_g m_g² are needed
+                    for k in range(k0, k1 + 1):
+                        s0 = 0.0
+                        s1 = 0.0
+                        s2 = 0.0
+                        for g in range(ng):
+                            mg = minv[a, g, 0, 0]
+                            s0 += val[g]
+                            s1 += val[g] * mg
+                            s2 += val[g] * mg * mg
+                            val[g] *= ratio[g]
+                            ratio[g] *= mult[g]
+                        gval = gmap[ii, jj, k % n2] * dvol
+                        for p in range(3):
+                            r[p] = rb[p] + k * step[p]
+                            g_x[a, p] += gval * 2.0 * fpp * s1 * r[p]
+                        g_occ[a] += gval * s0 * inv_occ
+                        for p in range(3):
+                            g_m[a, p, p] -= 0.5 * gval * s1
+                            for q_ in range(3):
+                                g_m[a, p, q_] += gval * fpp * s2 * r[p] * r[q_]
+                    continue
                 if iso[a] and not with_shape:
                     for k in range(k0, k1 + 1):
                         acc = 0.0

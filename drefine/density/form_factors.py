@@ -35,9 +35,12 @@ class ScatteringTypes:
 
 def scattering_types(elements: np.ndarray, charges: np.ndarray | None = None,
                      source: str = "xray") -> ScatteringTypes:
-    """Scattering types for atoms given their element symbols (and formal charges, X-ray only)."""
-    if source not in ("xray", "electron"):
-        raise ValueError(f"unknown scattering source {source!r} (xray or electron)")
+    """Scattering types for atoms given their element symbols (and formal charges, X-ray only).
+
+    xray: IT92 Gaussians (e); electron: C4322 (Peng) Gaussians; neutron: the coherent scattering
+    length (fm, Sears 1992 via gemmi), constant in s, as one Gaussian of width 0."""
+    if source not in ("xray", "electron", "neutron"):
+        raise ValueError(f"unknown scattering source {source!r} (xray, electron or neutron)")
     charges = np.zeros(len(elements), dtype=np.int64) if charges is None else np.asarray(charges, dtype=np.int64)
     keys = np.char.add(np.char.add(np.asarray(elements, dtype="<U2"), ":"), charges.astype("<U3"))
     uniq, inv = np.unique(keys, return_inverse=True)
@@ -51,6 +54,8 @@ def scattering_types(elements: np.ndarray, charges: np.ndarray | None = None,
             coef = (gemmi.IT92_get_exact(el, int(q)) if int(q) else None) or el.it92
             a[k, :4], b[k, :4] = coef.a, coef.b
             a[k, 4], b[k, 4] = coef.c, 0.0
+        elif source == "neutron":
+            a[k, 0] = el.neutron92.get_coefs()[0]
         else:
             a[k], b[k] = el.c4322.a, el.c4322.b
     return ScatteringTypes(a=a, b=b, type_of_atom=inv.astype(np.int64), labels=uniq.tolist(), source=source)

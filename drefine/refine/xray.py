@@ -2,7 +2,8 @@
 
 One macro-cycle:
   1. F_calc of the current model (one P 1 FFT of the model's atoms, symmetry in reciprocal
-     space: `density.crystal_fft`), the bulk-solvent mask and its transform, and the fit of
+     space: `density.crystal_fft`), the bulk-solvent mask and its transform (rebuilt when an
+     atom has moved more than 0.2 Å since the last one), and the fit of
      k_overall, B_aniso, k_sol, B_sol to the work set (`density.bulk_solvent`); R-work and
      R-free of this model are recorded here.
   2. For the ML target, σA parameters D and S per resolution bin (from the test set when it
@@ -37,7 +38,7 @@ from ..density.bulk_solvent import (
     mask_structure_factors,
     solvent_mask,
 )
-from ..density.crystal_fft import CrystalStructureFactors
+from ..density.crystal_fft import ChunkedStructureFactors, CrystalStructureFactors
 from ..density.direct import scatterers_of_model
 from ..density.form_factors import u_cart_of_atoms
 from ..density.model_map import REFINEMENT_ACCURACY
@@ -62,6 +63,7 @@ BOND_AIM = 0.010  # Å
 ANGLE_MAX = 1.4  # °
 FINAL_LIMITS = (0.015, 1.5)  # Å, °
 ANISO_REFLECTIONS_PER_PARAMETER = 4.0
+MASK_REUSE_SHIFT = 0.2  # Å: the solvent mask is rebuilt when an atom has moved further
 
 
 @dataclass
@@ -75,9 +77,10 @@ class XrayOptions:
     occupancies: bool = True
     bulk_solvent: bool = True
     ls_weighting: str = "sigma"  # least squares: "sigma" (1/σ²) or "unit"
-    iterations: int = 12  # L-BFGS iterations per macro-cycle
+    iterations: int = 10  # L-BFGS iterations per macro-cycle
     source: str = "xray"
     threads: int = 2
+    chunks: int = 0  # > 0: structure factors as this many atom-chunk tasks (on `client` when given)
 
 
 @dataclass
@@ -124,15 +127,21 @@ class XrayData:
     Bulk solvent (F_bulk = k_sol e^{−B_sol s²/4} F_mask) and k_total = k_overall e^{−sᵀB_aniso s/4}
     are refreshed by `rescale` and held fixed between calls (within a macro-cycle)."""
 
-    def __init__(self, model: Model, table: ReflectionTable, options: XrayOptions):
+    def __init__(self, model: Model, table: ReflectionTable, options: XrayOptions, client=None):
         self.model, self.table, self.options = model, table, options
         self.atoms = model.model_atoms(0)
         self.sc = scatterers_of_model(model, atoms=self.atoms, source=options.source, cell=table.cell,
                                       spacegroup=table.spacegroup)
         # the minimiser sees a ~1e-3-accurate F_calc and its exact gradient; reported R values and
         # map coefficients use the default (~1e-5) accuracy
-        self.calc = CrystalStructureFactors(self.sc, table.hkl, table.d_min, threads=options.threads,
-                                            accuracy=REFINEMENT_ACCURACY)
+        # (and a coarser grid, d_min/2.5 rather than /3: ~30 % faster at the same ~1e-3 accuracy)
+        if options.chunks > 0 or client is not None:
+            n = options.chunks or max(1, len(client.scheduler_info().get("workers", {})))
+            self.calc = ChunkedStructureFactors(self.sc, table.hkl, table.d_min, n, client, rate=1.25,
+                                                accuracy=REFINEMENT_ACCURACY)
+        else:
+            self.calc = CrystalStructureFactors(self.sc, table.hkl, table.d_min, rate=1.25,
+                                                threads=options.threads, accuracy=REFINEMENT_ACCURACY)
         self.report_calc = CrystalStructureFactors(self.sc, table.hkl, table.d_min, threads=options.threads)
         self.frac_matrix = self.sc.frac_matrix
         self.s_vec = np.asarray(table.hkl, dtype=np.float64) @ self.frac_matrix
@@ -140,6 +149,8 @@ class XrayData:
         self.k_total = np.ones(len(table))
         self.f_bulk = np.zeros(len(table), dtype=np.complex128)
         self.scale: BulkSolventScale | None = None
+        self._mask_xyz: np.ndarray | None = None
+        self._f_mask = None
         work = table.work & np.isfinite(table.f_obs)
         if options.target == "ls":
             sigma = table.sigma_f
@@ -162,11 +173,15 @@ class XrayData:
         """New mask, bulk solvent and scale for the current state; returns (F_calc, F_model)."""
         t = self.table
         f_calc = self.f_calc(report)
-        if self.options.bulk_solvent:
+        if not self.options.bulk_solvent:
+            f_mask = np.zeros_like(f_calc)
+        elif (self._mask_xyz is None or report
+              or np.abs(model.atoms.xyz[self.atoms] - self._mask_xyz).max() > MASK_REUSE_SHIFT):
             mask = solvent_mask(model, mask_grid_shape(model, t.d_min))
             f_mask = mask_structure_factors(mask, t.cell, t.hkl, threads=self.options.threads)
+            self._f_mask, self._mask_xyz = f_mask, model.atoms.xyz[self.atoms].copy()
         else:
-            f_mask = np.zeros_like(f_calc)
+            f_mask = self._f_mask
         self.scale = fit_bulk_solvent(t.hkl, t.f_obs, f_calc, f_mask, t.cell, t.spacegroup, t.work, t.test, t.bin,
                                       with_solvent=self.options.bulk_solvent, start=self.scale)
         self.k_total = self.scale.k_total(self.s_vec)
@@ -274,8 +289,13 @@ def _movable_coordinates(model: Model, restraints: Restraints, atoms: np.ndarray
 
 
 def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, options: XrayOptions,
-                log: Callable[[str], None] = print, interrupt_check: Callable[[], None] | None = None) -> XrayResult:
-    """Macro-cycles of reciprocal-space refinement of model 0 (see the module docstring)."""
+                log: Callable[[str], None] = print, interrupt_check: Callable[[], None] | None = None,
+                client=None) -> XrayResult:
+    """Macro-cycles of reciprocal-space refinement of model 0 (see the module docstring).
+
+    `client`: a dask.distributed Client; F_calc and its gradient then run as atom-chunk tasks on
+    its workers (`options.chunks` of them, default one per worker), with results identical to
+    the same chunks computed in-process (`options.chunks` without a client)."""
     t_start = time.perf_counter()
     if options.target not in ("ml", "ls"):
         raise DrefineError(f"unknown target {options.target!r} (ml or ls)")
@@ -284,7 +304,7 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     atoms = model.model_atoms(0)
     xyz, b_iso = a.xyz.copy(), a.b_iso.copy()
     u_aniso, has_aniso, occ = a.u_aniso.copy(), a.has_aniso.copy(), a.occupancy.copy()
-    data = XrayData(model, table, options)
+    data = XrayData(model, table, options, client)
     n_work = int((table.work & np.isfinite(table.f_obs)).sum())
     adp = choose_adp_mode(options.adp, n_work, len(atoms))
     if adp == "aniso":

@@ -1,0 +1,219 @@
+"""Reciprocal-space refinement benchmark: drefine xray and servalcat refine_xtal_norefmac side by side.
+
+Cases (real data in ../shared/data/xray):
+  deposited   5orl, 4hg7, 1l2h from their deposited models, 10 cycles, both tools
+  shaken      the same starts shaken by 0.3 Å RMS (seed 1), drefine only
+  ml_vs_ls    5orl with 10 % of the atoms deleted (seed 2) and the rest shaken by 0.3 Å, against
+              F_calc of the full model with 3 % noise (drefine fmodel): ML and LS targets
+  esd         6mw0 (0.78 Å): full normal-matrix esds against B/occupancy
+Inputs for both tools are the same file: hydrogens removed, residues the shared monomer library
+lacks removed (5orl: ADP, A4W, Mg, Cl; TPO 288 turned into THR), as the issue describes.
+One yardstick for both tools: cctbx's mmtbx.model_vs_data (R-work, R-free) and the shared
+tools/metrics.py (bond/angle RMSD on the CCP4 library, RMSD to the start or truth). Wall time is
+the whole process; peak RSS of the largest process.
+
+Usage: python benchmarks/bench_xray.py [--parts deposited,shaken,ml_vs_ls,esd] [--work DIR]
+Needs the peers' venv (tools/peers_setup.sh) for servalcat and cctbx.
+"""
+import argparse
+import gzip
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gemmi
+import numpy as np
+
+HERE = Path(__file__).resolve()
+DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
+TOOLS = DATA.parent / "tools"
+MONLIB = DATA / "monlib"
+PEERS = Path(os.environ.get("PEERS_DIR", "/tmp/peers")) / "venv" / "bin"
+CASES = {
+    "5orl": (DATA / "xray/5orl/5orl.pdb", DATA / "xray/5orl/5orl_phases.mtz", "FP,SIGFP,FREE"),
+    "4hg7": (DATA / "xray/4hg7/4hg7.pdb", DATA / "xray/4hg7/4hg7.mtz", "FP,SIGFP,FREE"),
+    "1l2h": (DATA / "xray/1l2h/1l2h.cif.gz", DATA / "xray/1l2h/1l2h.mtz.gz", "IMEAN,SIGIMEAN,FreeR_flag"),
+}
+
+
+def timed(cmd, log: Path, cwd: Path) -> tuple[float, float, int]:
+    t0 = time.perf_counter()
+    with open(log, "w") as fh:
+        p = subprocess.run(["/usr/bin/time", "-f", "PEAK_KB %M", *map(str, cmd)], stdout=fh,
+                           stderr=subprocess.STDOUT, cwd=cwd, check=False)
+    wall = time.perf_counter() - t0
+    peak = [ln for ln in log.read_text().splitlines() if ln.startswith("PEAK_KB")]
+    return wall, (int(peak[-1].split()[1]) / 1024 if peak else float("nan")), p.returncode
+
+
+def prepare(model: Path, out: Path) -> Path:
+    """Hydrogens and residues without a dictionary in the shared library removed; TPO → THR."""
+    st = gemmi.read_structure(str(model))
+    st.remove_hydrogens()
+    have = {p.stem.upper() for p in MONLIB.glob("?/*.cif")}
+    for m in st:
+        for ch in m:
+            for i in range(len(ch) - 1, -1, -1):
+                r = ch[i]
+                if r.name == "TPO":
+                    r.name, r.het_flag = "THR", "A"
+                    for j in range(len(r) - 1, -1, -1):
+                        if r[j].name in ("P", "O1P", "O2P", "O3P"):
+                            del r[j]
+                elif r.name not in have:
+                    del ch[i]
+    st.remove_empty_chains()
+    st.setup_entities()
+    st.write_pdb(str(out))
+    return out
+
+
+def model_vs_data(model: Path, data: Path) -> tuple[float, float]:
+    if data.suffix == ".gz":  # cctbx reads MTZ only uncompressed
+        plain = model.parent / data.stem
+        if not plain.exists():
+            plain.write_bytes(gzip.decompress(data.read_bytes()))
+        data = plain
+    out = subprocess.run([PEERS / "mmtbx.model_vs_data", model, data], capture_output=True, text=True, check=False)
+    rw = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("r_work:")]
+    rf = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("r_free:")]
+    if not rw or not rf:
+        return float("nan"), float("nan")
+    return float(rw[-1].split()[-1]), float(rf[-1].split()[-1])
+
+
+def geometry(model: Path, ref: Path) -> dict:
+    out = subprocess.run([sys.executable, TOOLS / "metrics.py", model, ref], capture_output=True, text=True,
+                         env=dict(os.environ, MONLIB=str(MONLIB)), check=False)
+    line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return dict(kv.split("=") for kv in line.split() if "=" in kv)
+
+
+def run_drefine(start: Path, data: Path, out: Path, extra=()) -> dict:
+    wall, peak, code = timed(["drefine", "xray", start, data, "--monlib", MONLIB, "--unknown-residues", "skip",
+                              "-o", out, *extra], out.with_suffix(".txt"), out.parent)
+    if code:
+        return {"failed": str(out.with_suffix(".txt"))}
+    rep = json.loads(out.with_suffix(".json").read_text())
+    return {"wall_s": wall, "peak_mb": peak, "own_r": (rep["start"]["r_work"], rep["start"]["r_free"],
+                                                       rep["final"]["r_work"], rep["final"]["r_free"]),
+            "model": Path(f"{out}.pdb")}
+
+
+def run_servalcat(start: Path, data: Path, labin: str, out: Path) -> dict:
+    wall, peak, code = timed([PEERS / "servalcat", "refine_xtal_norefmac", "--hklin", data, "--model", start,
+                              "--monlib", MONLIB, "--hydrogen", "no", "--ncycle", "10", "-s", "xray", "--labin",
+                              labin, "-o", out.name], out.with_suffix(".txt"), out.parent)
+    if code:
+        return {"failed": str(out.with_suffix(".txt"))}
+    return {"wall_s": wall, "peak_mb": peak, "model": out.parent / f"{out.name}.pdb"}
+
+
+def row(case, tool, res, start_r, ref):
+    if "failed" in res:
+        return f"| {case} | {tool} | FAILED ({res['failed']}) |"
+    rw, rf = model_vs_data(res["model"], CASES[case.split()[0]][1])
+    g = geometry(res["model"], ref)
+    return (f"| {case} | {tool} | {res['wall_s']:.1f} | {res['peak_mb']:.0f} | {start_r[0]:.4f}/{start_r[1]:.4f} | "
+            f"{rw:.4f}/{rf:.4f} | {rf - rw:.4f} | {g.get('bond_rmsd')} | {g.get('angle_rmsd')} | {g.get('rmsd')} |")
+
+
+def part_deposited(work: Path, shaken: bool):
+    for case, (model, data, labin) in CASES.items():
+        d = work / case
+        d.mkdir(parents=True, exist_ok=True)
+        start = prepare(model, d / "start.pdb")
+        start_r = model_vs_data(start, data)
+        if shaken:
+            subprocess.run(["drefine", "shake", start, "--rms", "0.3", "--seed", "1", "-o", d / "shaken.pdb",
+                            "--no-validate"], check=True, capture_output=True)
+            res = run_drefine(d / "shaken.pdb", data, d / "drefine_shaken")
+            print(row(f"{case} shaken 0.3 Å", "drefine", res, model_vs_data(d / "shaken.pdb", data), start), flush=True)
+            continue
+        print(row(case, "drefine", run_drefine(start, data, d / "drefine"), start_r, start), flush=True)
+        print(row(case, "servalcat", run_servalcat(start, data, labin, d / "servalcat"), start_r, start), flush=True)
+
+
+def part_ml_vs_ls(work: Path):
+    d = work / "ml_vs_ls"
+    d.mkdir(parents=True, exist_ok=True)
+    truth = prepare(CASES["5orl"][0], d / "truth.pdb")
+    subprocess.run(["drefine", "fmodel", truth, "--resolution", "1.7", "--noise", "0.03", "--seed", "3",
+                    "--mtz", d / "data.mtz"], check=True, capture_output=True)
+    st = gemmi.read_structure(str(truth))
+    rng = np.random.default_rng(2)
+    n = st[0].count_atom_sites()
+    drop = set(rng.choice(n, size=n // 10, replace=False).tolist())
+    k = 0
+    flags = []  # per atom in file order: deleted?
+    for ch in st[0]:
+        for res in ch:
+            for _ in res:
+                flags.append(k in drop)
+                k += 1
+    k = 0
+    for ch in st[0]:
+        for res in ch:
+            keep = flags[k:k + len(res)]
+            k += len(res)
+            for j in range(len(res) - 1, -1, -1):
+                if keep[j]:
+                    del res[j]
+    st.remove_empty_chains()
+    st.write_pdb(str(d / "incomplete.pdb"))
+    subprocess.run(["drefine", "shake", d / "incomplete.pdb", "--rms", "0.3", "--seed", "4", "-o", d / "start.pdb",
+                    "--no-validate"], check=True, capture_output=True)
+    for target in ("ml", "ls"):
+        res = run_drefine(d / "start.pdb", d / "data.mtz", d / target, ("--target", target))
+        if "failed" in res:
+            print(f"| 5orl −10 % | {target} | FAILED |")
+            continue
+        g = geometry(res["model"], truth)
+        g0 = geometry(d / "start.pdb", truth)
+        r = res["own_r"]
+        print(f"| 5orl −10 % atoms, 0.3 Å shake | {target} | {res['wall_s']:.1f} | {r[1]:.4f} → {r[3]:.4f} | "
+              f"{r[2]:.4f} | {g0.get('rmsd')} → {g.get('rmsd')} | {g.get('bond_rmsd')} | {g.get('angle_rmsd')} |",
+              flush=True)
+
+
+def part_esd(work: Path):
+    d = work / "6mw0"
+    d.mkdir(parents=True, exist_ok=True)
+    res = run_drefine(DATA / "xray/6mw0/6mw0.cif", DATA / "xray/6mw0/6mw0-sf.cif.gz", d / "drefine")
+    rep = json.loads((d / "drefine.json").read_text())
+    u = rep["details"]["uncertainties"]
+    st = gemmi.read_structure(str(d / "drefine.cif"))
+    b = np.array([a.b_iso / max(a.occ, 0.01) for r in st[0][0] for a in r])
+    e = np.array([np.sqrt(a["x"] ** 2 + a["y"] ** 2 + a["z"] ** 2) for a in u["atoms"]])
+    rank = np.corrcoef(np.argsort(np.argsort(e)), np.argsort(np.argsort(b[: len(e)])))[0, 1]
+    print(f"6mw0: {u['method']}, {u['n_parameters']} parameters, {u['n_observations']} reflections, esd "
+          f"{e.min():.4f}-{e.max():.4f} Å (mean {e.mean():.4f}), GoF {u['goodness_of_fit']:.2f}, "
+          f"Spearman(esd, B/occ) {rank:.2f}, wall {res.get('wall_s', float('nan')):.1f} s")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parts", default="deposited,shaken,ml_vs_ls,esd")
+    ap.add_argument("--work", default="/tmp/drefine_bench_xray")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    parts = args.parts.split(",")
+    print("| case | tool | wall s | peak MB | start R-work/R-free | final R-work/R-free | gap | bonds Å | angles ° "
+          "| RMSD to start Å |")
+    if "deposited" in parts:
+        part_deposited(work, shaken=False)
+    if "shaken" in parts:
+        part_deposited(work, shaken=True)
+    if "ml_vs_ls" in parts:
+        print("| case | target | wall s | R-free start → end | R-work | RMSD to truth (kept atoms) Å | bonds Å | angles ° |")
+        part_ml_vs_ls(work)
+    if "esd" in parts:
+        part_esd(work)
+
+
+if __name__ == "__main__":
+    main()
