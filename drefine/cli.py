@@ -398,6 +398,17 @@ def cmd_shake(args) -> int:
 AUTO_CLUSTER_ATOMS = 4000
 
 
+class _Log:
+    """Progress lines: printed as they come, and kept for PREFIX.log."""
+
+    def __init__(self):
+        self.lines: list[str] = []
+
+    def __call__(self, msg: str) -> None:
+        self.lines.append(msg)
+        print(msg, flush=True)
+
+
 def cmd_rsr(args) -> int:
     from .density.map_fit import map_model_fit
     from .io.atomic import atomic_write, write_json
@@ -409,11 +420,7 @@ def cmd_rsr(args) -> int:
     from .validate.report import Stopwatch, format_text, new_report, validate_structure
 
     clock = Stopwatch()
-    lines: list[str] = []
-
-    def log(msg: str):
-        lines.append(msg)
-        print(msg, flush=True)
+    log = _Log()
 
     if args.macro_cycles < 1:
         raise DrefineError("--macro-cycles must be at least 1")
@@ -485,7 +492,7 @@ def cmd_rsr(args) -> int:
     log(format_text(end_val, "final model"))
     log(f"wrote {', '.join(str(p) for p in paths)} in {report['timing']['wall_s']:.1f} s")
     write_json(report["outputs"]["json"], report)
-    atomic_write(f"{prefix}.log", "\n".join(lines) + "\n")
+    atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
     return 0
 
 
@@ -500,11 +507,7 @@ def cmd_xray(args) -> int:
     from .validate.report import Stopwatch, format_text, new_report, validate_structure
 
     clock = Stopwatch()
-    lines: list[str] = []
-
-    def log(msg: str):
-        lines.append(msg)
-        print(msg, flush=True)
+    log = _Log()
 
     if args.cycles < 1 or args.iterations < 1:
         raise DrefineError("--cycles and --iterations must be at least 1")
@@ -593,7 +596,7 @@ def cmd_xray(args) -> int:
     log(f"wrote {', '.join(str(p) for p in paths)}, {mtz_path}, {', '.join(maps.values())} in "
         f"{report['timing']['wall_s']:.1f} s")
     write_json(report["outputs"]["json"], report)
-    atomic_write(f"{prefix}.log", "\n".join(lines) + "\n")
+    atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
     return 0
 
 

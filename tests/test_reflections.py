@@ -620,6 +620,7 @@ def test_french_wilson_slabs_match_single_call(monkeypatch):
     i_true = rng.exponential(1.0, len(hkl)) * 1e4 * np.exp(-10.0 / (4 * d**2))
     sig = np.sqrt(i_true + 20.0)
     i_obs = i_true + rng.normal(size=len(hkl)) * sig
+    monkeypatch.setattr(refl, "_FW_KERNEL_ELEMENTS", len(hkl) * 20 * 100 + 1)
     f1, s1, how1 = refl.french_wilson(hkl, i_obs, sig, CELL, SG)
     monkeypatch.setattr(refl, "_FW_KERNEL_ELEMENTS", len(hkl) * 20 * 100 // 4)
     f4, s4, how4 = refl.french_wilson(hkl, i_obs, sig, CELL, SG)

@@ -92,6 +92,16 @@ def _operator_terms(rot, trans, fmat, k, h0, h1, h2):
     return p0, p1, p2, q0, q1, q2, h0 * trans[k, 0] + h1 * trans[k, 1] + h2 * trans[k, 2]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _type_form_factors(ga, gb, ss, f_type):
+    """f(s) of every scattering type at |s|² = ss (sum of Gaussians), into `f_type`."""
+    for t in range(ga.shape[0]):
+        acc = 0.0
+        for g in range(ga.shape[1]):
+            acc += ga[t, g] * math.exp(-gb[t, g] * ss * 0.25)
+        f_type[t] = acc
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def _sf_kernel(hkl, frac, occ, u, type_idx, ga, gb, rot, trans, fmat):
     n = hkl.shape[0]
@@ -102,11 +112,7 @@ def _sf_kernel(hkl, frac, occ, u, type_idx, ga, gb, rot, trans, fmat):
         h0, h1, h2 = hkl[r, 0], hkl[r, 1], hkl[r, 2]
         ss = _s2(fmat, h0, h1, h2)
         f_type = np.zeros(n_types)
-        for t in range(n_types):
-            acc = 0.0
-            for g in range(ga.shape[1]):
-                acc += ga[t, g] * math.exp(-gb[t, g] * ss * 0.25)
-            f_type[t] = acc
+        _type_form_factors(ga, gb, ss, f_type)
         re = 0.0
         im = 0.0
         for k in range(rot.shape[0]):
@@ -139,11 +145,7 @@ def _sf_gradient_kernel(hkl, dt, frac, occ, u, type_idx, ga, gb, rot, trans, fma
             continue
         h0, h1, h2 = hkl[r, 0], hkl[r, 1], hkl[r, 2]
         ss = _s2(fmat, h0, h1, h2)
-        for t in range(n_types):
-            acc = 0.0
-            for g in range(ga.shape[1]):
-                acc += ga[t, g] * math.exp(-gb[t, g] * ss * 0.25)
-            f_type[t] = acc
+        _type_form_factors(ga, gb, ss, f_type)
         for k in range(rot.shape[0]):
             p0, p1, p2, q0, q1, q2, shift = _operator_terms(rot, trans, fmat, k, h0, h1, h2)
             for a in range(m):

@@ -83,7 +83,7 @@ _CIF_OBS_ITEMS = ("F_meas_au", "F_meas", "intensity_meas", "F_squared_meas", "pd
 #: Largest test-set fraction the two-value heuristic accepts as "the minority is the test set".
 _MAX_TEST_FRACTION = 0.35
 #: Memory budget of reciprocalspaceship's kernel smoother (n_reflections × 20·bins float64 matrices).
-_FW_KERNEL_ELEMENTS = 64_000_000
+_FW_KERNEL_ELEMENTS = 16_000_000
 
 
 @dataclass

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 from numba import njit, prange
 
-from ..density.direct import _operator_terms, _s2, scatterers_of_model
+from ..density.direct import _operator_terms, _s2, _type_form_factors, scatterers_of_model
 from ..io.reflections import ReflectionTable
 from ..model.arrays import Model
 
@@ -67,11 +67,7 @@ def _amplitude_jacobian(hkl, unit, k_total, frac, occ, u, iso, type_idx, ga, gb,
         h0, h1, h2 = hkl[r, 0], hkl[r, 1], hkl[r, 2]
         ss = _s2(fmat, h0, h1, h2)
         f_type = np.zeros(n_types)
-        for t in range(n_types):
-            acc = 0.0
-            for g in range(ga.shape[1]):
-                acc += ga[t, g] * math.exp(-gb[t, g] * ss * 0.25)
-            f_type[t] = acc
+        _type_form_factors(ga, gb, ss, f_type)
         ur, ui = unit[r].real, unit[r].imag
         for a in range(m):
             d0r = d0i = d1r = d1i = d2r = d2i = dbr = dbi = 0.0

@@ -15,12 +15,16 @@ One macro-cycle:
      and on occupancies (Σ over a residue's conformers = 1, or ≤ 1).
   4. Geometry statistics; the automatic weight is adjusted (below).
 
-Automatic data/restraint weight: w₀ = ½ |∇T_geometry| / |∇T_data| over the coordinates of the
-start (the gradient-norm ratio of phenix/cctbx), then after every cycle w ← w · clip(b*/b, ⅓, 3)
-when the bond RMSD b leaves [0.006, 0.012] Å (b* = 0.010 Å), and w ← w · 1.1°/a when the angle
-RMSD a exceeds 1.3°: restrained deviations grow about linearly with the weight. If the last
-cycle still ends beyond 0.015 Å or 1.5°, one more cycle runs at half the weight. `--weight W`
-fixes w. The test set never enters T (R-free stays honest).
+Weights. Both restraint terms are Σ z² = −2 ln(prior), so the data term's natural weight w_n
+puts it on the same scale: w_n = 2 for the ML target (−ln L), and N_work / T_LS(start) for least
+squares (σ rescaled so that the weighted residuals have unit variance). The ADP restraints always
+act at that natural ratio (the factor w / w_n). Automatic coordinate weight: w₀ = w_n, then after
+every cycle, with a and b the angle and bond RMSD: when a > 1.4°, w ← w · min(1.2°/a, b*/b, 1);
+otherwise w ← w · max(b*/b, ⅓) when b > 0.013 Å, and w ← w · min(√(b*/b), 1 + 2(1.4° − a)/1.4°, 2)
+when b < 0.007 Å (b* = 0.010 Å): restrained deviations grow about linearly with w, and an
+overshoot costs R-free, so the way up is slower. If the last cycle still ends beyond 0.015 Å or
+1.5°, one more cycle runs at half the weight. `--weight W` fixes w. The test set never enters T
+(R-free stays honest).
 """
 from __future__ import annotations
 
@@ -475,7 +479,8 @@ def _adjust_weight(weight: float, bonds: float, angles: float) -> float:
     elif bonds > BOND_BAND[1]:
         weight *= max(BOND_AIM / bonds, 1 / 3)
     elif bonds < BOND_BAND[0]:
-        weight *= min(np.sqrt(BOND_AIM / max(bonds, 1e-6)), 2.0)  # cautiously up: R-free pays for overshoot
+        # cautiously up (R-free pays for an overshoot), and less so the closer the angles are to their limit
+        weight *= min(np.sqrt(BOND_AIM / max(bonds, 1e-6)), 1.0 + 2.0 * (ANGLE_MAX - angles) / ANGLE_MAX, 2.0)
     return weight
 
 
