@@ -6,8 +6,11 @@ of the isotropic ones; direct summation over atoms and symmetry operators, exact
 W = 1/σ² and residuals r = |Fo| − |F_model|:
     N = Jᵀ W J,   GoF² = Σ W r² / (n_obs − n_par),   cov = GoF² · N⁻¹,   esd = √diag(cov).
 This is the unrestrained covariance (as SHELXL reports without restraints): it says how well the
-data alone determine each parameter. A floating origin (polar space groups) makes N singular;
-its null space is dropped (pseudo-inverse) and said so.
+data alone determine each parameter. In polar space groups (P1, P2₁, C2, P4₁, ...) the origin
+floats along the polar axes: a shift of every atom changes only the fixed bulk-solvent part, so N
+is nearly singular there and the esds would be spurious; those shifts are projected out (the
+centroid is held along the polar axes, as SHELXL does), and any other null space is dropped
+(pseudo-inverse) and said so.
 
 Diagonal approximation (larger problems): N_pp ≈ Σ_h W_h k_h² · ½ n_ops · a_j(h)² · c_p(h), with
 a_j(h) = occ_j f_j(s) e^{−B_j s²/4} the atom's amplitude, c = 4π²s²/3 for a coordinate
@@ -145,10 +148,15 @@ def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: s
             jac = amplitude_jacobian(model, table, result.f_model, k_total, rows).reshape(len(rows), -1)[:, cols]
             ww = w[start:start + REFLECTION_BLOCK]
             normal += jac.T @ (jac * ww[:, None])
+        shifts = _origin_shifts(table, atoms, cols)
+        if len(shifts):
+            proj = np.eye(len(cols)) - shifts.T @ np.linalg.solve(shifts @ shifts.T, shifts)
+            normal = proj @ normal @ proj
+            notes.append(f"floating origin along {len(shifts)} polar axis(es): the centroid is held there")
         vals, vecs = np.linalg.eigh(normal)
         keep = vals > vals.max() * 1e-10
-        if (~keep).any():
-            notes.append(f"{int((~keep).sum())} undetermined combinations (floating origin?) left out of the inverse")
+        if (~keep).sum() > len(shifts):
+            notes.append(f"{int((~keep).sum()) - len(shifts)} undetermined combinations left out of the inverse")
         cov = (vecs[:, keep] / vals[keep]) @ vecs[:, keep].T * gof2
         esd = np.sqrt(np.clip(np.diag(cov), 0, None))
         atom_of, kind = cols // 4, cols % 4
@@ -166,6 +174,26 @@ def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: s
     log(f"standard uncertainties ({method}): mean position esd "
         f"{float(np.sqrt((xyz[atoms] ** 2).sum(1)).mean()):.4f} Å, goodness of fit {math.sqrt(gof2):.2f}")
     return Uncertainties(method, xyz, b, math.sqrt(gof2), len(work), n_par, labels, notes)
+
+
+def _origin_shifts(table: ReflectionTable, atoms: np.ndarray, cols: np.ndarray) -> np.ndarray:
+    """Parameter-space vectors of a rigid shift of all atoms along each polar axis (directions d
+    with R d = d for every rotation of the space group); (n_axes, n_cols)."""
+    from ..density.direct import symmetry_operators
+
+    rot, _ = symmetry_operators(table.spacegroup)
+    _, sv, vt = np.linalg.svd(np.concatenate([r - np.eye(3) for r in rot]))
+    axes = vt[np.sum(sv > 1e-8):]
+    orth = np.array(table.cell.orth.mat.tolist())
+    out = []
+    for d in axes:
+        e = orth @ d
+        e /= np.linalg.norm(e)
+        v = np.zeros(4 * len(atoms))
+        for c in range(3):
+            v[np.arange(len(atoms)) * 4 + c] = e[c]
+        out.append(v[cols])
+    return np.array(out).reshape(len(out), len(cols))
 
 
 def _diagonal_esd(model: Model, table: ReflectionTable, atoms, work, w, k_total_work, n_bins: int = 100):
