@@ -76,6 +76,10 @@ def test_symmetry_expanded_fft_matches_direct(crystal_model):
     gd = direct_gradient(sc, hkl[sub], d[sub])
     for name in ("xyz", "b_iso", "occ", "u"):
         assert rel(getattr(g, name), getattr(gd, name)) < 5e-4, name
+    # positions and occupancies only (B, U fixed): the same numbers, no shape part
+    g_occ = calc.gradient(sc, d, with_adp=False)
+    assert rel(g_occ.occ, gd.occ) < 5e-4 and rel(g_occ.xyz, gd.xyz) < 5e-4
+    assert not np.any(g_occ.u) and not np.any(g_occ.b_iso)
     # single-precision refinement grids: ~1e-3, and gradient consistent with its own F
     fast = CrystalStructureFactors(sc, hkl, 2.5, accuracy=REFINEMENT_ACCURACY)
     assert rel(fast.structure_factors(sc)[sub], f_dir) < 5e-3

@@ -86,8 +86,10 @@ class CrystalStructureFactors:
         f = (f1 * self.phase).sum(axis=1) * (self.cell.volume / rho.size)
         return f * np.exp(b_add * self.s2 / 4.0)
 
-    def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False) -> StructureFactorGradient:
-        """∂T/∂(x, B, occupancy, U) for D(h) = ∂T/∂Re F + i ∂T/∂Im F at the calculator's reflections."""
+    def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False,
+                 with_adp: bool = True) -> StructureFactorGradient:
+        """∂T/∂(x, B, occupancy, U) for D(h) = ∂T/∂Re F + i ∂T/∂Im F at the calculator's reflections
+        (`positions_only`: x only; `with_adp` False: x and occupancy)."""
         p1 = self.asymmetric_unit(sc)
         b_add = self._b_add(p1)
         d = np.asarray(dtarget_df) * np.exp(b_add * self.s2 / 4.0)
@@ -100,7 +102,8 @@ class CrystalStructureFactors:
         np.add.at(spec, self._g_idx, (c * n).astype(spec.dtype))
         gmap = scipy.fft.irfftn(spec, s=self.shape, workers=self.threads)
         return gather_gradient(p1, gmap, b_add, self.cell.volume / n, self.cutoff, self.threads,
-                               prepared=self._prepared(p1, b_add), positions_only=positions_only)
+                               prepared=self._prepared(p1, b_add), positions_only=positions_only,
+                               with_adp=with_adp)
 
 
 def _atom_chunk(sc: Scatterers, sl: slice) -> Scatterers:
@@ -115,9 +118,9 @@ def _chunk_structure_factors(calc: CrystalStructureFactors, chunk: Scatterers) -
 
 
 def _chunk_gradient(calc: CrystalStructureFactors, chunk: Scatterers, d: np.ndarray,
-                    positions_only: bool) -> StructureFactorGradient:
+                    positions_only: bool, with_adp: bool) -> StructureFactorGradient:
     """One task: the gradient with respect to an atom chunk's parameters."""
-    return calc.gradient(chunk, d, positions_only=positions_only)
+    return calc.gradient(chunk, d, positions_only=positions_only, with_adp=with_adp)
 
 
 class ChunkedStructureFactors:
@@ -151,10 +154,11 @@ class ChunkedStructureFactors:
             total += p
         return total
 
-    def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False) -> StructureFactorGradient:
+    def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False,
+                 with_adp: bool = True) -> StructureFactorGradient:
         n = len(self.slices)
         parts = self._map(_chunk_gradient, [_atom_chunk(sc, s) for s in self.slices], [dtarget_df] * n,
-                          [positions_only] * n)
+                          [positions_only] * n, [with_adp] * n)
         return StructureFactorGradient(xyz=np.concatenate([p.xyz for p in parts]),
                                        b_iso=np.concatenate([p.b_iso for p in parts]),
                                        occ=np.concatenate([p.occ for p in parts]),

@@ -190,9 +190,10 @@ def _spread(grid, frac, coef, minv, radius, half, orth):
 
 
 @njit(cache=True, nogil=True)
-def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with_shape, iso):
-    """∫ g ∂ρ/∂p dV per image: position (Cartesian) and, with `with_shape`, occupancy and ∂T/∂M
-    summed over Gaussians (coordinate refinement needs positions only: about 25 % cheaper).
+def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with_shape, iso, with_occ):
+    """∫ g ∂ρ/∂p dV per image: position (Cartesian), with `with_occ` occupancy, and with
+    `with_shape` ∂T/∂M summed over Gaussians (coordinate refinement needs positions only: about
+    25 % cheaper; occupancies cost little more, the shape part most).
 
     Same row recurrence as `_spread` for the Gaussian values; r(k) is linear in k. For an
     isotropic image (M⁻¹ = m_g·I), ∂ρ/∂x = 8π² r Σ_g m_g ρ_g and ∂ρ/∂M needs only Σ ρ_g, Σ m_g ρ_g
@@ -262,11 +263,16 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
                 if iso[a] and not with_shape:
                     for k in range(k0, k1 + 1):
                         acc = 0.0
+                        acc0 = 0.0
                         for g in range(ng):
                             acc += val[g] * minv[a, g, 0, 0]
+                            acc0 += val[g]
                             val[g] *= ratio[g]
                             ratio[g] *= mult[g]
-                        w = gmap[ii, jj, k % n2] * dvol * acc * 2.0 * fpp
+                        gval = gmap[ii, jj, k % n2] * dvol
+                        if with_occ:
+                            g_occ[a] += gval * acc0 * inv_occ
+                        w = gval * acc * 2.0 * fpp
                         for p in range(3):
                             g_x[a, p] += w * (rb[p] + k * step[p])
                     continue
@@ -286,8 +292,9 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
                         # ∂ρ/∂x_atom = ρ · 8π² M⁻¹ r (r = x − x_atom)
                         for p in range(3):
                             g_x[a, p] += w * 2.0 * fpp * mr[p]
-                        if with_shape:
+                        if with_occ:
                             g_occ[a] += w * inv_occ
+                        if with_shape:
                             # ∂ρ/∂M = ρ (−½ M⁻¹ + 4π² M⁻¹ r rᵀ M⁻¹)
                             for p in range(3):
                                 for q_ in range(3):
@@ -385,9 +392,10 @@ def fft_gradient(sc: Scatterers, hkl: np.ndarray, dtarget_df: np.ndarray, d_min:
 
 def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float, cutoff: float = 1e-6,
                     threads: int = 2, prepared: _Prepared | None = None,
-                    positions_only: bool = False) -> StructureFactorGradient:
+                    positions_only: bool = False, with_adp: bool = True) -> StructureFactorGradient:
     """∂T/∂p = Σ_grid gmap · ∂ρ_blur/∂p · dvol for every scatterer (ρ_blur spread with `b_add`);
-    with `positions_only` the B, U and occupancy parts are zero (not computed)."""
+    with `positions_only` the B, U and occupancy parts are zero (not computed); with `with_adp`
+    False only the B and U parts are."""
     shape = gmap.shape
     gmap = np.ascontiguousarray(gmap)
     p = prepared or _prepare(sc, shape, b_add, cutoff)
@@ -396,7 +404,7 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
 
     def run(sl):
         return _gather(gmap, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix,
-                       occ_img[sl], dvol, not positions_only, p.iso[sl])
+                       occ_img[sl], dvol, not positions_only and with_adp, p.iso[sl], not positions_only)
 
     with ThreadPoolExecutor(len(parts)) as ex:
         res = list(ex.map(run, parts))

@@ -224,7 +224,7 @@ class XrayData:
         self.evaluations += 1
         f_model = self.k_total * (self.f_calc() + self.f_bulk)
         value, d = self.target.value_and_derivative(f_model, self.k_total)
-        g = self.calc.gradient(self.sc, d, positions_only=not (need_adp or need_occ))
+        g = self.calc.gradient(self.sc, d, positions_only=not (need_adp or need_occ), with_adp=need_adp)
         return value, g
 
 
