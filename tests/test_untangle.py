@@ -1,0 +1,150 @@
+"""Untangling building blocks: the tangled-residue scorer on the Untangle challenge models, and
+every divide projection idempotent and nearest against random points of its set."""
+import numpy as np
+import pytest
+from conftest import need
+
+from drefine.io.models import read_model
+from drefine.untangle.projections import (
+    concur_positions,
+    kabsch_placement,
+    match_disulfides,
+    project_bonds,
+    project_exclusion,
+    project_rigid_motifs,
+    project_structure_factor,
+    project_structure_factor_dask,
+)
+from drefine.untangle.tangling import tangled_residues
+
+RNG = np.random.default_rng(7)
+
+
+@pytest.mark.parametrize(("name", "expected"), [("best", []), ("otw39", ["A/ALA 39", "A/SER 40"]), ("otw1", 1),
+                                                ("lotswrong", 29)])
+def test_tangled_residue_counts(data_dir, name, expected):
+    truth = read_model(need(data_dir, "untangle/ground_truth.pdb"))
+    found = tangled_residues(read_model(need(data_dir, f"untangle/{name}.pdb")), truth)
+    if isinstance(expected, int):
+        assert len(found) == expected
+    else:
+        assert found == expected
+
+
+def _random_rotation(n):
+    q = RNG.normal(size=(n, 4))
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    w, x, y, z = q.T
+    return np.stack([np.stack([1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)], -1),
+                     np.stack([2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)], -1),
+                     np.stack([2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)], -1)], 1)
+
+
+def test_bond_projection_is_idempotent_and_nearest():
+    n = 200
+    a, b = RNG.normal(size=(n, 3)) * 2, RNG.normal(size=(n, 3)) * 2
+    ideal, tol = np.full(n, 1.5), np.full(n, 0.05)
+    pa, pb = project_bonds(a, b, ideal, tol)
+    d = np.linalg.norm(pa - pb, axis=1)
+    assert np.all(d >= 1.45 - 1e-12) and np.all(d <= 1.55 + 1e-12)
+    qa, qb = project_bonds(pa, pb, ideal, tol)
+    assert np.array_equal(qa, pa) and np.array_equal(qb, pb)
+    moved = np.sqrt(((pa - a) ** 2).sum(1) + ((pb - b) ** 2).sum(1))
+    # the exact nearest distance: each end moves half the length error along the bond
+    d0 = np.linalg.norm(a - b, axis=1)
+    assert np.allclose(moved, np.abs(d0 - np.clip(d0, 1.45, 1.55)) / np.sqrt(2), atol=1e-12)
+    for _ in range(200):  # random points of the set are never nearer
+        ya = RNG.normal(size=(n, 3)) * 2
+        u = RNG.normal(size=(n, 3))
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        yb = ya + u * RNG.uniform(1.45, 1.55, n)[:, None]
+        trial = np.sqrt(((ya - a) ** 2).sum(1) + ((yb - b) ** 2).sum(1))
+        assert np.all(trial >= moved - 1e-9)
+
+
+def test_exclusion_projection_is_idempotent_and_nearest():
+    n = 100
+    a = RNG.normal(size=(n, 3))
+    b = a + RNG.normal(size=(n, 3)) * 1.5
+    r_min = np.full(n, 2.8)
+    pa, pb = project_exclusion(a, b, r_min)
+    assert np.all(np.linalg.norm(pa - pb, axis=1) >= 2.8 - 1e-12)
+    assert all(np.array_equal(x, y) for x, y in zip(project_exclusion(pa, pb, r_min), (pa, pb)))
+    far = np.linalg.norm(a - b, axis=1) >= 2.8
+    assert np.array_equal(pa[far], a[far])
+    moved = np.sqrt(((pa - a) ** 2).sum(1) + ((pb - b) ** 2).sum(1))
+    for _ in range(200):
+        ya = a + RNG.normal(size=(n, 3)) * 0.5
+        u = RNG.normal(size=(n, 3))
+        u /= np.linalg.norm(u, axis=1, keepdims=True)
+        yb = ya + u * RNG.uniform(2.8, 4.0, n)[:, None]
+        assert np.all(np.sqrt(((ya - a) ** 2).sum(1) + ((yb - b) ** 2).sum(1)) >= moved - 1e-9)
+
+
+def test_kabsch_recovers_a_placement_and_refuses_mirrors():
+    n, k = 50, 5
+    motif = RNG.normal(size=(n, k, 3))
+    rot = _random_rotation(n)
+    x = np.einsum("nij,nkj->nki", rot, motif) + RNG.normal(size=(n, 1, 3)) * 5
+    placed, d2 = kabsch_placement(x, motif)
+    assert np.allclose(placed, x, atol=1e-9) and np.all(d2 < 1e-16)
+    mirror = x * np.array([-1.0, 1.0, 1.0])
+    _, d2m = kabsch_placement(mirror, motif)
+    assert np.all(d2m > 1e-3)  # a chiral (non-planar) motif cannot be superposed on its mirror image
+
+
+def test_rigid_motif_projection_is_idempotent_and_nearest():
+    n, k = 40, 4
+    motifs = RNG.normal(size=(n, 2, k, 3))  # two allowed motifs per constraint (e.g. trans/cis)
+    x = RNG.normal(size=(n, k, 3)) * 1.5
+    tol = np.full(n, 0.1)
+    p, which = project_rigid_motifs(x, motifs, tol)
+    p2, which2 = project_rigid_motifs(p, motifs, tol)
+    assert np.allclose(p2, p, atol=1e-10) and np.array_equal(which, which2)
+    moved = np.sqrt(((p - x) ** 2).sum(axis=(1, 2)))
+    for _ in range(300):
+        j = RNG.integers(0, 2, n)
+        rot = _random_rotation(n)
+        centre = x.mean(1, keepdims=True) + RNG.normal(size=(n, 1, 3)) * 0.3
+        m = motifs[np.arange(n), j]
+        y = np.einsum("nij,nkj->nki", rot, m - m.mean(1, keepdims=True)) + centre
+        ball = RNG.normal(size=(n, k, 3))
+        ball *= (tol * RNG.uniform(0, 1, n))[:, None, None] / np.sqrt((ball ** 2).sum(axis=(1, 2)))[:, None, None]
+        trial = np.sqrt(((y + ball - x) ** 2).sum(axis=(1, 2)))
+        assert np.all(trial >= moved - 1e-9)
+
+
+def test_structure_factor_projection_satisfies_the_constraint_and_is_nearest():
+    n_refl, n_var = 64, 30
+    rho = RNG.normal(size=(n_refl, n_var)) + 1j * RNG.normal(size=(n_refl, n_var))
+    p = RNG.uniform(0.3, 1.0, (n_refl, n_var)) * np.exp(1j * RNG.uniform(0, 2 * np.pi, (n_refl, n_var)))
+    f = RNG.normal(size=n_refl) * 5 + 1j * RNG.normal(size=n_refl) * 5
+    q = project_structure_factor(rho, p, f)
+    assert np.allclose((p * q).sum(1), f, atol=1e-12)
+    assert np.allclose(project_structure_factor(q, p, f), q, atol=1e-12)
+    moved = np.sqrt((np.abs(q - rho) ** 2).sum(1))
+    for _ in range(100):  # other points of the affine set: q plus a null-space direction
+        z = RNG.normal(size=(n_refl, n_var)) + 1j * RNG.normal(size=(n_refl, n_var))
+        z -= np.conj(p) * ((p * z).sum(1) / (np.abs(p) ** 2).sum(1))[:, None]
+        y = q + z
+        assert np.allclose((p * y).sum(1), f, atol=1e-10)
+        assert np.all(np.sqrt((np.abs(y - rho) ** 2).sum(1)) >= moved - 1e-9)
+    import dask.array as da
+
+    out = project_structure_factor_dask(da.from_array(rho, chunks=(16, n_var)), da.from_array(p, chunks=(16, n_var)),
+                                        da.from_array(f, chunks=16)).compute()
+    assert np.array_equal(out, q)
+
+
+def test_concur_on_a_two_atom_toy():
+    # atom 0: replicas at x = 0 (geometry, η 10) and x = 1.1 (exclusion, η 1); atom 1: one replica
+    replicas = np.array([[0.0, 0, 0], [1.1, 0, 0], [3.0, 1, 0]])
+    mean = concur_positions(replicas, np.array([0, 0, 1]), np.array([10.0, 1.0, 10.0]), 3)
+    assert mean[0] == pytest.approx([0.1, 0, 0]) and mean[1] == pytest.approx([3.0, 1, 0])
+    assert np.all(np.isnan(mean[2]))
+
+
+def test_disulfide_matching_pairs_the_nearest_partners():
+    a = np.array([[0.0, 0, 0], [10.0, 0, 0]])
+    b = np.array([[10.0, 2.0, 0], [0.0, 2.1, 0]])
+    assert match_disulfides(a, b).tolist() == [[0, 1], [1, 0]]
