@@ -19,6 +19,8 @@ subcommands available now:
   fmodel     synthetic data from a model: structure factors (MTZ) and/or a model map (CCP4/MRC)
   rsr        real-space refinement against a map (cryo-EM or crystallographic), weight found automatically
   xray       reciprocal-space refinement against X-ray data (ML or LS), with 2mFo-DFc / mFo-DFc maps
+  ensemble   many perturbed starts refined as tasks on a dask cluster: RMSF, CC spread, averaged map
+  weight-scan  a grid of weights (and sharpening B) refined as tasks: fit against geometry, recommendation
 """
 
 
@@ -196,6 +198,53 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atom chunks (tasks) per structure-factor evaluation (default: one per worker with "
                         "--scheduler; given without --scheduler, the same chunks run in-process, with "
                         "identical results)")
+    for name, helptext, desc in (
+            ("ensemble", "refine many perturbed copies of a model (dask tasks)",
+             ("Make N perturbed starts (seeded Gaussian shifts of a given RMS), refine each with the same settings "
+              "(rsr against a map, xray against reflections) as tasks on a dask cluster, and write every member "
+              "(DIR/members/), the ensemble as one multi-model file, per-atom RMSF and positional spread, the "
+              "per-residue spread of CC (maps), the ensemble-averaged model map (maps), summary.json, summary.html "
+              "and plots along the chain. --resume finishes an interrupted run.")),
+            ("weight-scan", "refine with each of a grid of weights (and sharpening B) as dask tasks",
+             ("Refine the start model once per weight (and per sharpening B with --sharpen-b) as tasks on a dask "
+              "cluster; write a table and a plot of map fit (CC_mask, or R-free) against bond/angle RMSD, and the "
+              "recommended weight: the best fit whose geometry stays within the targets."))):
+        e = sub.add_parser(name, help=helptext, description=desc)
+        e.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
+        e.add_argument("data", metavar="DATA", help="map (CCP4/MRC, zarr) or reflections (MTZ, SF-mmCIF)")
+        _common(e, f"output folder (default: MODEL name + '_{name}')")
+        e.add_argument("--mode", choices=("auto", "rsr", "xray"), default="auto",
+                       help="real-space (map) or reciprocal-space (reflections) refinement; auto: from DATA")
+        e.add_argument("--resolution", type=_positive_float, metavar="Å",
+                       help="map resolution (rsr, required) or high-resolution cut (xray)")
+        e.add_argument("--scattering", choices=("electron", "xray", "neutron"), default=None,
+                       help="form factors (default: electron for maps, xray for reflections)")
+        e.add_argument("--scheduler", metavar="ADDRESS",
+                       help="tcp://HOST:PORT of a running dask scheduler, 'local' (default: a local cluster started "
+                            "for the job) or 'inprocess' (one member after the other, no cluster)")
+        e.add_argument("--workers", type=int, metavar="N", help="workers of the local cluster (default: cores)")
+        e.add_argument("--cluster", choices=("slurm", "pbs"),
+                       help="start workers as batch jobs through dask-jobqueue (see deploy/)")
+        e.add_argument("--jobs", type=int, default=1, help="batch jobs with --cluster (default 1)")
+        e.add_argument("--job-cores", type=int, default=2, help="worker processes per batch job (default 2)")
+        e.add_argument("--job-memory", default="8GB", help="memory per batch job (default 8GB)")
+        e.add_argument("--job-walltime", default="02:00:00", help="wall time per batch job (default 02:00:00)")
+        e.add_argument("--queue", help="batch queue or partition")
+        e.add_argument("--resume", action="store_true",
+                       help="keep the members already in the output folder and run only the missing ones")
+        e.add_argument("--retries", type=int, default=2, help="retries of a failing member (default 2)")
+        if name == "ensemble":
+            e.add_argument("--n", type=int, required=True, help="number of members")
+            e.add_argument("--rmsd", type=_positive_float, default=0.5, metavar="Å",
+                           help="RMS of the seeded perturbation of each start (default 0.5)")
+            e.add_argument("--seed", type=int, default=0, help="seed of member 0; member i uses seed + i")
+            e.add_argument("--weight", type=_positive_float, metavar="W",
+                           help="data/restraint weight for every member (rsr default: one weight scan of the "
+                                "start model, shared by all; xray default: automatic per member)")
+        else:
+            e.add_argument("--weights", required=True, metavar="W1,W2,...", help="weights to try")
+            e.add_argument("--sharpen-b", metavar="B1,B2,...",
+                           help="sharpening (B < 0) or blurring B values in Å² to cross with the weights (rsr)")
     return parser
 
 
@@ -609,7 +658,193 @@ def _occupancy_report(result) -> list[dict]:
              "occupancies": [round(float(v), 3) for v in q[g.group_of_conformer == k]]} for k in range(g.n_groups)]
 
 
-COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel, "rsr": cmd_rsr, "xray": cmd_xray}
+MAP_SUFFIXES = (".mrc", ".map", ".ccp4", ".zarr", ".mrc.gz", ".map.gz", ".ccp4.gz")
+
+
+def _batch_setup(args, log) -> tuple[dict, Path]:
+    """Model, data, restraints and options shared by every member (the task payload)."""
+    from .io.models import read_model
+    from .restraints.topology import build_restraints
+
+    model = read_model(args.model)
+    if len(model.model_atoms(0)) == 0:
+        raise DrefineError(f"{args.model}: the model has no atoms")
+    mode = args.mode
+    if mode == "auto":
+        mode = "rsr" if str(args.data).lower().rstrip("/").endswith(MAP_SUFFIXES) else "xray"
+    restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    if mode == "rsr":
+        from .io.maps import read_map
+        from .refine.rsr import RSROptions
+
+        if args.resolution is None:
+            raise DrefineError("--resolution (Å) is needed to refine against a map")
+        dmap = read_map(args.data)
+        inside = dmap.covers(model.atoms.xyz[model.model_atoms(0)])
+        if inside < 1.0:
+            raise DrefineError(f"the map does not cover the model: {100 * (1 - inside):.1f} % of the atoms lie outside")
+        options = RSROptions(resolution=args.resolution, source=args.scattering or "electron")
+        data = dmap.load()
+    else:
+        from .io.reflections import check_cell_compatible, read_reflections
+        from .refine.xray import XrayOptions
+
+        data = read_reflections(args.data)
+        if args.resolution is not None:
+            data = data.select(data.d >= args.resolution).with_bins()
+        check_cell_compatible(data, model.cell)
+        options = XrayOptions(source=args.scattering or "xray")
+    out_dir = Path(args.output or (Path(args.model).name.split(".")[0] + "_" + args.command.replace("-", "_")))
+    log(f"drefine {args.command} {args.model} against {args.data} ({mode}): {len(model.model_atoms(0))} atoms "
+        f"-> {out_dir}/")
+    return {"model": model, "data": data, "restraints": restraints, "options": options, "mode": mode}, out_dir
+
+
+def _batch_client(args):
+    from .parallel.cluster import batch_client, task_client
+
+    if args.cluster:
+        return batch_client(args.cluster, args.jobs, args.job_cores, args.job_memory, args.job_walltime, args.queue)
+    return task_client(None if args.scheduler in (None, "local") else args.scheduler, args.workers)
+
+
+def cmd_ensemble(args) -> int:
+    from .io.atomic import atomic_write, write_json
+    from .parallel.batch import ensemble_members, ensemble_statistics, member_paths, run_batch
+    from .parallel.batch_report import plot_along_chain, write_html, write_multimodel
+    from .validate.report import Stopwatch, new_report
+
+    clock = Stopwatch()
+    log = _Log()
+    if args.n < 1:
+        raise DrefineError("--n must be at least 1")
+    payload, out_dir = _batch_setup(args, log)
+    weight = args.weight
+    with _batch_client(args) as client:
+        if payload["mode"] == "rsr" and weight is None:
+            from .refine.rsr import run_rsr
+
+            # one weight for the whole ensemble: the scan on the start model (same settings for all)
+            weight = run_rsr(payload["model"], payload["data"], payload["restraints"],
+                             payload["options"], client=client, log=lambda s: None).weight
+            log(f"weight {weight:.4g} from the weight scan of the start model, used by every member")
+        members = ensemble_members(args.n, args.rmsd, args.seed, weight)
+        result = run_batch(payload, members, out_dir, client=client, resume=args.resume, retries=args.retries, log=log)
+    report = new_report("ensemble", {"model": str(args.model), "data": str(args.data), "mode": payload["mode"],
+                                     "n": args.n, "rmsd": args.rmsd, "seed": args.seed, "scheduler": args.scheduler})
+    report["members"] = result.done
+    report["failed"] = result.failed
+    report["resumed"] = result.skipped
+    images = []
+    if result.done:
+        stats = ensemble_statistics(payload["model"], payload["restraints"], out_dir, result.done)
+        report["final"] = {**stats["summary"], "weight": weight,
+                           **{k: float(np.mean([s[k] for s in result.done])) for k in
+                              ("bonds_rmsd", "angles_rmsd", "cc_mask", "r_free") if k in result.done[0]}}
+        report["details"] = {"per_residue": stats["summary"].pop("per_residue")}
+        report["final"].pop("per_residue", None)
+        write_multimodel([member_paths(out_dir, s["name"])[0] for s in result.done], out_dir / "ensemble.cif")
+        keys = [("rmsf", "RMSF (Å)")] + ([("cc_mean", "CC"), ("cc_spread", "CC spread")]
+                                         if "cc_mean" in report["details"]["per_residue"][0] else [])
+        plot_along_chain(report["details"]["per_residue"], keys, out_dir / "spread.png",
+                         f"ensemble of {len(result.done)}: spread along the chain")
+        images.append("spread.png")
+        if payload["mode"] == "rsr":
+            _ensemble_map(payload, stats, out_dir / "ensemble_map.mrc")
+            report["outputs_map"] = str(out_dir / "ensemble_map.mrc")
+    report["outputs"] = {"folder": str(out_dir), "ensemble": str(out_dir / "ensemble.cif"),
+                         "summary": str(out_dir / "summary.json"), "html": str(out_dir / "summary.html")}
+    report["timing"] = {"wall_s": clock.seconds(), "batch_s": result.seconds,
+                        "members_per_minute": 60 * (len(result.done) - len(result.skipped)) / max(result.seconds, 1e-9)}
+    write_json(out_dir / "summary.json", report)
+    if args.json:
+        write_json(args.json, report)
+    table = [{k: s.get(k) for k in ("name", "seed", "cc_mask", "r_free", "bonds_rmsd", "angles_rmsd", "seconds")
+              if k in s} for s in result.done]
+    write_html(out_dir / "summary.html", f"drefine ensemble: {args.model}", report.get("final", {}), table, images)
+    log(f"{len(result.done)} of {args.n} members in {out_dir}/ ({report['timing']['members_per_minute']:.1f} per "
+        f"minute); mean RMSF {report.get('final', {}).get('mean_rmsf', float('nan')):.3f} Å")
+    atomic_write(out_dir / "ensemble.log", "\n".join(log.lines) + "\n")
+    if result.failed:
+        raise DrefineError(f"{len(result.failed)} members failed: {', '.join(result.failed)} (run again with --resume)")
+    return 0
+
+
+def _ensemble_map(payload, stats, path) -> None:
+    """Average of the members' model maps on the map box around the model."""
+    from .density.map_fit import model_map_on_grid
+    from .io.maps import write_map
+    from .refine.rsr import map_box_around
+
+    model, opt = payload["model"], payload["options"]
+    box = map_box_around(payload["data"], stats["xyz"].reshape(-1, 3), opt.box_margin + opt.resolution)
+    total = None
+    member = model.copy()
+    for xyz in stats["xyz"]:
+        member.atoms.xyz[stats["atoms"]] = xyz
+        m = model_map_on_grid(member, box, opt.resolution, opt.source, stats["atoms"])
+        total = m if total is None else total + m
+    from dataclasses import replace as _replace
+
+    write_map(_replace(box, data=(total / len(stats["xyz"])).astype(np.float32)), path)
+
+
+def cmd_weight_scan(args) -> int:
+    from .io.atomic import atomic_write, write_json
+    from .parallel.batch import grid_members, run_batch
+    from .parallel.batch_report import plot_weight_scan, write_html
+    from .validate.report import Stopwatch, new_report
+
+    clock = Stopwatch()
+    log = _Log()
+    try:
+        weights = [float(w) for w in args.weights.split(",") if w.strip()]
+        sharpen = [float(b) for b in args.sharpen_b.split(",")] if args.sharpen_b else [None]
+    except ValueError:
+        raise DrefineError("--weights and --sharpen-b take comma-separated numbers") from None
+    if not weights or any(w <= 0 for w in weights):
+        raise DrefineError("--weights must be positive numbers")
+    payload, out_dir = _batch_setup(args, log)
+    if payload["mode"] == "xray" and args.sharpen_b:
+        raise DrefineError("--sharpen-b applies to maps (rsr) only")
+    members = grid_members(weights, sharpen)
+    with _batch_client(args) as client:
+        result = run_batch(payload, members, out_dir, client=client, resume=args.resume, retries=args.retries, log=log)
+    rsr = payload["mode"] == "rsr"
+    fit_key = "cc_mask" if rsr else "r_free"
+    bond_max, angle_max = (0.01, 1.0) if rsr else (0.015, 1.5)
+    ok = [s for s in result.done if s["bonds_rmsd"] <= bond_max and s["angles_rmsd"] <= angle_max]
+    best = (max(ok, key=lambda s: s[fit_key]) if rsr else min(ok, key=lambda s: s[fit_key])) if ok else None
+    recommended = best["weight"] if best else min(weights)
+    log(f"{'run':>14s} {'weight':>8s} {fit_key:>8s} {'bonds Å':>8s} {'angles °':>8s}")
+    for s in result.done:
+        log(f"{s['name']:>14s} {s['weight']:8.3g} {s[fit_key]:8.4f} {s['bonds_rmsd']:8.4f} {s['angles_rmsd']:8.2f}")
+    log(f"recommended weight {recommended:g}" + (f" ({best['name']}: best {fit_key} with bonds ≤ {bond_max} Å and "
+                                                 f"angles ≤ {angle_max}°)" if best else
+                                                 " (no run kept the geometry within the targets: the smallest)"))
+    plot_weight_scan(result.done, fit_key, out_dir / "weight_scan.png", best["name"] if best else None)
+    report = new_report("weight-scan", {"model": str(args.model), "data": str(args.data), "mode": payload["mode"],
+                                        "weights": weights, "sharpen_b": sharpen})
+    report["final"] = {"recommended_weight": recommended, "recommended_run": best["name"] if best else None,
+                       "bond_target": bond_max, "angle_target": angle_max}
+    report["members"] = result.done
+    report["failed"] = result.failed
+    report["timing"] = {"wall_s": clock.seconds(), "batch_s": result.seconds}
+    write_json(out_dir / "weight_scan.json", report)
+    if args.json:
+        write_json(args.json, report)
+    table = [{k: s.get(k) for k in ("name", "weight", "sharpen_b", fit_key, "bonds_rmsd", "angles_rmsd")}
+             for s in result.done]
+    write_html(out_dir / "weight_scan.html", f"drefine weight-scan: {args.model}", report["final"], table,
+               ["weight_scan.png"])
+    atomic_write(out_dir / "weight_scan.log", "\n".join(log.lines) + "\n")
+    if result.failed:
+        raise DrefineError(f"{len(result.failed)} runs failed: {', '.join(result.failed)} (run again with --resume)")
+    return 0
+
+
+COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel, "rsr": cmd_rsr, "xray": cmd_xray,
+            "ensemble": cmd_ensemble, "weight-scan": cmd_weight_scan}
 
 
 def main(argv=None) -> int:

@@ -58,3 +58,28 @@ def task_client(scheduler: str | None = None, workers: int | None = None):
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=40, env=env) as cluster, Client(cluster) as client:
         yield client
+
+
+@contextlib.contextmanager
+def batch_client(kind: str, jobs: int, cores: int = 2, memory: str = "8GB", walltime: str = "02:00:00",
+                 queue: str | None = None, account: str | None = None):
+    """A Client on workers started as batch jobs (SLURM or PBS) through dask-jobqueue: `jobs`
+    jobs of `cores` single-threaded worker processes each (numba/BLAS pinned to one thread)."""
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise DrefineError("--cluster needs dask-jobqueue: pip install 'drefine[hpc]'") from None
+    from distributed import Client
+
+    cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}.get(kind)
+    if cls is None:
+        raise DrefineError(f"unknown --cluster {kind!r} (slurm or pbs)")
+    env = [f"export {v}=1" for v in _THREAD_VARS]
+    cluster = cls(cores=cores, processes=cores, memory=memory, walltime=walltime, queue=queue, account=account,
+                  job_script_prologue=env)
+    cluster.scale(jobs=jobs)
+    try:
+        with Client(cluster) as client:
+            yield client
+    finally:
+        cluster.close()

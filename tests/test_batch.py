@@ -1,0 +1,139 @@
+"""Ensembles and weight grids as dask tasks: a real scheduler and two worker processes on
+127.0.0.1, one killed with SIGKILL mid-batch, every member still there and identical to a serial
+run; --resume after the client is killed runs only the missing members. No shared data needed."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import gemmi
+import numpy as np
+import pytest
+
+from drefine.cli import main
+from drefine.io.models import read_model
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1", MKL_NUM_THREADS="1")
+
+
+@pytest.fixture(scope="module")
+def example_map(example_model_path, tmp_path_factory):
+    d = tmp_path_factory.mktemp("batch")
+    assert main(["fmodel", str(example_model_path), "--resolution", "3", "--electron", "--map", str(d / "map.mrc")]) == 0
+    return d / "map.mrc"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def cluster(tmp_path):
+    """A dask scheduler and two single-threaded worker processes (no nanny: SIGKILL kills the worker)."""
+    port = _free_port()
+    addr = f"tcp://127.0.0.1:{port}"
+    log = open(tmp_path / "dask.log", "w")  # noqa: SIM115 - open for the fixture's lifetime
+    sched = subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port",
+                              str(port), "--no-dashboard"], stdout=log, stderr=log, env=ENV)
+    workers = [subprocess.Popen([sys.executable, "-m", "distributed.cli.dask_worker", addr, "--nthreads", "1",
+                                 "--no-nanny", "--no-dashboard", "--name", f"w{k}"], stdout=log, stderr=log, env=ENV)
+               for k in range(2)]
+    from distributed import Client
+
+    deadline = time.time() + 60
+    while True:
+        try:
+            with Client(addr, timeout="5s") as c:
+                if len(c.scheduler_info()["workers"]) == 2:
+                    break
+        except OSError:
+            pass
+        if time.time() > deadline:
+            raise RuntimeError("dask workers did not start")
+        time.sleep(0.5)
+    yield addr, workers
+    for p in [*workers, sched]:
+        if p.poll() is None:
+            p.kill()
+        p.wait()
+    log.close()
+
+
+def _ensemble_cmd(model, mp, out, *extra):
+    return [sys.executable, "-m", "drefine.cli", "ensemble", str(model), str(mp), "--resolution", "3", "--n", "6",
+            "--rmsd", "0.4", "--seed", "11", "--weight", "7", "-o", str(out), *extra]
+
+
+def _members(out: Path) -> dict[str, np.ndarray]:
+    return {p.stem: read_model(p).atoms.xyz for p in sorted((out / "members").glob("*.cif"))}
+
+
+def test_ensemble_survives_a_killed_worker_and_equals_a_serial_run(example_model_path, example_map, cluster, tmp_path):
+    addr, workers = cluster
+    out = tmp_path / "dist"
+    run = subprocess.Popen(_ensemble_cmd(example_model_path, example_map, out, "--scheduler", addr),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 240
+    while not list(out.glob("members/*.json")):
+        assert time.time() < deadline and run.poll() is None, "no member finished"
+        time.sleep(0.05)
+    workers[1].send_signal(signal.SIGKILL)  # mid-batch: members are still running or waiting
+    text, _ = run.communicate(timeout=600)
+    assert run.returncode == 0, text
+    assert len(list((out / "members").glob("*.json"))) == 6
+    serial = tmp_path / "serial"
+    assert main(_ensemble_cmd(example_model_path, example_map, serial, "--scheduler", "inprocess")[3:]) == 0
+    a, b = _members(out), _members(serial)
+    assert a.keys() == b.keys() and len(a) == 6
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final"]["n_members"] == 6 and summary["final"]["mean_rmsf"] > 0
+    st = gemmi.read_structure(str(out / "ensemble.cif"))
+    assert len(st) == 6
+    for f in ("summary.html", "spread.png", "ensemble_map.mrc"):
+        assert (out / f).stat().st_size > 0
+
+
+def test_resume_runs_only_the_missing_members(example_model_path, example_map, tmp_path):
+    out = tmp_path / "resume"
+    cmd = _ensemble_cmd(example_model_path, example_map, out, "--scheduler", "inprocess")
+    run = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(list(out.glob("members/*.json"))) < 2:
+        assert time.time() < deadline and run.poll() is None
+        time.sleep(0.05)
+    run.send_signal(signal.SIGKILL)  # the client dies mid-run
+    run.wait()
+    done_before = {p.name: p.stat().st_mtime_ns for p in (out / "members").glob("*.json")}
+    assert 2 <= len(done_before) < 6
+    # without --resume the folder is not overwritten
+    again = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert again.returncode == 1 and "--resume" in again.stderr
+    finish = subprocess.run([*cmd, "--resume"], capture_output=True, text=True, check=False)
+    assert finish.returncode == 0, finish.stdout + finish.stderr
+    assert f"resume: {len(done_before)} members already done, {6 - len(done_before)} to run" in finish.stdout
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "members").glob("*.json")}
+    assert len(after) == 6 and all(after[k] == v for k, v in done_before.items())
+
+
+def test_weight_scan_table_and_recommendation(example_model_path, example_map, tmp_path, capsys):
+    out = tmp_path / "ws"
+    assert main(["weight-scan", str(example_model_path), str(example_map), "--resolution", "3", "--weights",
+                 "0.5,5,500", "-o", str(out), "--scheduler", "inprocess"]) == 0
+    rep = json.loads((out / "weight_scan.json").read_text())
+    runs = {s["name"]: s for s in rep["members"]}
+    assert set(runs) == {"w0.5", "w5", "w500"}
+    # more weight on the map: better fit and looser geometry
+    assert runs["w500"]["bonds_rmsd"] > runs["w0.5"]["bonds_rmsd"]
+    assert rep["final"]["recommended_weight"] in (0.5, 5.0, 500.0)
+    rec = runs[rep["final"]["recommended_run"]]
+    assert rec["bonds_rmsd"] <= 0.01 and rec["angles_rmsd"] <= 1.0
+    assert (out / "weight_scan.png").stat().st_size > 0
+    assert "recommended weight" in capsys.readouterr().out
