@@ -20,6 +20,7 @@ import scipy.fft
 from scipy.optimize import least_squares
 
 from ..model.arrays import Model
+from ..threads import kernel_threads
 from .direct import symmetry_operators
 from .fft import _miller_to_rfft, grid_shape
 
@@ -45,8 +46,9 @@ def solvent_mask(model: Model, shape, r_probe: float = 1.1, r_shrink: float = 0.
     return np.array(grid, copy=True)
 
 
-def mask_structure_factors(mask: np.ndarray, cell: gemmi.UnitCell, hkl: np.ndarray, threads: int = 2) -> np.ndarray:
+def mask_structure_factors(mask: np.ndarray, cell: gemmi.UnitCell, hkl: np.ndarray, threads: int | None = None) -> np.ndarray:
     """F_mask(h) = ∫ mask · e^{2πi h·x} dV at the given Miller indices."""
+    threads = kernel_threads(threads)
     spec = scipy.fft.rfftn(mask, workers=threads)
     idx, neg = _miller_to_rfft(hkl, mask.shape)
     v = spec[idx]

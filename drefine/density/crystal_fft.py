@@ -21,6 +21,7 @@ import itertools
 import numpy as np
 import scipy.fft
 
+from ..threads import kernel_threads
 from .direct import Scatterers, StructureFactorGradient
 from .fft import _cell, _miller_to_rfft, _prepare, atom_density_grid, choose_blur, gather_gradient, grid_shape
 from .model_map import REFINEMENT_ACCURACY, REPORT_ACCURACY
@@ -29,10 +30,11 @@ from .model_map import REFINEMENT_ACCURACY, REPORT_ACCURACY
 class CrystalStructureFactors:
     """F_calc(h) and ∂T/∂parameters for fixed reflections `hkl` of a crystal (any space group)."""
 
-    def __init__(self, sc: Scatterers, hkl: np.ndarray, d_min: float, rate: float = 1.5, threads: int = 2,
+    def __init__(self, sc: Scatterers, hkl: np.ndarray, d_min: float, rate: float = 1.5, threads: int | None = None,
                  accuracy: dict | None = None):
         """`accuracy`: {"alias", "cutoff"} as in `model_map` (default: the reporting accuracy,
         ~1e-5 relative; `REFINEMENT_ACCURACY` is ~1e-3 with single-precision grids, ~3× cheaper)."""
+        threads = kernel_threads(threads)
         hkl = np.asarray(hkl, dtype=np.int64)
         self.hkl = hkl
         self.threads = threads

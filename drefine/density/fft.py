@@ -29,6 +29,7 @@ import numpy as np
 import scipy.fft
 from numba import njit
 
+from ..threads import kernel_threads
 from .direct import Scatterers, StructureFactorGradient
 
 ALIAS_LOG = math.log(1e5)  # aliased fraction of the sharpest Gaussian: ~1e-5
@@ -328,9 +329,10 @@ def _prepare(sc: Scatterers, shape, b_add: float, cutoff: float) -> _Prepared:
     return _Prepared(np.ascontiguousarray(frac), coef, np.ascontiguousarray(minv), radius, half, rc, atom, iso)
 
 
-def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float = 1e-6, threads: int = 2,
+def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float = 1e-6, threads: int | None = None,
                       prepared: _Prepared | None = None, dtype=np.float64) -> np.ndarray:
     """Electron (or electrostatic-potential) density of all symmetry images on the cell grid (e/Å³)."""
+    threads = kernel_threads(threads)
     p = prepared or _prepare(sc, shape, b_add, cutoff)
     parts = _chunks(len(p.frac), max(1, threads))
 
@@ -357,8 +359,9 @@ def _miller_to_rfft(hkl: np.ndarray, shape):
 
 
 def fft_structure_factors(sc: Scatterers, hkl: np.ndarray, d_min: float | None = None, rate: float = 1.5,
-                          cutoff: float = 1e-6, threads: int = 2) -> np.ndarray:
+                          cutoff: float = 1e-6, threads: int | None = None) -> np.ndarray:
     """F(h) at Miller indices hkl by the FFT route (complex)."""
+    threads = kernel_threads(threads)
     cell = _cell(sc)
     if d_min is None:
         d_min = _d_min(sc, hkl)
@@ -374,8 +377,9 @@ def fft_structure_factors(sc: Scatterers, hkl: np.ndarray, d_min: float | None =
 
 
 def fft_gradient(sc: Scatterers, hkl: np.ndarray, dtarget_df: np.ndarray, d_min: float | None = None,
-                 rate: float = 1.5, cutoff: float = 1e-6, threads: int = 2) -> StructureFactorGradient:
+                 rate: float = 1.5, cutoff: float = 1e-6, threads: int | None = None) -> StructureFactorGradient:
     """Gradient of a target with respect to coordinates, B, occupancy and U by the FFT route."""
+    threads = kernel_threads(threads)
     cell = _cell(sc)
     if d_min is None:
         d_min = _d_min(sc, hkl)
@@ -391,11 +395,12 @@ def fft_gradient(sc: Scatterers, hkl: np.ndarray, dtarget_df: np.ndarray, d_min:
 
 
 def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float, cutoff: float = 1e-6,
-                    threads: int = 2, prepared: _Prepared | None = None,
+                    threads: int | None = None, prepared: _Prepared | None = None,
                     positions_only: bool = False, with_adp: bool = True) -> StructureFactorGradient:
     """∂T/∂p = Σ_grid gmap · ∂ρ_blur/∂p · dvol for every scatterer (ρ_blur spread with `b_add`);
     with `positions_only` the B, U and occupancy parts are zero (not computed); with `with_adp`
     False only the B and U parts are."""
+    threads = kernel_threads(threads)
     shape = gmap.shape
     gmap = np.ascontiguousarray(gmap)
     p = prepared or _prepare(sc, shape, b_add, cutoff)

@@ -37,7 +37,7 @@ class FModel:
 
 
 def compute_fmodel(model: Model, table: ReflectionTable, source: str = "xray", bulk_solvent: bool = True,
-                   threads: int = 2) -> FModel:
+                   threads: int | None = None) -> FModel:
     """Fcalc, mask and fitted scale/solvent of model 0 against `table` (cells must agree)."""
     check_cell_compatible(table, model.cell)
     sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)

@@ -13,6 +13,7 @@ import numpy as np
 import scipy.fft
 
 from ..model.arrays import Model
+from ..threads import kernel_threads
 from .direct import scatterers_of_model
 from .fft import atom_density_grid, choose_blur
 
@@ -25,8 +26,9 @@ REPORT_ACCURACY = {"alias": None, "cutoff": 1e-6}
 
 def model_map(model: Model, cell: gemmi.UnitCell, shape, d_min: float, source: str = "electron",
               spacegroup: gemmi.SpaceGroup | None = None, origin=(0.0, 0.0, 0.0), atoms: np.ndarray | None = None,
-              hydrogens: bool = True, threads: int = 2, accuracy: dict | None = None) -> np.ndarray:
+              hydrogens: bool = True, threads: int | None = None, accuracy: dict | None = None) -> np.ndarray:
     """Model density on the full grid `shape` of `cell` (e/Å³ for X-ray; potential units for electrons)."""
+    threads = kernel_threads(threads)
     sg = spacegroup if spacegroup is not None else gemmi.SpaceGroup("P 1")
     sc = scatterers_of_model(model, atoms, source=source, hydrogens=hydrogens, cell=cell, spacegroup=sg)
     if np.any(np.asarray(origin) != 0):
@@ -59,13 +61,14 @@ def reciprocal_s2(cell: gemmi.UnitCell, shape) -> np.ndarray:
 def model_map_gradient(model: Model, cell: gemmi.UnitCell, shape, d_min: float, grad_map: np.ndarray,
                        source: str = "electron", spacegroup: gemmi.SpaceGroup | None = None,
                        origin=(0.0, 0.0, 0.0), atoms: np.ndarray | None = None, hydrogens: bool = True,
-                       threads: int = 2, accuracy: dict | None = None):
+                       threads: int | None = None, accuracy: dict | None = None):
     """Gradient of a target T of the model map, given ∂T/∂ρ_calc on the same grid (`grad_map`).
 
     ρ_calc = IFFT(W · FFT(ρ_blur)) with W = cut · exp(B_add s²/4) real and symmetric, so
     ∂T/∂ρ_blur = IFFT(W · FFT(∂T/∂ρ_calc)); that map is then gathered against the derivative
     of every atom's blurred shape. Returns a StructureFactorGradient (xyz, b_iso, occ, u).
     """
+    threads = kernel_threads(threads)
     from .fft import gather_gradient
 
     sg = spacegroup if spacegroup is not None else gemmi.SpaceGroup("P 1")
@@ -91,8 +94,9 @@ class ModelMapCalculator:
 
     def __init__(self, model: Model, cell: gemmi.UnitCell, shape, d_min: float, source: str = "electron",
                  spacegroup: gemmi.SpaceGroup | None = None, origin=(0.0, 0.0, 0.0),
-                 atoms: np.ndarray | None = None, hydrogens: bool = True, threads: int = 2,
+                 atoms: np.ndarray | None = None, hydrogens: bool = True, threads: int | None = None,
                  accuracy: dict | None = None):
+        threads = kernel_threads(threads)
         from .fft import _prepare
 
         acc = accuracy or REPORT_ACCURACY

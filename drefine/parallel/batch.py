@@ -56,7 +56,16 @@ def _geometry(model: Model, restraints, xyz) -> tuple[float, float]:
 
 
 def run_member(payload: dict, member: Member, out_dir: str) -> dict:
-    """One task: perturb (seeded), refine, score, write PREFIX.cif and PREFIX.json; return the summary."""
+    """One task: perturb (seeded), refine, score, write PREFIX.cif and PREFIX.json; return the summary.
+    Single-threaded kernels: members run side by side, one per core, and give the same numbers
+    wherever they run."""
+    from ..threads import single_threaded
+
+    with single_threaded():
+        return _run_member(payload, member, out_dir)
+
+
+def _run_member(payload: dict, member: Member, out_dir: str) -> dict:
     t0 = time.perf_counter()
     model: Model = payload["model"]
     restraints = payload["restraints"]
@@ -87,7 +96,7 @@ def run_member(payload: dict, member: Member, out_dir: str) -> dict:
         opt: XrayOptions = payload["options"]
         if member.weight is not None:
             opt = replace(opt, weight=member.weight)
-        result = refine_xray(start, payload["data"], restraints, replace(opt, threads=1), log=lambda s: None)
+        result = refine_xray(start, payload["data"], restraints, opt, log=lambda s: None)
         refined = start.copy()
         a = refined.atoms
         a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,

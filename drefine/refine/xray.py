@@ -83,7 +83,7 @@ class XrayOptions:
     ls_weighting: str = "sigma"  # least squares: "sigma" (1/σ²) or "unit"
     iterations: int = 10  # L-BFGS iterations per macro-cycle
     source: str = "xray"
-    threads: int = 2
+    threads: int | None = None
     chunks: int = 0  # > 0: structure factors as this many atom-chunk tasks (on `client` when given)
 
 
