@@ -234,10 +234,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="keep the members already in the output folder and run only the missing ones")
         e.add_argument("--retries", type=int, default=2, help="retries of a failing member (default 2)")
         if name == "ensemble":
-            e.add_argument("--n", type=int, required=True, help="number of members")
+            e.add_argument("--n", type=int, help="number of members (or give --shake-seeds)")
             e.add_argument("--rmsd", type=_positive_float, default=0.5, metavar="Å",
                            help="RMS of the seeded perturbation of each start (default 0.5)")
             e.add_argument("--seed", type=int, default=0, help="seed of member 0; member i uses seed + i")
+            e.add_argument("--shake-seeds", metavar="S1,S2,...",
+                           help="explicit seeds, one member each (instead of --n/--seed)")
+            e.add_argument("--regularise", type=int, default=0, metavar="N",
+                           help="relax each perturbed start against the geometry restraints alone for N L-BFGS "
+                                "iterations (sane bonds and angles; about 40 %% of the RMS shift survives); default 0")
             e.add_argument("--weight", type=_positive_float, metavar="W",
                            help="data/restraint weight for every member (rsr default: one weight scan of the "
                                 "start model, shared by all; xray default: automatic per member)")
@@ -716,8 +721,15 @@ def cmd_ensemble(args) -> int:
 
     clock = Stopwatch()
     log = _Log()
-    if args.n < 1:
-        raise DrefineError("--n must be at least 1")
+    seeds = None
+    if args.shake_seeds:
+        try:
+            seeds = [int(s) for s in args.shake_seeds.split(",") if s.strip()]
+        except ValueError:
+            raise DrefineError("--shake-seeds takes comma-separated integers") from None
+        args.n = len(seeds)
+    if not args.n or args.n < 1:
+        raise DrefineError("give --n (at least 1) or --shake-seeds")
     payload, out_dir = _batch_setup(args, log)
     weight = args.weight
     with _batch_client(args) as client:
@@ -728,7 +740,7 @@ def cmd_ensemble(args) -> int:
             weight = run_rsr(payload["model"], payload["data"], payload["restraints"],
                              payload["options"], client=client, log=lambda s: None).weight
             log(f"weight {weight:.4g} from the weight scan of the start model, used by every member")
-        members = ensemble_members(args.n, args.rmsd, args.seed, weight)
+        members = ensemble_members(args.n, args.rmsd, args.seed, weight, seeds, args.regularise)
         result = run_batch(payload, members, out_dir, client=client, resume=args.resume, retries=args.retries, log=log)
     report = new_report("ensemble", {"model": str(args.model), "data": str(args.data), "mode": payload["mode"],
                                      "n": args.n, "rmsd": args.rmsd, "seed": args.seed, "scheduler": args.scheduler})

@@ -137,3 +137,21 @@ def test_weight_scan_table_and_recommendation(example_model_path, example_map, t
     assert rec["bonds_rmsd"] <= 0.01 and rec["angles_rmsd"] <= 1.0
     assert (out / "weight_scan.png").stat().st_size > 0
     assert "recommended weight" in capsys.readouterr().out
+
+
+def test_regularised_start_has_sane_geometry_and_keeps_its_displacement(example_model_path):
+    from drefine.model.perturb import shake_coordinates
+    from drefine.parallel.batch import regularised
+    from drefine.refine.realspace import geometry_rmsd
+    from drefine.restraints.topology import build_restraints
+
+    model = read_model(example_model_path)
+    rs = build_restraints(model)
+    shaken, _ = shake_coordinates(model, 0.5, 3)
+    relaxed = regularised(shaken, rs, 50)
+    h = model.atoms.is_hydrogen
+    b_shaken, _ = geometry_rmsd(shaken.atoms.xyz, rs, h)
+    b_relaxed, a_relaxed = geometry_rmsd(relaxed.atoms.xyz, rs, h)
+    assert b_shaken > 0.3 and b_relaxed < 0.03 and a_relaxed < 4.0
+    moved = np.sqrt(((relaxed.atoms.xyz - model.atoms.xyz) ** 2).sum(1).mean())
+    assert moved > 0.15  # still a perturbed start (about 40 % of the RMS survives)
