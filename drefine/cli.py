@@ -80,6 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--scattering", choices=("auto", "electron", "xray"), default="auto",
                    help="form factors of the model map for --map: electron (cryo-EM) or xray; auto: xray when the "
                         "model has a crystal cell, else electron")
+    v.add_argument("--truth", metavar="MODEL",
+                   help="a two-conformer ground truth: count tangled residues (Untangle challenge rule)")
     v.add_argument("--models", choices=("first", "all"), default="all",
                    help="multi-model files: validate the first or all models (default all)")
     v.add_argument("--scheduler", metavar="ADDRESS",
@@ -309,6 +311,13 @@ def cmd_validate(args) -> int:
         report["inputs"]["data"] = str(args.mtz)
         report["final"].update(r_work=data["r_work"], r_free=data["r_free"])
         report["details"]["data"] = data
+    if args.truth:
+        from .untangle.tangling import tangled_residues
+
+        tangled = tangled_residues(model, read_model(args.truth))
+        report["inputs"]["truth"] = str(args.truth)
+        report["final"]["n_tangled"] = len(tangled)
+        report["details"]["tangled_residues"] = tangled
     if n_models > 1:
         report["models"] = [r["final"] for r in results]
     report["timing"]["wall_s"] = clock.seconds()
@@ -322,6 +331,9 @@ def cmd_validate(args) -> int:
         d = report["details"]["data"]
         text += (f"\ndata {args.mtz}: {d['n_reflections']} reflections to {d['d_min']:.2f} Å  R-work {d['r_work']:.4f}"
                  f"  R-free {d['r_free']:.4f}  (k_sol {d['k_sol']:.2f}, B_sol {d['b_sol']:.0f} Å²)")
+    if args.truth:
+        text += (f"\ntangled residues against {args.truth}: {report['final']['n_tangled']}"
+                 + (f" ({', '.join(report['details']['tangled_residues'])})" if report["final"]["n_tangled"] else ""))
     if n_models > 1:
         text += "\nper model: " + ", ".join(
             f"{k + 1}: bonds {r['final']['bonds_rmsd']:.3f} clashscore {r['final']['clashscore']:.1f}"

@@ -198,3 +198,17 @@ def test_rrr_finds_a_point_satisfying_every_geometry_constraint(example_model_pa
     assert np.abs(again - dc.replicas(pos)).max() < 1e-5
     d = np.linalg.norm(pos[rs.bond_atoms[:, 0]] - pos[rs.bond_atoms[:, 1]], axis=1)
     assert np.all(np.abs(d - rs.bond_ideal) <= rs.bond_sigma + 1e-5)
+
+
+def test_validate_reports_tangled_residues_against_a_truth(data_dir, capsys, tmp_path):
+    from drefine.cli import main
+
+    rc = main(["validate", str(need(data_dir, "untangle/otw39.pdb")), "--truth",
+               str(need(data_dir, "untangle/ground_truth.pdb")), "--monlib", str(need(data_dir, "monlib")),
+               "--json", str(tmp_path / "v.json")])
+    assert rc == 0
+    assert "tangled residues against" in capsys.readouterr().out
+    import json
+
+    rep = json.loads((tmp_path / "v.json").read_text())
+    assert rep["final"]["n_tangled"] == 2 and rep["details"]["tangled_residues"] == ["A/ALA 39", "A/SER 40"]
