@@ -247,7 +247,7 @@ def test_density_concur_on_a_two_atom_toy():
     for g, tol in ((1e-3, 1e-5), (1.0, 1e-5)):
         r = man.concur(rho, amp, eta[:, None] * replicas, eta, replicas.copy(), g, w, steps=8)
         for j in range(2):
-            def energy(x, j=j):
+            def energy(x, j=j, g=g):
                 m = man.values(x[None], amp[j:j + 1])[0]
                 return eta[j] * ((replicas[j] - x) ** 2).sum() + g * (w[None] * np.abs(rho[j] - m) ** 2).sum()
             ref = minimize(energy, replicas[j], method="Nelder-Mead", options={"xatol": 1e-9, "fatol": 1e-12,
