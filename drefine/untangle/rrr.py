@@ -68,7 +68,8 @@ class RRRSolver:
         return RRRState(r[self.geo.owner], self.man.values(r[self.atoms], self.amp)), r
 
     def step(self, x: RRRState, fallback: np.ndarray) -> tuple[RRRState, float, np.ndarray]:
-        """One RRR step: new iterate, gap (weighted RMS), and the concurred positions of P_D(x)."""
+        """One RRR step: new iterate, the gap |P_C(2P_D(x) − x) − P_D(x)| in the metric (divided by
+        Σ η, so that it reads in Å when the positions dominate), and the concurred positions of P_D(x)."""
         pd = self.divide(x)
         reflected = RRRState(2 * pd.replicas - x.replicas, 2 * pd.rho - x.rho)
         pc, _ = self.concur(reflected, fallback)
@@ -76,6 +77,6 @@ class RRRSolver:
         d_rho = pc.rho - pd.rho
         w_rho = self.g * self.w[None, None, :]
         gap2 = (self.geo.eta * (d_rep ** 2).sum(1)).sum() + (w_rho * np.abs(d_rho) ** 2).sum()
-        norm = self.geo.eta.sum() + w_rho.sum() * 0 + 1e-300
         new = RRRState(x.replicas + self.beta * d_rep, x.rho + self.beta * d_rho)
-        return new, float(np.sqrt(gap2 / norm)), self.positions(pd, fallback)
+        # in Å: the weighted distance per unit of replica weight
+        return new, float(np.sqrt(gap2 / self.geo.eta.sum())), self.positions(pd, fallback)
