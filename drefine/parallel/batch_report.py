@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import html
+import re
 from pathlib import Path
 
 import gemmi
@@ -11,22 +12,49 @@ from ..io.atomic import atomic_path, atomic_write
 
 
 def write_multimodel(paths: list[Path], out: Path) -> Path:
-    """Every member's model 0 as one model of a multi-model mmCIF, atomically."""
-    combined = None
-    for k, p in enumerate(paths, start=1):
-        st = gemmi.read_structure(str(p))
-        if combined is None:
-            combined = st
-            combined[0].num = 1
-            while len(combined) > 1:
-                del combined[1]
-            continue
-        m = st[0].clone() if hasattr(st[0], "clone") else gemmi.Model(st[0])
-        m.num = k
-        combined.add_model(m)
-    combined.setup_entities()
-    atomic_write(out, combined.make_mmcif_document().as_string())
+    """Every member's model 0 as one model of a multi-model mmCIF, written member by member
+    (atomically): only one member's structure is in memory at a time, so 100 large members do not
+    need 100 structures' worth of memory. The header and the other categories are the first
+    member's; each member's atom_site rows follow with their model number and running ids."""
+    head = tail = None
+    next_id = 1
+    with atomic_path(out) as tmp, open(tmp, "w") as fh:
+        for k, p in enumerate(paths, start=1):
+            st = gemmi.read_structure(str(p))
+            st.setup_entities()
+            text = st.make_mmcif_document().as_string()
+            start = text.index(_LAST_ATOM_SITE_TAG) + len(_LAST_ATOM_SITE_TAG)
+            end = _end_of_loop(text, start)
+            if head is None:
+                head, tail = text[:start], text[end:]
+                fh.write(head)
+            rows, next_id = _renumber(text[start:end], k, next_id)
+            fh.write(rows)
+        fh.write(tail or "")
     return out
+
+
+# gemmi writes the atom_site loop with the model number as its last column
+_LAST_ATOM_SITE_TAG = "_atom_site.pdbx_PDB_model_num\n"
+
+
+def _end_of_loop(text: str, start: int) -> int:
+    """Index where the loop's rows end (a '#', 'loop_', '_tag' or 'data_' line, or the end)."""
+    m = re.compile(r"^(#|loop_|_|data_)", re.MULTILINE).search(text, start)
+    return m.start() if m else len(text)
+
+
+def _renumber(rows: str, model: int, first_id: int) -> tuple[str, int]:
+    """Rows with the model number (last column) set and atom ids (second column) running on."""
+    counter = [first_id]
+
+    def fix(m: re.Match) -> str:
+        i = counter[0]
+        counter[0] += 1
+        return f"{m.group(1)} {i} {m.group(3)} {model}"
+
+    out = re.sub(r"^(\S+) (\S+) (.*) (\S+)$", fix, rows, flags=re.MULTILINE)
+    return out, counter[0]
 
 
 def _figure():
