@@ -1,4 +1,5 @@
-"""F_model for observed data: Fcalc (FFT), bulk-solvent mask, fitted scale, R-work and R-free."""
+"""F_model for observed data: Fcalc (one P 1 FFT, symmetry in reciprocal space), bulk-solvent mask,
+fitted scale, R-work and R-free."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -14,8 +15,8 @@ from .bulk_solvent import (
     mask_structure_factors,
     solvent_mask,
 )
+from .crystal_fft import CrystalStructureFactors
 from .direct import scatterers_of_model
-from .fft import fft_structure_factors
 
 
 @dataclass
@@ -41,7 +42,7 @@ def compute_fmodel(model: Model, table: ReflectionTable, source: str = "xray", b
     """Fcalc, mask and fitted scale/solvent of model 0 against `table` (cells must agree)."""
     check_cell_compatible(table, model.cell)
     sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)
-    f_calc = fft_structure_factors(sc, table.hkl, d_min=table.d_min, threads=threads)
+    f_calc = CrystalStructureFactors(sc, table.hkl, table.d_min, threads=threads).structure_factors(sc)
     if bulk_solvent:
         mask = solvent_mask(model, mask_grid_shape(model, table.d_min))
         f_mask = mask_structure_factors(mask, table.cell, table.hkl, threads=threads)

@@ -14,8 +14,8 @@ from ..errors import DrefineError
 from ..io.reflections import ReflectionTable, default_n_bins, make_free_set, resolution_bins
 from ..model.arrays import Model
 from .bulk_solvent import mask_grid_shape, mask_structure_factors, solvent_mask
+from .crystal_fft import CrystalStructureFactors
 from .direct import scatterers_of_model
-from .fft import fft_structure_factors
 
 
 def synthetic_reflections(model: Model, d_min: float, source: str = "xray", k_sol: float = 0.35,
@@ -28,7 +28,7 @@ def synthetic_reflections(model: Model, d_min: float, source: str = "xray", k_so
     hkl = np.array(gemmi.make_miller_array(cell, sg, d_min, 0, True), dtype=np.int32)
     hkl = hkl[np.any(hkl != 0, axis=1)]
     sc = scatterers_of_model(model, source=source)
-    f = fft_structure_factors(sc, hkl, d_min=d_min)
+    f = CrystalStructureFactors(sc, hkl, d_min).structure_factors(sc)
     s2 = ((hkl @ sc.frac_matrix) ** 2).sum(1)
     if k_sol > 0:
         f_mask = mask_structure_factors(solvent_mask(model, mask_grid_shape(model, d_min)), cell, hkl)
