@@ -151,6 +151,23 @@ def test_occupancy_groups_sum_to_one_and_chain_rule(crystal_model):
     assert g.project(np.array([1.5]))[0] <= 0.99 + 1e-12
 
 
+def test_occupancy_groups_with_three_conformers_and_an_at_most_one_group():
+    """By hand: group 0 (sum to one) has conformers 0, 1 free and 2 dependent; group 1 (≤ 1) has
+    conformers 3, 4, both free."""
+    from drefine.model.occupancy import OccupancyGroups
+
+    g = OccupancyGroups(atom=np.arange(7), conformer_of_atom=np.array([0, 0, 1, 2, 3, 4, 4]),
+                        group_of_conformer=np.array([0, 0, 0, 1, 1]), sum_to_one=np.array([True, False]),
+                        labels=["a", "b"])
+    assert g.is_dependent().tolist() == [False, False, True, False, False]
+    assert g.conformers_from_free(np.array([0.2, 0.3, 0.6, 0.7])) == pytest.approx([0.2, 0.3, 0.5, 0.6, 0.7])
+    # ∂T/∂q for T = Σ c·occ with c = atom index: own sum minus the dependent conformer's (3)
+    assert g.chain_rule(np.arange(7.0)).tolist() == [-2.0, -1.0, 4.0, 11.0]
+    p = g.project(np.array([0.8, 0.5, 0.7, 0.6]))
+    assert p[:2].sum() == pytest.approx(0.99) and p[2:].sum() == pytest.approx(1.0)
+    assert p[0] / p[1] == pytest.approx(0.8 / 0.5)
+
+
 def test_adp_restraint_gradients():
     rng = np.random.default_rng(4)
     n = 12

@@ -40,8 +40,10 @@ class OccupancyGroups:
     def is_dependent(self) -> np.ndarray:
         """Per conformer: True for the last conformer of a sum-to-one group (not a free parameter)."""
         dep = np.zeros(self.n_conformers, dtype=bool)
-        for g in np.flatnonzero(self.sum_to_one):
-            dep[np.flatnonzero(self.group_of_conformer == g)[-1]] = True
+        if self.n_conformers:
+            last = np.zeros(self.n_groups, dtype=np.int64)
+            np.maximum.at(last, self.group_of_conformer, np.arange(self.n_conformers))
+            dep[last[self.sum_to_one]] = True
         return dep
 
     def conformer_values(self, occupancy: np.ndarray) -> np.ndarray:
@@ -54,15 +56,17 @@ class OccupancyGroups:
         q = self.conformer_values(occupancy)
         return np.clip(q[~self.is_dependent()], Q_MIN, 1.0)
 
+    def _group_sums(self, per_conformer: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        return np.bincount(self.group_of_conformer, weights=np.where(mask, per_conformer, 0.0),
+                           minlength=self.n_groups)
+
     def conformers_from_free(self, free: np.ndarray) -> np.ndarray:
+        """Every conformer's value; a dependent one is 1 − the sum of the others in its group."""
         dep = self.is_dependent()
         q = np.zeros(self.n_conformers)
         q[~dep] = free
-        for c in np.flatnonzero(dep):
-            g = self.group_of_conformer[c]
-            others = (self.group_of_conformer == g) & ~dep
-            q[c] = 1.0 - q[others].sum()
-        return q
+        others = self._group_sums(q, ~dep)
+        return np.where(dep, 1.0 - others[self.group_of_conformer], q)
 
     def expand(self, free: np.ndarray, occupancy: np.ndarray) -> np.ndarray:
         """Per-atom occupancies with the group values put in."""
@@ -71,30 +75,24 @@ class OccupancyGroups:
         return occ
 
     def chain_rule(self, d_occ: np.ndarray) -> np.ndarray:
-        """∂T/∂(free q) from ∂T/∂occupancy per atom (of Model.atoms)."""
+        """∂T/∂(free q) from ∂T/∂occupancy per atom (of Model.atoms): a free conformer's own
+        derivative minus its group's dependent one (which moves by −1 when it moves by +1)."""
         per_conf = np.bincount(self.conformer_of_atom, weights=d_occ[self.atom], minlength=self.n_conformers)
         dep = self.is_dependent()
-        out = per_conf.copy()
-        for c in np.flatnonzero(dep):
-            g = self.group_of_conformer[c]
-            others = (self.group_of_conformer == g) & ~dep
-            out[others] -= per_conf[c]
-        return out[~dep]
+        dep_of_group = self._group_sums(per_conf, dep)
+        return (per_conf - dep_of_group[self.group_of_conformer])[~dep]
 
     def project(self, free: np.ndarray) -> np.ndarray:
         """Nearest admissible values: every q ≥ Q_MIN and each group's sum ≤ 1 (sum-to-one groups:
-        the dependent conformer ≥ Q_MIN as well)."""
+        the dependent conformer ≥ Q_MIN as well); groups over the limit are scaled down."""
         free = np.clip(free, Q_MIN, 1.0)
         dep = self.is_dependent()
         q = np.zeros(self.n_conformers)
         q[~dep] = free
-        for g in range(self.n_groups):
-            members = np.flatnonzero((self.group_of_conformer == g) & ~dep)
-            limit = 1.0 - (Q_MIN if self.sum_to_one[g] else 0.0)
-            s = q[members].sum()
-            if s > limit:
-                q[members] *= limit / s
-        return q[~dep]
+        total = self._group_sums(q, ~dep)
+        limit = np.where(self.sum_to_one, 1.0 - Q_MIN, 1.0)
+        scale = np.where(total > limit, limit / np.maximum(total, 1e-300), 1.0)
+        return (q * scale[self.group_of_conformer])[~dep]
 
 
 def occupancy_groups(model: Model, atoms: np.ndarray | None = None) -> OccupancyGroups:
