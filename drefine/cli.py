@@ -774,7 +774,10 @@ def cmd_ensemble(args) -> int:
                          f"ensemble of {len(result.done)}: spread along the chain")
         images.append("spread.png")
         if payload["mode"] == "rsr":
-            _ensemble_map(payload, stats, out_dir / "ensemble_map.mrc")
+            from .io.maps import write_map
+            from .parallel.batch import ensemble_model_map
+
+            write_map(ensemble_model_map(payload, stats["xyz"], stats["atoms"]), out_dir / "ensemble_map.mrc")
             report["outputs_map"] = str(out_dir / "ensemble_map.mrc")
     report["outputs"] = {"folder": str(out_dir), "ensemble": str(out_dir / "ensemble.cif"),
                          "summary": str(out_dir / "summary.json"), "html": str(out_dir / "summary.html")}
@@ -792,25 +795,6 @@ def cmd_ensemble(args) -> int:
     if result.failed:
         raise DrefineError(f"{len(result.failed)} members failed: {', '.join(result.failed)} (run again with --resume)")
     return 0
-
-
-def _ensemble_map(payload, stats, path) -> None:
-    """Average of the members' model maps on the map box around the model."""
-    from .density.map_fit import model_map_on_grid
-    from .io.maps import write_map
-    from .refine.rsr import map_box_around
-
-    model, opt = payload["model"], payload["options"]
-    box = map_box_around(payload["data"], stats["xyz"].reshape(-1, 3), opt.box_margin + opt.resolution)
-    total = None
-    member = model.copy()
-    for xyz in stats["xyz"]:
-        member.atoms.xyz[stats["atoms"]] = xyz
-        m = model_map_on_grid(member, box, opt.resolution, opt.source, stats["atoms"])
-        total = m if total is None else total + m
-    from dataclasses import replace as _replace
-
-    write_map(_replace(box, data=(total / len(stats["xyz"])).astype(np.float32)), path)
 
 
 def cmd_weight_scan(args) -> int:

@@ -235,3 +235,19 @@ def ensemble_statistics(model: Model, restraints, out_dir: Path, done: list[dict
         for row, m, s in zip(out["per_residue"], np.nanmean(cc, axis=0), np.nanstd(cc, axis=0)):
             row.update(cc_mean=float(m), cc_spread=float(s))
     return {"summary": out, "rmsf": rmsf, "xyz": xyz, "atoms": idx}
+
+
+def ensemble_model_map(payload: dict, xyz: np.ndarray, atoms: np.ndarray):
+    """The members' model maps averaged (a DensityMap on the map box around all members): the
+    density the ensemble as a whole predicts. `xyz` (members, atoms, 3) Å for the rows `atoms`."""
+    from ..density.map_fit import model_map_on_grid
+    from ..refine.rsr import map_box_around
+
+    model, opt = payload["model"], payload["options"]
+    box = map_box_around(payload["data"], xyz.reshape(-1, 3), opt.box_margin + opt.resolution)
+    member = model.copy()
+    total = np.zeros(box.data.shape)
+    for member_xyz in xyz:  # one model map per member (a few per second), summed
+        member.atoms.xyz[atoms] = member_xyz
+        total += model_map_on_grid(member, box, opt.resolution, opt.source, atoms)
+    return replace(box, data=(total / len(xyz)).astype(np.float32))
