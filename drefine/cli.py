@@ -746,13 +746,13 @@ def cmd_ensemble(args) -> int:
     weight = args.weight
     with _batch_client(args) as client:
         if payload["mode"] == "rsr" and weight is None:
+            import dataclasses
+
             from .refine.rsr import run_rsr
 
             # one weight for the whole ensemble: the scan on the start model (same settings for all);
             # only the provisional cycle and the scan run, not the rest of the protocol
-            from dataclasses import replace as _replace
-
-            scan_only = _replace(payload["options"], macro_cycles=1, final_target="atom")
+            scan_only = dataclasses.replace(payload["options"], macro_cycles=1, final_target="atom")
             weight = run_rsr(payload["model"], payload["data"], payload["restraints"], scan_only, client=client,
                              log=lambda s: None).weight
             log(f"weight {weight:.4g} from the weight scan of the start model, used by every member")
