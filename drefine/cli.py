@@ -622,7 +622,7 @@ def cmd_xray(args) -> int:
     a = refined.atoms
     a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,
                                                          result.has_aniso, result.occupancy)
-    esd = standard_uncertainties(refined, table, result, mode=args.esd, log=log)
+    esd = standard_uncertainties(refined, table, result, mode=args.esd, source=args.scattering, log=log)
     coeffs = map_coefficients(table, result.f_model, result.ml)
     start_val = validate_structure(model, restraints, rama_dir=args.rama_data)
     end_val = validate_structure(refined, restraints, rama_dir=args.rama_data)

@@ -28,6 +28,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..density.direct import _operator_terms, _s2, _type_form_factors, scatterers_of_model
+from ..errors import DrefineError
 from ..io.reflections import ReflectionTable
 from ..model.arrays import Model
 
@@ -103,9 +104,11 @@ def _amplitude_jacobian(hkl, unit, k_total, frac, occ, u, iso, type_idx, ga, gb,
 
 
 def amplitude_jacobian(model: Model, table: ReflectionTable, f_model: np.ndarray, k_total: np.ndarray,
-                       rows: np.ndarray, source: str = "xray") -> np.ndarray:
-    """J[h, atom, (x, y, z, B)] = ∂|F_model(h)|/∂p for the reflections `rows` (exact, direct sum)."""
-    sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)
+                       rows: np.ndarray, source: str = "xray", sc=None) -> np.ndarray:
+    """J[h, atom, (x, y, z, B)] = ∂|F_model(h)|/∂p for the reflections `rows` (exact, direct sum);
+    `sc`: the model's scatterers when the caller already has them (blocks of one matrix)."""
+    if sc is None:
+        sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)
     unit = np.where(np.abs(f_model) > 0, f_model / np.maximum(np.abs(f_model), 1e-300), 1.0)
     return _amplitude_jacobian(np.ascontiguousarray(table.hkl[rows], dtype=np.float64), unit[rows], k_total[rows],
                                sc.frac, sc.occ, sc.u_cart, ~sc.is_aniso, sc.types.type_of_atom, sc.types.a,
@@ -113,8 +116,10 @@ def amplitude_jacobian(model: Model, table: ReflectionTable, f_model: np.ndarray
                                np.ascontiguousarray(sc.frac_matrix.T))
 
 
-def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: str = "auto", log: Callable[[str], None] = print) -> Uncertainties | None:
-    """esds of the refined model (`result`: the XrayResult whose F_model and scale to use)."""
+def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: str = "auto", source: str = "xray",
+                           log: Callable[[str], None] = print) -> Uncertainties | None:
+    """esds of the refined model (`result`: the XrayResult whose F_model and scale to use;
+    `source`: the form factors it was refined with)."""
     if mode == "none":
         return None
     atoms = model.model_atoms(0)
@@ -138,14 +143,16 @@ def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: s
     iso = ~model.atoms.has_aniso[atoms]
     if mode == "full":
         if n_par > 4 * FULL_MATRIX_PARAMETERS:
-            raise ValueError(f"{n_par} parameters are too many for the full normal matrix (use --esd diagonal)")
+            raise DrefineError(f"{n_par} parameters are too many for the full normal matrix (at most "
+                               f"{4 * FULL_MATRIX_PARAMETERS}): use --esd diagonal")
         cols = np.concatenate([np.arange(len(atoms))[:, None] * 4 + np.arange(3)[None, :],
                                (np.arange(len(atoms)) * 4 + 3)[iso][:, None]], axis=None)
         cols = np.sort(cols)
         normal = np.zeros((len(cols), len(cols)))
+        sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)
         for start in range(0, len(work), REFLECTION_BLOCK):
             rows = work[start:start + REFLECTION_BLOCK]
-            jac = amplitude_jacobian(model, table, result.f_model, k_total, rows).reshape(len(rows), -1)[:, cols]
+            jac = amplitude_jacobian(model, table, result.f_model, k_total, rows, sc=sc).reshape(len(rows), -1)[:, cols]
             ww = w[start:start + REFLECTION_BLOCK]
             normal += jac.T @ (jac * ww[:, None])
         shifts = _origin_shifts(table, atoms, cols)
@@ -167,7 +174,7 @@ def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: s
                 b[atoms[at]] = esd[j]
         method = "full normal matrix (unrestrained least squares)"
     else:
-        sx, sb = _diagonal_esd(model, table, atoms, work, w, k_total[work])
+        sx, sb = _diagonal_esd(model, table, atoms, work, w, k_total[work], source)
         xyz[atoms] = np.sqrt(gof2 / sx)[:, None]
         b[atoms[iso]] = np.sqrt(gof2 / sb[iso])
         method = "diagonal approximation of the normal matrix"
@@ -196,9 +203,10 @@ def _origin_shifts(table: ReflectionTable, atoms: np.ndarray, cols: np.ndarray) 
     return np.array(out).reshape(len(out), len(cols))
 
 
-def _diagonal_esd(model: Model, table: ReflectionTable, atoms, work, w, k_total_work, n_bins: int = 100):
+def _diagonal_esd(model: Model, table: ReflectionTable, atoms, work, w, k_total_work, source: str = "xray",
+                  n_bins: int = 100):
     """Diagonal normal-matrix elements per atom for a coordinate and for B (module docstring)."""
-    sc = scatterers_of_model(model, cell=table.cell, spacegroup=table.spacegroup)
+    sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)
     s2 = 1.0 / table.d[work] ** 2
     edges = np.linspace(0, s2.max() * (1 + 1e-9), n_bins + 1)
     which = np.clip(np.digitize(s2, edges) - 1, 0, n_bins - 1)
