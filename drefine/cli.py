@@ -596,7 +596,7 @@ def cmd_xray(args) -> int:
         log(f"note: {args.model} has {model.n_models} models; only the first is refined")
     for note in table.notes:
         log(f"data: {note}")
-    new_free = any(n.startswith("free set made") or "no free" in n.lower() for n in table.notes)
+    new_free = any(n.startswith("free set made") for n in table.notes)
     ls_weighting = args.ls_weighting
     if args.target == "ls" and ls_weighting == "sigma" and not np.any(np.nan_to_num(table.sigma_f) > 0):
         ls_weighting = "unit"
@@ -635,6 +635,9 @@ def cmd_xray(args) -> int:
     table_out.fom = None
     table_out.phases_deg = None
     table_out.to_mtz(mtz_path, extra=extra)
+    if new_free:
+        log(f"the data had no free set: the one made here (seed {args.seed}) is in {mtz_path} as FreeR_flag "
+            "(0 = test); refine against that file next time to keep R-free honest")
     maps = {}
     for name, f, phi in (("2mFo-DFc", "FWT", "PHWT"), ("mFo-DFc", "DELFWT", "PHDELWT")):
         maps[name] = str(write_coefficient_map(f"{prefix}_{name}.ccp4", table.cell, table.spacegroup, table.hkl,

@@ -305,6 +305,7 @@ def test_zero_sigmas_and_missing_free_flags_have_stated_fallbacks(refinement_cas
     assert rc == 0
     text = capsys.readouterr().out
     assert "free set made with seed 0" in text and "unit weights" in text
+    assert "the data had no free set" in text and "fb.mtz as FreeR_flag" in text
     written = gemmi.read_mtz_file(str(tmp_path / "fb.mtz"))
     assert "FreeR_flag" in written.column_labels()
 
