@@ -49,7 +49,7 @@ from ..density.model_map import REFINEMENT_ACCURACY
 from ..errors import DrefineError
 from ..io.reflections import ReflectionTable
 from ..model.arrays import Model
-from ..model.occupancy import OccupancyGroups, occupancy_groups
+from ..model.occupancy import Q_MIN, OccupancyGroups, occupancy_groups
 from ..restraints.adp import ADPPairs, adp_pairs, b_similarity_term, u_similarity_term
 from ..restraints.target import GeometryTarget
 from ..restraints.topology import Restraints
@@ -267,7 +267,6 @@ class ParameterLayout:
                                g_u[self.u_atoms].ravel() * self.s_u, g_q * self.s_q if len(self.s_q) else []])
 
     def bounds(self) -> list[tuple]:
-        from ..model.occupancy import Q_MIN
         return ([(None, None)] * self.sizes[0] + [(B_MIN / self.s_b, B_MAX / self.s_b)] * self.sizes[1]
                 + [(None, None)] * self.sizes[2] + [(Q_MIN / s, 1.0 / s) for s in self.s_q])
 
@@ -293,8 +292,7 @@ def _movable_coordinates(model: Model, restraints: Restraints, atoms: np.ndarray
 
 
 def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, options: XrayOptions,
-                log: Callable[[str], None] = print, interrupt_check: Callable[[], None] | None = None,
-                client=None) -> XrayResult:
+                log: Callable[[str], None] = print, client=None) -> XrayResult:
     """Macro-cycles of reciprocal-space refinement of model 0 (see the module docstring).
 
     `client`: a dask.distributed Client; F_calc and its gradient then run as atom-chunk tasks on
@@ -430,8 +428,6 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         log(f"cycle {c:2d}  R-work {r_work:.4f}  R-free {r_free:.4f}  target {rec.target:.6g}  w {weight:.4g}  "
             f"bonds {bonds:.4f} Å  angles {angles:.2f}°  <B> {rec.b_mean:.1f} Å²  ({rec.evaluations} evaluations, "
             f"{rec.seconds:.1f} s)")
-        if interrupt_check is not None:
-            interrupt_check()
         if options.weight is None:
             weight = _adjust_weight(weight, bonds, angles)
         if c == n_cycles and not extra_cycle_done and (bonds > FINAL_LIMITS[0] or angles > FINAL_LIMITS[1]):
