@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 from pathlib import Path
@@ -21,6 +22,7 @@ subcommands available now:
   xray       reciprocal-space refinement against X-ray data (ML or LS), with 2mFo-DFc / mFo-DFc maps
   ensemble   many perturbed starts refined as tasks on a dask cluster: RMSF, CC spread, averaged map
   weight-scan  a grid of weights (and sharpening B) refined as tasks: fit against geometry, recommendation
+  untangle   multi-conformer untangling by iterative projections (RRR, divide and concur) against X-ray data
 """
 
 
@@ -200,6 +202,50 @@ def build_parser() -> argparse.ArgumentParser:
                    help="atom chunks (tasks) per structure-factor evaluation (default: one per worker with "
                         "--scheduler; given without --scheduler, the same chunks run in-process, with "
                         "identical results)")
+    u = sub.add_parser("untangle", help="untangle alternate conformers by RRR (divide and concur) against X-ray data",
+                       description="Untangle a multi-conformer model (atoms swapped between alternate conformers) by "
+                                   "the Reflect-Reflect-Relax iteration of divide and concur: replicas of atom "
+                                   "positions per geometry constraint (bonds, angles, chirality, planes, disulfide "
+                                   "pairing, volume exclusion with symmetry) and per-atom density variables tied to "
+                                   "the observed structure factors, in two stages. Occupancies and B factors stay as "
+                                   "given. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
+                                   "geometry before and after), PREFIX.png (gap and R plot) and PREFIX.log; a "
+                                   "checkpoint folder PREFIX_checkpoint/ while it runs (--resume continues from it).")
+    u.add_argument("model", metavar="MODEL", help="PDB or mmCIF file with alternate conformers")
+    u.add_argument("data", metavar="DATA", help="MTZ or mmCIF structure factors (amplitudes or intensities)")
+    _common(u, "output prefix (default: MODEL name + '_untangle' in the current directory)")
+    u.add_argument("--labin", metavar="LABELS", help="columns, e.g. F,SIGF,FREE or F=F,SIGF=SIGF,FREE=FreeR_flag")
+    u.add_argument("--phases", metavar="PHI",
+                   help="phase column (degrees) to use; default: phases of the current model (bulk solvent "
+                        "included), refreshed between the stages")
+    u.add_argument("--iterations", metavar="N1[,N2]", default="300,200",
+                   help="RRR iterations of stage 1 and stage 2 (default 300,200; one number: one stage)")
+    u.add_argument("--beta", type=_positive_float, default=0.5, help="RRR step β (default 0.5)")
+    u.add_argument("--g", type=_positive_float, default=None, metavar="G",
+                   help="weight of the density variables relative to the geometry (default 0.1; see README)")
+    u.add_argument("--low-cut", type=_positive_float, default=0.4, metavar="1/Å",
+                   help="reflections with |s| = |k|/2π below this carry no weight (default 0.4, i.e. d > 2.5 Å)")
+    u.add_argument("--use-free", action="store_true",
+                   help="also use the free set (default: work set only, so R-free stays free)")
+    u.add_argument("--truth", metavar="MODEL",
+                   help="a two-conformer ground truth for the report only: tangled residues before and after")
+    u.add_argument("--resume", action="store_true", help="continue from PREFIX_checkpoint/ after an interrupt")
+    u.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
+                   help="iterations between checkpoints (default 50; also every 10 minutes and on Ctrl-C)")
+    u.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint folder after success")
+    u.add_argument("--representation", choices=("array", "series"), default="array",
+                   help="density variables as arrays (default; atoms × operators × reflections, single "
+                        "precision) or as their exact geometric series (little memory, more compute)")
+    u.add_argument("--double", action="store_true", help="density variables in double precision")
+    u.add_argument("--memmap", action="store_true",
+                   help="density variables in disk-backed memory maps in the checkpoint folder (for arrays "
+                        "larger than memory)")
+    u.add_argument("--scheduler", metavar="ADDRESS",
+                   help="run the density chunks as actors on a dask cluster: tcp://HOST:PORT or 'local' (a "
+                        "local cluster); default: in this process, threaded")
+    u.add_argument("--workers", type=int, metavar="N", help="workers of the local cluster (default: cores)")
+    u.add_argument("--chunks", type=int, default=0, metavar="N",
+                   help="atom chunks of the density variables (default: one per worker, 1 in-process)")
     for name, helptext, desc in (
             ("ensemble", "refine many perturbed copies of a model (dask tasks)",
              ("Make N perturbed starts (seeded Gaussian shifts of a given RMS), refine each with the same settings "
@@ -669,6 +715,167 @@ def cmd_xray(args) -> int:
     return 0
 
 
+def _read_phased_reflections(args):
+    """The reflection table, with the phase column of --phases as its phases."""
+    from .io.reflections import read_reflections
+
+    table = read_reflections(args.data, labin=args.labin)
+    if args.phases and table.columns_used.get("PHI") != args.phases:
+        if args.labin and "=" not in args.labin:
+            names = ("F", "SIGF", "FREE") if table.i_obs is None or "F" in table.columns_used else ("I", "SIGI", "FREE")
+            roles = dict(zip(names, args.labin.split(",")))
+        else:
+            roles = {k: v for k, v in table.columns_used.items() if k not in ("PHI", "FOM")}
+        roles["PHI"] = args.phases
+        table = read_reflections(args.data, labin=",".join(f"{k}={v}" for k, v in roles.items()))
+    if args.phases and (table.phases_deg is None or not np.isfinite(table.phases_deg).any()):
+        raise DrefineError(f"{args.data}: no phases in column {args.phases!r}")
+    return table
+
+
+def cmd_untangle(args) -> int:
+    import time
+
+    from .io.atomic import atomic_write, write_json
+    from .io.models import read_model, write_model_outputs
+    from .io.reflections import check_cell_compatible
+    from .parallel.cluster import task_client
+    from .restraints.topology import build_restraints
+    from .untangle.report import plot_trajectory
+    from .untangle.rrr import UntangleOptions, Untangler
+    from .untangle.tangling import tangled_residues
+    from .validate.report import Stopwatch, format_text, new_report, validate_structure
+
+    clock = Stopwatch()
+    log = _Log()
+    try:
+        iterations = tuple(int(x) for x in args.iterations.split(","))
+    except ValueError:
+        raise DrefineError(f"--iterations takes N1[,N2], not {args.iterations!r}") from None
+    if not iterations or min(iterations) < 1:
+        raise DrefineError("--iterations: every stage needs at least one iteration")
+    if not 0 < args.beta <= 1:
+        raise DrefineError(f"--beta must be in (0, 1], got {args.beta}")
+    if args.checkpoint_every < 1 or args.chunks < 0:
+        raise DrefineError("--checkpoint-every must be at least 1 and --chunks 0 or more")
+    model = read_model(args.model)
+    if len(model.model_atoms(0)) == 0:
+        raise DrefineError(f"{args.model}: the model has no atoms")
+    if not model.has_crystal_cell:
+        raise DrefineError(f"{args.model}: the model has no crystal cell (CRYST1 / _cell), needed for X-ray data")
+    if model.n_models > 1:
+        raise DrefineError(f"{args.model} has {model.n_models} models; untangle one model with alternate conformers")
+    n_conf = int(np.count_nonzero(np.unique(model.atoms.altloc) != ""))
+    truth = read_model(args.truth) if args.truth else None
+    table = _read_phased_reflections(args)
+    check_cell_compatible(table, model.cell)
+    for note in table.notes:
+        log(f"data: {note}")
+    if n_conf < 2:
+        log(f"note: {args.model} has no alternate conformers; nothing can be tangled, the run only regularises")
+    prefix = args.output or (Path(args.model).name.split(".")[0] + "_untangle")
+    checkpoint = Path(f"{prefix}_checkpoint")
+    if checkpoint.exists() and not args.resume:
+        raise DrefineError(f"{checkpoint} exists (an interrupted run): continue it with --resume, or remove it")
+    if args.resume and not (checkpoint / "meta.json").exists():
+        raise DrefineError(f"--resume: no checkpoint at {checkpoint}")
+    restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    opt = UntangleOptions(iterations=iterations, beta=args.beta, s_cut=args.low_cut, use_free=args.use_free,
+                          checkpoint_every=args.checkpoint_every, representation=args.representation,
+                          double_precision=args.double, memmap=args.memmap)
+    if args.g is not None:
+        opt.g = args.g
+    phases = table.phases_deg if args.phases else None
+    scheduler = args.scheduler
+    start_tangled = tangled_residues(model, truth) if truth is not None else None
+    with task_client(scheduler if scheduler not in (None, "local") else None, args.workers) \
+            if scheduler is not None else _no_client() as client:
+        n_workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
+        opt.chunks = args.chunks or n_workers
+        if opt.memmap:
+            checkpoint.mkdir(parents=True, exist_ok=True)
+        u = Untangler(model, restraints, table, opt, phases_deg=phases, client=client,
+                      workdir=checkpoint if opt.memmap else None)
+        log(f"drefine untangle {args.model} against {args.data}: {len(model.atoms)} atoms, {n_conf} conformers, "
+            f"{int(u.used.sum())} of {len(table)} reflections used (d ≤ {1 / opt.s_cut:.2f} Å"
+            f"{'' if opt.use_free else ', work set'}), {table.spacegroup.hm} ({u.engine.spec.n_ops} operators), "
+            f"phases from {'column ' + args.phases if args.phases else 'the model'}; density variables "
+            f"{u.engine.nbytes() / 1e9:.2f} GB in {opt.chunks} chunk(s)"
+            f"{' on ' + str(n_workers) + ' dask worker(s)' if client is not None else ''}")
+        start_r = u.r_factors(model.atoms.xyz)
+        resumed = False
+        if args.resume:
+            u.load_checkpoint(checkpoint)
+            resumed = True
+            log(f"resumed from {checkpoint}: stage {u.stage + 1}, iteration {u.iteration}")
+        total = sum(iterations)
+        t_run = time.perf_counter()
+        done_at_start = len(u.history)
+        log(f"start: R-work {start_r['r_work']:.4f} R-free {start_r['r_free']:.4f} R(all) {start_r['r_all']:.4f} "
+            f"R(used) {start_r['r_used']:.4f}" + (f", {len(start_tangled)} tangled" if truth is not None else ""))
+
+        def progress(rec):
+            n = len(u.history)
+            if rec["iteration"] % 10 and rec["iteration"] != iterations[rec["stage"] - 1]:
+                return
+            rate = (n - done_at_start) / max(time.perf_counter() - t_run, 1e-9)
+            eta = (total - n) / max(rate, 1e-9)
+            log(f"stage {rec['stage']} iteration {rec['iteration']}/{iterations[rec['stage'] - 1]}  gap "
+                f"{rec['gap']:.5f} Å  R(used) {rec['r_used']:.4f}  {rate:.2f} it/s  ~{eta / 60:.1f} min left")
+
+        try:
+            u.run(progress=progress, checkpoint=checkpoint, resumed=resumed)
+        except KeyboardInterrupt:
+            log(f"interrupted: checkpoint at {checkpoint}; continue with the same command and --resume")
+            atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
+            raise
+        seconds_rrr = time.perf_counter() - t_run
+    refined = u.model_at(u.xyz)
+    final_r = u.r_factors(u.xyz)
+    start_val = validate_structure(model, restraints)
+    end_val = validate_structure(refined, restraints)
+    paths = write_model_outputs(refined, prefix)
+    png = plot_trajectory(u.history, f"{prefix}.png")
+    report = new_report("untangle", {"model": str(args.model), "data": str(args.data), "phases": args.phases,
+                                     "columns": table.columns_used, "d_min": table.d_min, "d_max": table.d_max})
+    report["options"] = opt.as_dict()
+    report["start"] = {**start_val["final"], **start_r}
+    report["final"] = {**end_val["final"], **final_r, "gap": u.history[-1]["gap"] if u.history else None}
+    if truth is not None:
+        end_tangled = tangled_residues(refined, truth)
+        report["start"]["n_tangled"] = len(start_tangled)
+        report["final"]["n_tangled"] = len(end_tangled)
+        report["details_tangled"] = {"start": start_tangled, "final": end_tangled}
+    report["stages"] = u.stage_reports
+    report["trajectory"] = u.history
+    report["details"] = end_val["details"]
+    n_run = len(u.history) - done_at_start
+    report["timing"] = {"wall_s": clock.seconds(), "rrr_s": seconds_rrr,
+                        "iterations_per_s": n_run / seconds_rrr if seconds_rrr > 0 else None}
+    report["outputs"] = {"model": [str(p) for p in paths], "plot": str(png), "log": f"{prefix}.log",
+                         "json": args.json or f"{prefix}.json"}
+    log(f"R-work {start_r['r_work']:.4f} -> {final_r['r_work']:.4f}  R-free {start_r['r_free']:.4f} -> "
+        f"{final_r['r_free']:.4f}  R(all) {start_r['r_all']:.4f} -> {final_r['r_all']:.4f}  R(used) "
+        f"{start_r['r_used']:.4f} -> {final_r['r_used']:.4f}")
+    if truth is not None:
+        log(f"tangled residues: {len(start_tangled)} -> {len(end_tangled)}"
+            + (f" ({', '.join(end_tangled)})" if end_tangled else ""))
+    log(format_text(end_val, "final model"))
+    write_json(report["outputs"]["json"], report)
+    log(f"wrote {', '.join(str(p) for p in paths)}, {png} in {report['timing']['wall_s']:.1f} s")
+    atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
+    if not args.keep_checkpoint and checkpoint.exists():
+        import shutil
+
+        shutil.rmtree(checkpoint)
+    return 0
+
+
+@contextlib.contextmanager
+def _no_client():
+    yield None
+
+
 def _occupancy_report(result) -> list[dict]:
     g = result.occupancy_groups
     if g is None or not g.n_conformers:
@@ -859,7 +1066,7 @@ def cmd_weight_scan(args) -> int:
 
 
 COMMANDS = {"validate": cmd_validate, "shake": cmd_shake, "fmodel": cmd_fmodel, "rsr": cmd_rsr, "xray": cmd_xray,
-            "ensemble": cmd_ensemble, "weight-scan": cmd_weight_scan}
+            "ensemble": cmd_ensemble, "weight-scan": cmd_weight_scan, "untangle": cmd_untangle}
 
 
 def main(argv=None) -> int:

@@ -259,53 +259,248 @@ def test_density_concur_on_a_two_atom_toy():
     assert np.allclose(near, replicas)
 
 
-def test_rrr_with_data_pulls_a_shaken_fragment_towards_the_truth(example_model_path, tmp_path):
-    """Positions and density variables together (P 1 box, true phases, 1.2 Å data, reflections
-    beyond 2.5 Å used): a 0.4 Å shaken three-residue fragment moves most of the way back, with
-    the gap closing; without the data (g = 0) it does not."""
-    from drefine.density.direct import scatterers_of_model
-    from drefine.model.perturb import shake_coordinates
-    from drefine.restraints.topology import build_restraints
-    from drefine.untangle.constraints import DivideAndConcur
-    from drefine.untangle.density import DensityManifold, atom_amplitudes
-    from drefine.untangle.rrr import RRRSolver
+# -- the production engine: density kernels, representations, chunks, checkpoints, the command -----
 
+def _two_conformer_case(example_model_path, out_dir, swap=("CA",)):
+    """Residues 5–12 of hth40 (no H) in P 2₁2₁2₁, conformer A (occ 0.55) and B (occ 0.45) = A turned by
+    5° about the fragment's centre and shifted 0.25 Å; `swap` atoms of Lys 8 exchanged between the
+    conformers in the tangled copy. Returns (truth path, tangled path)."""
     st = gemmi.read_structure(str(example_model_path))
+    st.remove_hydrogens()
     ch = st[0][0]
-    for i in range(len(ch) - 1, 2, -1):
-        del ch[i]
+    for i in range(len(ch) - 1, -1, -1):
+        if not 4 <= i <= 11:
+            del ch[i]
     xyz = np.array([a.pos.tolist() for r in ch for a in r])
-    lo = xyz.min(0) - 4.0
+    c = xyz.mean(0)
+    th = np.radians(5.0)
+    rot = np.array([[np.cos(th), -np.sin(th), 0], [np.sin(th), np.cos(th), 0], [0, 0, 1]])
+    st.cell = gemmi.UnitCell(*(xyz.max(0) - xyz.min(0) + 14.0), 90, 90, 90)
+    st.spacegroup_hm = "P 21 21 21"
+    shift = np.array([st.cell.a, st.cell.b, st.cell.c]) / 4 - c
     for r in ch:
-        for a in r:
-            a.pos = gemmi.Position(*(np.array(a.pos.tolist()) - lo))
-    st.cell = gemmi.UnitCell(*(xyz.max(0) - xyz.min(0) + 8.0), 90, 90, 90)
+        originals = [a.clone() for a in r]  # add_atom reallocates: no atom references held across it
+        while len(r):
+            del r[0]
+        for a in originals:
+            p = np.array(a.pos.tolist())
+            a.pos = gemmi.Position(*(p + shift))
+            a.altloc, a.occ, a.b_iso = "A", 0.55, 12.0
+            b = a.clone()
+            b.altloc, b.occ = "B", 0.45
+            b.pos = gemmi.Position(*(rot @ (p - c) + c + shift + np.array([0.25, 0, 0])))
+            r.add_atom(a)
+            r.add_atom(b)
     st.setup_entities()
-    st.make_mmcif_document().write_file(str(tmp_path / "frag.cif"))
-    m = read_model(tmp_path / "frag.cif")
-    rs = build_restraints(m)
-    sc = scatterers_of_model(m)
-    hkl = np.array(gemmi.make_miller_array(m.cell, gemmi.SpaceGroup("P 1"), 1.2, 0, True))
+    truth = out_dir / "truth.pdb"
+    st.write_pdb(str(truth))
+    r = ch[3]
+    for name in swap:
+        a, b = r.find_atom(name, "A"), r.find_atom(name, "B")
+        pa, pb = gemmi.Position(a.pos), gemmi.Position(b.pos)
+        a.pos, b.pos = pb, pa
+    tangled = out_dir / "tangled.pdb"
+    st.write_pdb(str(tangled))
+    return truth, tangled
+
+
+@pytest.fixture(scope="module")
+def tangled_case(example_model_path, tmp_path_factory):
+    from drefine.density.synthetic import synthetic_reflections
+
+    out = tmp_path_factory.mktemp("untangle")
+    truth, tangled = _two_conformer_case(example_model_path, out)
+    table = synthetic_reflections(read_model(truth), 1.2, noise=0.02, seed=1)
+    mtz = out / "data.mtz"
+    table.to_mtz(mtz)
+    return truth, tangled, table, mtz
+
+
+def _untangler(path, table, **kw):
+    from drefine.restraints.topology import build_restraints
+    from drefine.untangle.rrr import UntangleOptions, Untangler
+
+    m = read_model(path)
+    client = kw.pop("client", None)
+    return Untangler(m, build_restraints(m), table, UntangleOptions(**kw), phases_deg=table.phases_deg, client=client)
+
+
+def test_density_kernel_matches_the_whole_array_reference():
+    """The one-pass numba concur (table phases, fixed normal matrix, chunks) gives the positions of
+    the whole-array Gauss–Newton reference, in single and double precision and as a series."""
+    from drefine.untangle.density_engine import DensityEngine, DensitySpec
+
+    man, amp, s2 = _toy_manifold()
+    true = np.array([[3.0, 4.0, 5.0], [9.0, 11.0, 13.0]])
+    rho = man.values(true, amp)
+    replicas = true + np.array([[0.3, -0.2, 0.1], [-0.1, 0.25, 0.2]])
+    eta = np.array([10.0, 4.0])
+    w = np.ones(len(s2))
+    ref = man.concur(rho, amp, eta[:, None] * replicas, eta, replicas.copy(), 0.01, w, steps=3)
+    spec = DensitySpec(man.hr[0].astype(np.int64), *_ops_and_cell())
+    for rep, dtype, tol in (("array", np.complex128, 1e-9), ("array", np.complex64, 1e-6), ("series", np.complex128, 1e-9)):
+        eng = DensityEngine(spec, np.zeros(2, int), np.array([12.0, 20.0]), np.ones(2), n_chunks=2,
+                            representation=rep, dtype=dtype)
+        f = eng.start(true)
+        assert np.allclose(f, rho.sum(axis=(0, 1)), rtol=1e-6)
+        pos, _, _ = eng.step(f, eta[:, None] * replicas, eta, replicas, 0.01, 3)
+        assert np.abs(pos - ref).max() < tol, rep
+
+
+def _ops_and_cell():
+    from drefine.density.direct import symmetry_operators
+
+    cell = gemmi.UnitCell(20, 24, 28, 90, 90, 90)
+    rot, trans = symmetry_operators(gemmi.SpaceGroup("P 21 21 21"))
+    el = gemmi.Element("C").it92
+    hkl = np.array(gemmi.make_miller_array(cell, gemmi.SpaceGroup("P 21 21 21"), 2.5, 0, True))
     hkl = hkl[np.any(hkl != 0, axis=1)]
-    s2 = ((hkl @ sc.frac_matrix) ** 2).sum(1)
-    keep = np.sqrt(s2) >= 0.4  # |k| = 2π|s| ≥ 0.4·2π Å⁻¹: the default cut; the others carry no weight
-    hkl, s2 = hkl[keep], s2[keep]
-    amp = atom_amplitudes(sc.types.a, sc.types.b, sc.types.type_of_atom, m.atoms.b_iso[sc.atom_index], s2)
-    man = DensityManifold(hkl, sc.rot, sc.trans, sc.frac_matrix)
-    atoms = sc.atom_index
-    occ = m.atoms.occupancy[atoms]
-    f = (man.values(m.atoms.xyz[atoms], amp) * occ[:, None, None]).sum(axis=(0, 1))
-    start, _ = shake_coordinates(m, 0.4, 2)
+    return rot, trans, np.array(cell.frac.mat.tolist()), np.ones(len(hkl)), np.array([[*el.a, el.c]]), \
+        np.array([[*el.b, 0.0]])
 
-    def run(g):
-        solver = RRRSolver(DivideAndConcur(start, rs), man, amp, occ, f, np.ones(len(hkl)), atoms, g=g)
-        x = solver.start(start.atoms.xyz)
-        gaps = []
-        for _ in range(40):
-            x, gap, pos = solver.step(x, start.atoms.xyz)
-            gaps.append(gap)
-        return np.sqrt(((pos - m.atoms.xyz) ** 2).sum(1).mean()), gaps
 
-    rmsd, gaps = run(0.1)
-    rmsd_geometry_only, _ = run(0.0)
-    assert rmsd < 0.5 * rmsd_geometry_only and rmsd < 0.15 and gaps[-1] < 0.2 * gaps[0]
+def test_untangle_swaps_a_tangled_ca_back_on_a_toy(tangled_case):
+    """A Cα swapped between conformers (P 2₁2₁2₁, 1.2 Å, 2 % noise, true phases): a few RRR
+    iterations untangle it, land within 0.03 Å of the truth, and R ends within 0.3 % of the truth's
+    (RRR's end point sits where the geometry sets hold exactly, a little off the data's optimum)."""
+    from drefine.density.fmodel import compute_fmodel
+    from drefine.untangle.tangling import tangled_residues
+
+    truth_path, tangled, table, _ = tangled_case
+    truth = read_model(truth_path)
+    assert tangled_residues(read_model(tangled), truth) == ["A/LYS 8"]
+    u = _untangler(tangled, table, iterations=(20,))
+    start = u.r_factors(u.xyz)
+    u.run()
+    out = u.model_at(u.xyz)
+    assert tangled_residues(out, truth) == []
+    assert np.sqrt(((out.atoms.xyz - truth.atoms.xyz) ** 2).sum(1).mean()) < 0.03
+    assert u.r_factors(u.xyz)["r_work"] < compute_fmodel(truth, table).r_work + 0.003
+    assert start["r_work"] < 0.03
+    gaps = [h["gap"] for h in u.history]
+    assert gaps[-1] < 0.2 * gaps[0]
+
+
+def test_series_and_array_representations_agree(tangled_case):
+    _, tangled, table, _ = tangled_case
+    runs = {}
+    for rep in ("array", "series"):
+        u = _untangler(tangled, table, iterations=(6,), representation=rep, double_precision=True)
+        u.run()
+        runs[rep] = u
+    assert np.abs(runs["array"].xyz - runs["series"].xyz).max() < 1e-8
+    assert np.allclose([h["gap"] for h in runs["array"].history], [h["gap"] for h in runs["series"].history],
+                       rtol=1e-7)
+
+
+def test_running_structure_factor_sum_matches_the_stored_variables(tangled_case):
+    _, tangled, table, _ = tangled_case
+    u = _untangler(tangled, table, iterations=(3,), double_precision=True, chunks=2)
+    u.start_stage()
+    for _ in range(3):
+        u.step()
+    total = sum((ch.rho * ch.p[:, None, None]).sum(axis=(0, 1)) for ch in u.engine.chunks)
+    assert np.allclose(u.engine.s, total, rtol=1e-12, atol=1e-9)
+    # the divide: after the projection Σ p ρ_D = F_target exactly, for every used reflection
+    c = u.engine.correction(u.data.f_target)
+    projected = sum(((ch.rho + ch.p[:, None, None] * c) * ch.p[:, None, None]).sum(axis=(0, 1)) for ch in u.engine.chunks)
+    assert np.allclose(projected, u.data.f_target, rtol=1e-10, atol=1e-8)
+
+
+def test_same_result_on_threads_chunks_in_process_and_dask_actors(tangled_case):
+    import numba
+    from distributed import Client, LocalCluster
+
+    _, tangled, table, _ = tangled_case
+    ref = _untangler(tangled, table, iterations=(4,), chunks=2)
+    ref.run()
+    numba.set_num_threads(1)
+    try:
+        one = _untangler(tangled, table, iterations=(4,), chunks=2)
+        one.run()
+    finally:
+        numba.set_num_threads(numba.config.NUMBA_NUM_THREADS)
+    assert np.array_equal(one.xyz, ref.xyz)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        dist = _untangler(tangled, table, iterations=(4,), chunks=2, client=client)
+        dist.run()
+    assert np.array_equal(dist.xyz, ref.xyz)
+
+
+def test_checkpoint_resume_continues_exactly(tangled_case, tmp_path):
+    _, tangled, table, _ = tangled_case
+    straight = _untangler(tangled, table, iterations=(3, 3))
+    straight.run()
+    first = _untangler(tangled, table, iterations=(3, 3))
+    first.start_stage()
+    for _ in range(2):
+        first.step()
+    first.save_checkpoint(tmp_path / "ck")
+    second = _untangler(tangled, table, iterations=(3, 3))
+    second.load_checkpoint(tmp_path / "ck")
+    second.run(resumed=True)
+    assert np.array_equal(second.xyz, straight.xyz)
+    assert [h["gap"] for h in second.history] == [h["gap"] for h in straight.history]
+    other = _untangler(tangled, table, iterations=(5,))
+    with pytest.raises(Exception, match="other inputs or options"):
+        other.load_checkpoint(tmp_path / "ck")
+
+
+def test_coplanar_projection_is_idempotent_and_nearest():
+    from drefine.untangle.projections import project_coplanar
+
+    n, k = 60, 6
+    x = RNG.normal(size=(n, k, 3))
+    x[:, :, 2] *= 0.2
+    tol = np.full(n, 0.05)
+    p = project_coplanar(x, tol)
+    assert np.allclose(project_coplanar(p, tol), p, atol=1e-12)
+    # within tol of a plane: the smallest singular value of the centred points
+    assert np.all(np.linalg.svd(p - p.mean(1, keepdims=True), compute_uv=False)[:, 2] <= 0.05 + 1e-9)
+    moved = np.sqrt(((p - x) ** 2).sum(axis=(1, 2)))
+    for _ in range(200):  # random coplanar configurations near x are never nearer
+        normal = RNG.normal(size=(n, 3))
+        normal /= np.linalg.norm(normal, axis=1, keepdims=True)
+        y = x + RNG.normal(size=(n, k, 3)) * 0.05
+        off = np.einsum("nki,ni->nk", y - y.mean(1, keepdims=True), normal)
+        y = y - off[:, :, None] * normal[:, None, :]
+        assert np.all(np.sqrt(((y - x) ** 2).sum(axis=(1, 2))) >= moved - 0.05 - 1e-9)
+
+
+def test_disulfide_projection_takes_the_nearer_pairing():
+    from drefine.untangle.projections import project_disulfides
+
+    # conformer 1 of cysteine i sits next to conformer 2 of cysteine j, and the other way round
+    x = np.array([[[0.0, 0, 0], [5.0, 0, 0], [5.0, 2.2, 0], [0.0, 1.9, 0]]])
+    p = project_disulfides(x, 2.03, 0.02)
+    assert np.linalg.norm(p[0, 0] - p[0, 3]) == pytest.approx(2.01, abs=1e-9)
+    assert np.linalg.norm(p[0, 1] - p[0, 2]) == pytest.approx(2.05, abs=1e-9)
+    assert np.allclose(project_disulfides(p, 2.03, 0.02), p)
+
+
+def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled_case, tmp_path, capsys):
+    import json
+
+    from drefine.cli import main
+
+    truth, tangled, _, mtz = tangled_case
+    prefix = tmp_path / "out"
+    rc = main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "8,4", "--truth", str(truth),
+               "-o", str(prefix)])
+    assert rc == 0
+    rep = json.loads((tmp_path / "out.json").read_text())
+    assert rep["start"]["n_tangled"] == 1 and rep["final"]["n_tangled"] == 0
+    assert len(rep["trajectory"]) == 12 and [s["stage"] for s in rep["stages"]] == [1, 2]
+    assert (tmp_path / "out.png").stat().st_size > 1000 and (tmp_path / "out.cif").exists()
+    assert not (tmp_path / "out_checkpoint").exists()
+    capsys.readouterr()
+    (tmp_path / "busy_checkpoint").mkdir()
+    assert main(["untangle", str(tangled), str(mtz), "-o", str(tmp_path / "busy")]) == 1
+    assert "--resume" in capsys.readouterr().err
+    assert main(["untangle", str(tangled), str(mtz), "--phases", "NOPE", "-o", str(tmp_path / "x")]) == 1
+    assert "NOPE" in capsys.readouterr().err
+    assert main(["untangle", str(tangled), str(mtz), "--resume", "-o", str(tmp_path / "y")]) == 1
+    assert "no checkpoint" in capsys.readouterr().err
+    assert main(["untangle", str(tangled), str(mtz), "--iterations", "0", "-o", str(tmp_path / "z")]) == 1
+    assert not list(tmp_path.glob("[xyz].*"))

@@ -1,1 +1,1 @@
-"""Multi-conformer untangling by iterative projections (divide and concur, RRR): building blocks."""
+"""Multi-conformer untangling by iterative projections (divide and concur, RRR): `drefine untangle`."""

@@ -5,15 +5,19 @@ Every constraint owns a replica of the positions of its atoms (Gravel & Elser 20
 - angles: the rigid 3-atom motif built from the two ideal bond lengths and the ideal angle;
 - chiral centres: the rigid 4-atom motif (centre and three neighbours) from the ideal bonds and
   angles with the dictionary's handedness (both hands where the dictionary allows either);
-- volume exclusion: pairs closer than the repulsion distance minus 0.4 Å pushed apart (atoms of
-  different conformers never exclude each other: the neighbour search already skips them).
+- planes: the dictionary's planes, each set the configurations within σ·√k of coplanar;
+- disulfides between two-conformer cysteines: which conformers bridge is left to the projection
+  (minimum-cost matching), not to the altloc labels;
+- volume exclusion: pairs closer than the repulsion distance minus 0.4 Å pushed apart (the
+  dictionary's radii, H-bond pairs shortened; atoms of different conformers never exclude each
+  other: the neighbour search already skips them), symmetry images included.
 Ideal values come from `restraints.topology.Restraints` (the CCP4 monomer library the rest of
 drefine uses). The concur projection takes every atom to the η-weighted mean of its replicas
 (η = 10 for geometry, 1 for exclusion), and RRR iterates
     x ← x + β (P_C(2 P_D(x) − x) − P_D(x)),
 the gap |P_C(2P_D(x) − x) − P_D(x)| measuring how far the constraint sets are from agreeing.
-Not here yet: planes, torsion motifs, disulfide pairing in the loop, symmetry-related exclusion
-pairs, and the density variables with their structure-factor projection.
+Not here: torsion motifs (rotamers as allowed motif sets), and peptide planes as rigid trans/cis
+motifs (the planarity sets, bonds and angles together hold them).
 """
 from __future__ import annotations
 
@@ -23,17 +27,25 @@ import numpy as np
 
 from ..model.arrays import Model
 from ..restraints.topology import Restraints
-from .projections import concur_positions, project_bonds, project_exclusion, project_rigid_motifs
+from .projections import (
+    concur_positions,
+    project_bonds,
+    project_coplanar,
+    project_disulfides,
+    project_exclusion,
+    project_rigid_motifs,
+)
 
 ETA_GEOMETRY = 10.0
 ETA_EXCLUSION = 1.0
 EXCLUSION_ALLOWANCE = 0.4  # Å below the repulsion distance
 MOTIF_TOLERANCE = 0.05  # Å, radius of the tolerance ball around a rigid motif (in its 3k-space)
+EXCLUSION_REACH = 0.5  # Å: exclusion pairs listed while closer than their minimum distance plus this
 
 
 @dataclass
 class _Group:
-    kind: str  # "bond", "motif", "exclusion"
+    kind: str  # "bond", "motif", "plane", "disulfide", "exclusion"
     atoms: np.ndarray  # (n, k)
     eta: float
     ideal: np.ndarray | None = None  # bonds: length; exclusion: minimum distance
@@ -114,28 +126,146 @@ def _chiral_motifs(r: Restraints, length, angle) -> tuple[np.ndarray, np.ndarray
     return c, out
 
 
-class DivideAndConcur:
-    """Constraint groups of one model with replicas, projections and the RRR step."""
+def _disulfide_groups(model: Model, r: Restraints) -> tuple[np.ndarray, np.ndarray]:
+    """Disulfides between cysteines with two conformers: (groups (n, 4) SG atoms [i_A, i_B, j_A, j_B],
+    bond rows they replace). Which conformer of one cysteine bridges to which of the other is
+    decided by the projection (minimum-cost matching), not by the altloc labels."""
+    a = r.bond_atoms.astype(np.int64)
+    at = model.atoms
+    is_ss = (at.name[a[:, 0]] == "SG") & (at.name[a[:, 1]] == "SG") & (at.residue_index[a[:, 0]] != at.residue_index[a[:, 1]])
+    is_ss &= (at.conformer[a[:, 0]] != 0) & (at.conformer[a[:, 1]] != 0)
+    rows = np.flatnonzero(is_ss)
+    groups, used = [], []
+    by_pair: dict[tuple[int, int], list[int]] = {}
+    for k in rows:  # a handful of disulfides: not a loop over atoms
+        i, j = a[k]
+        ri, rj = sorted((int(at.residue_index[i]), int(at.residue_index[j])))
+        by_pair.setdefault((ri, rj), []).append(int(k))
+    for (ri, rj), ks in by_pair.items():
+        sg_i = sorted({int(x) for k in ks for x in a[k] if at.residue_index[x] == ri}, key=lambda x: at.altloc[x])
+        sg_j = sorted({int(x) for k in ks for x in a[k] if at.residue_index[x] == rj}, key=lambda x: at.altloc[x])
+        if len(sg_i) == 2 and len(sg_j) == 2:
+            groups.append(sg_i + sg_j)
+            used.extend(ks)
+    return np.array(groups, dtype=np.int64).reshape(-1, 4), np.array(used, dtype=np.int64)
 
-    def __init__(self, model: Model, restraints: Restraints, nonbonded=None, bond_tol_scale: float = 1.0):
+
+def _plane_groups(r: Restraints) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Planes by size: [(atoms (n, k), σ (n,))]."""
+    starts = np.asarray(r.plane_start)
+    sizes = np.diff(starts)
+    out = []
+    for k in np.unique(sizes):
+        if k < 4:
+            continue
+        sel = np.flatnonzero(sizes == k)
+        idx = starts[sel][:, None] + np.arange(k)[None, :]
+        out.append((r.plane_atoms[idx].astype(np.int64), np.asarray(r.plane_sigma)[sel]))
+    return out
+
+
+@dataclass
+class _Exclusion:
+    atoms: np.ndarray  # (n, 2)
+    r_min: np.ndarray  # (n,) Å
+    rot: np.ndarray  # (n, 3, 3) Cartesian rotation taking j's replica to its image
+    trans: np.ndarray  # (n, 3) Å
+
+
+class DivideAndConcur:
+    """Constraint groups of one model with replicas, projections and the RRR step.
+
+    The replica iterate is one array (n_replicas, 3), group after group. Exclusion pairs are
+    re-listed (`refresh_exclusions`) as atoms move: pairs within EXCLUSION_REACH of violation are
+    kept, so satisfied far-away pairs add no replicas (each replica also pulls its atom's
+    concur); new pairs start with replicas at the current positions.
+    """
+
+    def __init__(self, model: Model, restraints: Restraints, nonbonded=None, bond_tol_scale: float = 1.0,
+                 motif_tolerance: float = MOTIF_TOLERANCE, planes: bool = True, disulfides: bool = True):
+        self.model, self.restraints = model, restraints
         self.n_atoms = len(model.atoms)
         length, angle = _bond_lookup(restraints), _angle_lookup(restraints)
-        groups = [_Group("bond", restraints.bond_atoms.astype(np.int64), ETA_GEOMETRY,
-                         ideal=restraints.bond_ideal.copy(), tol=restraints.bond_sigma * bond_tol_scale)]
+        keep_bond = np.ones(len(restraints.bond_atoms), dtype=bool)
+        ss_groups = np.zeros((0, 4), dtype=np.int64)
+        if disulfides:
+            ss_groups, ss_rows = _disulfide_groups(model, restraints)
+            keep_bond[ss_rows] = False
+        self.ss_ideal = (float(np.median(restraints.bond_ideal[~keep_bond])) if (~keep_bond).any() else 2.03)
+        self.ss_tol = (float(np.median(restraints.bond_sigma[~keep_bond])) if (~keep_bond).any() else 0.02)
+        groups = [_Group("bond", restraints.bond_atoms[keep_bond].astype(np.int64), ETA_GEOMETRY,
+                         ideal=restraints.bond_ideal[keep_bond].copy(),
+                         tol=restraints.bond_sigma[keep_bond] * bond_tol_scale)]
         atoms, motifs = _angle_motifs(restraints, length)
-        groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), MOTIF_TOLERANCE), motifs=motifs))
+        groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), motif_tolerance), motifs=motifs))
         atoms, motifs = _chiral_motifs(restraints, length, angle)
         if len(atoms):
-            groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), MOTIF_TOLERANCE), motifs=motifs))
+            groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), motif_tolerance), motifs=motifs))
+        if planes:
+            for atoms, sigma in _plane_groups(restraints):
+                groups.append(_Group("plane", atoms, ETA_GEOMETRY, tol=sigma * np.sqrt(atoms.shape[1])))
+        if len(ss_groups):
+            groups.append(_Group("disulfide", ss_groups, ETA_GEOMETRY))
+        self.fixed_groups = [g for g in groups if len(g.atoms)]
+        self.exclusion: _Exclusion | None = None
+        self.nonbonded = nonbonded
         if nonbonded is not None:
-            same_cell = nonbonded.op == 0
-            groups.append(_Group("exclusion", np.stack([nonbonded.i[same_cell], nonbonded.j[same_cell]], 1).astype(np.int64),
-                                 ETA_EXCLUSION, ideal=nonbonded.d_min[same_cell] - EXCLUSION_ALLOWANCE))
-        self.groups = [g for g in groups if len(g.atoms)]
+            self.exclusion = self._exclusion_pairs(nonbonded, model.atoms.xyz)
+        self._layout()
+
+    # -- layout of the replica iterate ---------------------------------------------------------
+    def _groups(self):
+        out = list(self.fixed_groups)
+        if self.exclusion is not None and len(self.exclusion.atoms):
+            out.append(_Group("exclusion", self.exclusion.atoms, ETA_EXCLUSION, ideal=self.exclusion.r_min))
+        return out
+
+    def _layout(self):
+        self.groups = self._groups()
         self.owner = np.concatenate([g.atoms.ravel() for g in self.groups])
         self.eta = np.concatenate([np.full(g.atoms.size, g.eta) for g in self.groups])
         self.sizes = [g.atoms.size for g in self.groups]
+        self.eta_sum = np.bincount(self.owner, weights=self.eta, minlength=self.n_atoms)
 
+    @staticmethod
+    def _exclusion_pairs(nb, xyz: np.ndarray, reach: float | None = None) -> _Exclusion:
+        reach = EXCLUSION_REACH if reach is None else reach
+        r_min = nb.d_min - EXCLUSION_ALLOWANCE
+        # a symmetry contact is listed from both sides: keep one (i ≤ j)
+        keep = (nb.op == 0) | (nb.i <= nb.j)
+        keep &= nb.distances(xyz) < r_min + reach
+        op = nb.op[keep]
+        return _Exclusion(np.stack([nb.i[keep], nb.j[keep]], 1).astype(np.int64), r_min[keep],
+                          nb.op_rot[op], nb.op_trans[op])
+
+    def refresh_exclusions(self, replicas: np.ndarray, xyz: np.ndarray) -> np.ndarray:
+        """Re-list exclusion pairs near violation at positions xyz; returns the new replica iterate
+        (geometry replicas kept, exclusion replicas of pairs still listed kept, new ones at xyz)."""
+        if self.nonbonded is None:
+            return replicas
+        from ..restraints.nonbonded import find_nonbonded_pairs
+
+        if self.nonbonded.needs_update(xyz, 1.0):
+            self.nonbonded = find_nonbonded_pairs(self.model, self.restraints, xyz, buffer=1.0)
+        old = self.exclusion
+        n_fixed = sum(g.atoms.size for g in self.fixed_groups)
+        new = self._exclusion_pairs(self.nonbonded, xyz)
+        rep_new = xyz[new.atoms.ravel()].reshape(-1, 2, 3).copy()
+        if old is not None and len(old.atoms) and len(new.atoms):
+            n = self.n_atoms + 1
+            k_old = old.atoms[:, 0] * n + old.atoms[:, 1]
+            k_new = new.atoms[:, 0] * n + new.atoms[:, 1]
+            # pairs are unique per (i, j) except symmetry contacts of one atom pair through two operators
+            k_old = k_old * 10007 + np.round(old.r_min * 1000).astype(np.int64) % 10007
+            k_new = k_new * 10007 + np.round(new.r_min * 1000).astype(np.int64) % 10007
+            _, i_new, i_old = np.intersect1d(k_new, k_old, return_indices=True)
+            old_rep = replicas[n_fixed:].reshape(-1, 2, 3)
+            rep_new[i_new] = old_rep[i_old]
+        self.exclusion = new
+        self._layout()
+        return np.concatenate([replicas[:n_fixed], rep_new.reshape(-1, 3)])
+
+    # -- the iterate -----------------------------------------------------------------------------
     def replicas(self, xyz: np.ndarray) -> np.ndarray:
         """Every constraint's copy of its atoms' positions, stacked (n_replicas, 3)."""
         return xyz[self.owner].copy()
@@ -149,8 +279,15 @@ class DivideAndConcur:
                 a, b = project_bonds(block[:, 0], block[:, 1], g.ideal, g.tol)
                 proj = np.stack([a, b], axis=1)
             elif g.kind == "exclusion":
-                a, b = project_exclusion(block[:, 0], block[:, 1], g.ideal)
+                ex = self.exclusion
+                img = np.einsum("nab,nb->na", ex.rot, block[:, 1]) + ex.trans
+                a, b = project_exclusion(block[:, 0], img, g.ideal)
+                b = np.einsum("nba,nb->na", ex.rot, b - ex.trans)  # back to j's own frame
                 proj = np.stack([a, b], axis=1)
+            elif g.kind == "plane":
+                proj = project_coplanar(block, g.tol)
+            elif g.kind == "disulfide":
+                proj = project_disulfides(block, self.ss_ideal, self.ss_tol)
             else:
                 proj, _ = project_rigid_motifs(block, g.motifs, g.tol)
             out[start:start + n] = proj.reshape(-1, 3)
@@ -162,12 +299,18 @@ class DivideAndConcur:
         mean = concur_positions(x, self.owner, self.eta, self.n_atoms)
         return np.where(np.isfinite(mean), mean, fallback)
 
+    def replica_sums(self, x: np.ndarray) -> np.ndarray:
+        """Σ η r_c per atom (n_atoms, 3)."""
+        return np.stack([np.bincount(self.owner, weights=self.eta * x[:, c], minlength=self.n_atoms)
+                         for c in range(3)], axis=1)
+
     def concur(self, x: np.ndarray) -> np.ndarray:
         mean = concur_positions(x, self.owner, self.eta, self.n_atoms)
         return mean[self.owner]
 
     def rrr_step(self, x: np.ndarray, beta: float = 0.5) -> tuple[np.ndarray, float]:
-        """One Reflect-Reflect-Relax step; returns the new iterate and the gap (Å, η-weighted RMS)."""
+        """One geometry-only Reflect-Reflect-Relax step; returns the new iterate and the gap (Å,
+        η-weighted RMS)."""
         pd = self.divide(x)
         pc = self.concur(2.0 * pd - x)
         diff = pc - pd

@@ -12,8 +12,9 @@ below the low-resolution cut). E is minimised by Gauss–Newton steps in the tan
 manifold (∂m/∂r = 2πi q_s(h) m, q_s(h) the Cartesian vector of h R_s), 2–3 steps from the
 current position, and the density variables are then set to m(r).
 
-This module holds the arrays whole (atoms × operators × reflections): right for tests and small
-problems; the chunked (dask) layout for 1AHO-size problems is still to come.
+This module holds the arrays whole (atoms × operators × reflections) and evaluates them with numpy:
+the independent reference the tests check the production kernels against (`density_kernels`,
+`density_engine`), which never build more than one atom's row at a time.
 """
 from __future__ import annotations
 

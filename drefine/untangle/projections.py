@@ -14,8 +14,9 @@ and return new arrays; none loops over constraints in Python.
 - volume exclusion: |a − b| ≥ r_min, both pushed apart symmetrically when closer.
 - structure factor, per reflection: the affine set Σ_j p_j ρ_j = F (ρ the atoms' density
   variables, p their occupancy weights): ρ' = ρ + p̄ (F − Σ p ρ) / Σ |p|².
+- planes: the k points within a tolerance of a common plane (least-squares plane by SVD).
 - disulfides: which cysteine conformers pair, by minimum-cost matching (scipy's Hungarian
-  `linear_sum_assignment`).
+  `linear_sum_assignment`), each chosen pair then projected like a bond.
 And the concur projection's position part: all replicas of an atom to their η-weighted mean.
 """
 from __future__ import annotations
@@ -124,3 +125,37 @@ def match_disulfides(sg_a: np.ndarray, sg_b: np.ndarray, ideal: float = 2.03) ->
     cost = (np.linalg.norm(sg_a[:, None, :] - sg_b[None, :, :], axis=2) - ideal) ** 2
     rows, cols = linear_sum_assignment(cost)
     return np.stack([rows, cols], axis=1)
+
+
+def project_coplanar(x: np.ndarray, tol: np.ndarray) -> np.ndarray:
+    """x (n, k, 3): nearest configurations whose k points lie within `tol` (Å, in the 3k-space) of a
+    common plane. The nearest coplanar configuration moves every point along the normal of the
+    least-squares plane (through the centroid, normal = the smallest right singular vector); a
+    point within tol of it stays, one further is pulled to distance tol."""
+    c = x.mean(axis=1, keepdims=True)
+    _, sv, vt = np.linalg.svd(x - c)
+    normal = vt[:, 2]  # (n, 3)
+    off = np.einsum("nki,ni->nk", x - c, normal)  # signed distances to the plane
+    dist = sv[:, 2]
+    keep = np.where(dist > tol, 1.0 - tol / np.maximum(dist, 1e-300), 0.0)
+    moved = x - (keep[:, None] * off)[:, :, None] * normal[:, None, :]
+    inside = dist <= tol * (1.0 + _EPS)
+    return np.where(inside[:, None, None], x, moved)
+
+
+def project_disulfides(x: np.ndarray, ideal: float, tol: float) -> np.ndarray:
+    """x (n, 2m, 3): the SG replicas of the m conformers of two bridged cysteines, [i_1..i_m, j_1..j_m].
+    The set: some one-to-one pairing of i's and j's conformers with every pair's S–S bond within
+    ideal ± tol. Nearest point: every pair's bond projection costs (|d| − clip(|d|))²/2; the
+    pairing is the minimum-cost matching (Hungarian), then the chosen pairs are projected."""
+    n, k2 = x.shape[:2]
+    m = k2 // 2
+    ii, jj = np.meshgrid(np.arange(m), np.arange(m), indexing="ij")
+    d = np.linalg.norm(x[:, ii.ravel()] - x[:, m + jj.ravel()], axis=2)  # (n, m*m)
+    cost = (0.5 * (d - np.clip(d, ideal - tol, ideal + tol)) ** 2).reshape(n, m, m)
+    out = x.copy()
+    for k in range(n):  # a handful of disulfides
+        rows, cols = linear_sum_assignment(cost[k])
+        a, b = project_bonds(x[k, rows], x[k, m + cols], np.full(m, ideal), np.full(m, tol))
+        out[k, rows], out[k, m + cols] = a, b
+    return out

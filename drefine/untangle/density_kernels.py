@@ -1,0 +1,244 @@
+"""Numba kernels of the density half of divide and concur, one atom at a time.
+
+Each atom j carries density variables ρ_j(s, h) for every symmetry operator s and used
+reflection h. On the concur manifold they are m_j(s, h; r) = a_j(h) exp(2πi h·(R_s F r + t_s)).
+For one atom the kernel does the whole concur-and-update of an RRR step in one pass over its row
+(ops × reflections), so the atoms × reflections array is read and written once per iteration and
+never copied:
+
+1. ρ̃ = 2 P_D(ρ) − ρ = ρ + 2 p_j c(h) (the structure-factor projection adds p_j c(h) to every
+   variable of a reflection, c = (F − Σ p ρ)/Σ p²: see `projections.project_structure_factor`);
+2. the position r minimising Σ_c η_c |r_c − r|² + g Σ w_h |ρ̃ − m(r)|² by Gauss–Newton steps in the
+   tangent space (∂m/∂r = i q m, q = 2π h R_s F). |m|² = a² does not depend on r, so the normal
+   matrix η I + g Σ w a² q qᵀ is fixed per atom (`density_normal_matrices`); each step needs only
+   the right-hand side Σ η (r_c − r) + g Σ w a Im(conj(e) ρ̃) q;
+3. the RRR update ρ ← ρ + β (m(r) − P_D(ρ)), with the gap |m(r) − P_D(ρ)|² (metric g w) and the
+   sums Σ p m(r) (the model's structure factor) and Σ p ρ (for the next projection).
+
+Phase factors are products of per-axis tables exp(2πi h x_s), exp(2πi k y_s), exp(2πi l z_s)
+(x_s the fractional image position), built by recurrence: three table look-ups and two complex
+products per variable instead of a sine and cosine. Atoms are spread over threads in blocks,
+each block with its own per-reflection sums, so results do not depend on the thread count's
+scheduling (the block partition is fixed by `n_blocks`).
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from numba import njit, prange
+
+TWO_PI = 2.0 * math.pi
+
+
+@njit(cache=True, nogil=True)
+def _axis_tables(xs, lo, n_axis, out):
+    """out[a, i] = exp(2πi (lo[a] + i) xs[a]) for the three axes."""
+    for a in range(3):
+        step = complex(math.cos(TWO_PI * xs[a]), math.sin(TWO_PI * xs[a]))
+        ph = TWO_PI * lo[a] * xs[a]
+        v = complex(math.cos(ph), math.sin(ph))
+        for i in range(n_axis[a]):
+            out[a, i] = v
+            v *= step
+            if i % 16 == 15:  # re-anchor now and then: the recurrence's rounding grows with length
+                ph = TWO_PI * (lo[a] + i + 1) * xs[a]
+                v = complex(math.cos(ph), math.sin(ph))
+
+
+@njit(cache=True, nogil=True)
+def _image_frac(r, fmat, rot, trans, s, out):
+    """Fractional coordinates of symmetry image s of Cartesian position r."""
+    f0 = fmat[0, 0] * r[0] + fmat[0, 1] * r[1] + fmat[0, 2] * r[2]
+    f1 = fmat[1, 0] * r[0] + fmat[1, 1] * r[1] + fmat[1, 2] * r[2]
+    f2 = fmat[2, 0] * r[0] + fmat[2, 1] * r[1] + fmat[2, 2] * r[2]
+    for a in range(3):
+        out[a] = rot[s, a, 0] * f0 + rot[s, a, 1] * f1 + rot[s, a, 2] * f2 + trans[s, a]
+
+
+@njit(cache=True, nogil=True)
+def _solve3(m, b):
+    """x = m⁻¹ b for a symmetric positive definite 3×3 m (Cramer's rule)."""
+    c00 = m[1, 1] * m[2, 2] - m[1, 2] * m[2, 1]
+    c01 = m[1, 2] * m[2, 0] - m[1, 0] * m[2, 2]
+    c02 = m[1, 0] * m[2, 1] - m[1, 1] * m[2, 0]
+    det = m[0, 0] * c00 + m[0, 1] * c01 + m[0, 2] * c02
+    c10 = m[0, 2] * m[2, 1] - m[0, 1] * m[2, 2]
+    c11 = m[0, 0] * m[2, 2] - m[0, 2] * m[2, 0]
+    c12 = m[0, 1] * m[2, 0] - m[0, 0] * m[2, 1]
+    c20 = m[0, 1] * m[1, 2] - m[0, 2] * m[1, 1]
+    c21 = m[0, 2] * m[1, 0] - m[0, 0] * m[1, 2]
+    c22 = m[0, 0] * m[1, 1] - m[0, 1] * m[1, 0]
+    x = np.empty(3)
+    x[0] = (c00 * b[0] + c10 * b[1] + c20 * b[2]) / det
+    x[1] = (c01 * b[0] + c11 * b[1] + c21 * b[2]) / det
+    x[2] = (c02 * b[0] + c12 * b[1] + c22 * b[2]) / det
+    return x
+
+
+@njit(cache=True, nogil=True)
+def _values_row(r, amp_j, hkl, lo, n_axis, fmat, rot, trans, out_row, weight, tables, xs):
+    """out_row[s, i] += weight · m_j(s, h_i; r)."""
+    n_ops, n_refl = out_row.shape
+    for s in range(n_ops):
+        _image_frac(r, fmat, rot, trans, s, xs)
+        _axis_tables(xs, lo, n_axis, tables)
+        for i in range(n_refl):
+            e = tables[0, hkl[i, 0] - lo[0]] * tables[1, hkl[i, 1] - lo[1]] * tables[2, hkl[i, 2] - lo[2]]
+            out_row[s, i] += weight * amp_j[i] * e
+
+
+@njit(cache=True, nogil=True)
+def _concur_atom(row, amp_j, p_j, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats, normal_j,
+                 rsum_j, eta_j, start_j, steps, f_model, s_new, tables, xs, reflect, update):
+    """Concur and RRR-update one atom's row (n_ops, n_refl) in place, Gauss–Newton from start_j;
+    returns (r, gap²). The concur sees ρ + reflect·p·c: reflect = 2 for the RRR step (2 P_D − x),
+    1 for the concur of P_D(x) itself (the solution estimate; then update=False: nothing written)."""
+    n_ops, n_refl = row.shape
+    r = start_j.copy()
+    mat = np.empty((3, 3))
+    for a in range(3):
+        for b in range(3):
+            mat[a, b] = g * normal_j[a, b] + (eta_j if a == b else 0.0)
+    acc = np.empty(3)
+    rhs = np.empty(3)
+    for _ in range(steps):
+        for a in range(3):
+            rhs[a] = rsum_j[a] - eta_j * r[a]
+        for s in range(n_ops):
+            _image_frac(r, fmat, rot, trans, s, xs)
+            _axis_tables(xs, lo, n_axis, tables)
+            acc[0] = 0.0
+            acc[1] = 0.0
+            acc[2] = 0.0
+            for i in range(n_refl):
+                e = tables[0, hkl[i, 0] - lo[0]] * tables[1, hkl[i, 1] - lo[1]] * tables[2, hkl[i, 2] - lo[2]]
+                z = complex(row[s, i]) + reflect * p_j * c[i]
+                v = w[i] * amp_j[i] * (e.real * z.imag - e.imag * z.real)  # Im(conj(e) z)
+                acc[0] += v * hkl[i, 0]
+                acc[1] += v * hkl[i, 1]
+                acc[2] += v * hkl[i, 2]
+            for a in range(3):  # q = 2π h R_s F: rhs += g Σ v q
+                rhs[a] += g * (acc[0] * q_mats[s, 0, a] + acc[1] * q_mats[s, 1, a] + acc[2] * q_mats[s, 2, a])
+        dr = _solve3(mat, rhs)
+        for a in range(3):
+            r[a] += dr[a]
+    gap2 = 0.0
+    if not update:
+        return r, gap2
+    for s in range(n_ops):
+        _image_frac(r, fmat, rot, trans, s, xs)
+        _axis_tables(xs, lo, n_axis, tables)
+        for i in range(n_refl):
+            e = tables[0, hkl[i, 0] - lo[0]] * tables[1, hkl[i, 1] - lo[1]] * tables[2, hkl[i, 2] - lo[2]]
+            m = amp_j[i] * e
+            rho = complex(row[s, i])
+            d = m - (rho + p_j * c[i])
+            gap2 += g * w[i] * (d.real * d.real + d.imag * d.imag)
+            new = rho + beta * d
+            row[s, i] = new
+            f_model[i] += p_j * m
+            s_new[i] += p_j * complex(row[s, i])  # as stored (single precision rounding included)
+    return r, gap2
+
+
+def _table_layout(hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lo = hkl.min(axis=0).astype(np.int64)
+    return lo, (hkl.max(axis=0) - lo + 1).astype(np.int64)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _concur_chunk(rho, amp, p, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats, normal, rsum, eta,
+                  start, steps, n_blocks, reflect, update):
+    n_atoms, _, n_refl = rho.shape
+    pos = np.empty((n_atoms, 3))
+    gaps = np.zeros(n_atoms)
+    f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
+    s_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
+    n_tab = n_axis.max()
+    for b in prange(n_blocks):
+        tables = np.empty((3, n_tab), dtype=np.complex128)
+        xs = np.empty(3)
+        for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
+            r, gap2 = _concur_atom(rho[j], amp[j], p[j], c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats,
+                                   normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
+                                   reflect, update)
+            pos[j] = r
+            gaps[j] = gap2
+    return pos, gaps, f_blocks.sum(axis=0), s_blocks.sum(axis=0)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats,
+                  normal, rsum, eta, start, steps, n_blocks, n_ops, reflect,
+                  update):
+    """The same step for density variables kept as their history: ρ_j = Σ_k hist_w[k] m_j(r_jk) − p_j corr."""
+    n_atoms, n_hist = hist_pos.shape[0], hist_pos.shape[1]
+    n_refl = hkl.shape[0]
+    pos = np.empty((n_atoms, 3))
+    gaps = np.zeros(n_atoms)
+    f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
+    s_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
+    n_tab = n_axis.max()
+    for b in prange(n_blocks):
+        tables = np.empty((3, n_tab), dtype=np.complex128)
+        xs = np.empty(3)
+        row = np.empty((n_ops, n_refl), dtype=np.complex128)
+        for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
+            for s in range(n_ops):
+                for i in range(n_refl):
+                    row[s, i] = -p[j] * corr[i]
+            for k in range(n_hist):
+                if hist_w[k] != 0.0:
+                    _values_row(hist_pos[j, k], amp[j], hkl, lo, n_axis, fmat, rot, trans, row, hist_w[k], tables, xs)
+            r, gap2 = _concur_atom(row, amp[j], p[j], c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats,
+                                   normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
+                                   reflect, update)
+            pos[j] = r
+            gaps[j] = gap2
+    return pos, gaps, f_blocks.sum(axis=0), s_blocks.sum(axis=0)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _values_chunk(xyz, amp, p, hkl, lo, n_axis, fmat, rot, trans, n_ops, out, n_blocks):
+    """out[j] = m_j(r_j) for every atom (n_atoms, n_ops, n_refl); returns Σ p m."""
+    n_atoms = xyz.shape[0]
+    n_refl = hkl.shape[0]
+    f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
+    n_tab = n_axis.max()
+    for b in prange(n_blocks):
+        tables = np.empty((3, n_tab), dtype=np.complex128)
+        xs = np.empty(3)
+        row = np.empty((n_ops, n_refl), dtype=np.complex128)
+        for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
+            row[:] = 0.0
+            _values_row(xyz[j], amp[j], hkl, lo, n_axis, fmat, rot, trans, row, 1.0, tables, xs)
+            for s in range(n_ops):
+                for i in range(n_refl):
+                    out[j, s, i] = row[s, i]
+                    f_blocks[b, i] += p[j] * row[s, i]
+    return f_blocks.sum(axis=0)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def density_normal_matrices(amp, w, hkl, q_mats):
+    """Σ_{s,h} w_h a_j(h)² q_s(h) q_s(h)ᵀ per atom (n_atoms, 3, 3), q_s(h) = h · q_mats[s] (Å⁻¹)."""
+    n_atoms, n_refl = amp.shape
+    n_ops = q_mats.shape[0]
+    out = np.zeros((n_atoms, 3, 3))
+    for j in prange(n_atoms):
+        hh = np.zeros((3, 3))
+        for i in range(n_refl):
+            v = w[i] * amp[j, i] * amp[j, i]
+            for a in range(3):
+                for b in range(3):
+                    hh[a, b] += v * hkl[i, a] * hkl[i, b]
+        for s in range(n_ops):  # qᵀ q summed: Q_sᵀ (Σ v h hᵀ) Q_s
+            for a in range(3):
+                for b in range(3):
+                    t = 0.0
+                    for u in range(3):
+                        for v2 in range(3):
+                            t += q_mats[s, u, a] * hh[u, v2] * q_mats[s, v2, b]
+                    out[j, a, b] += t
+    return out
