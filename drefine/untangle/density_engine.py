@@ -52,6 +52,7 @@ class DensitySpec:
     def __post_init__(self):
         self.hkl = np.ascontiguousarray(self.hkl, dtype=np.int64)
         self.lo, self.n_axis = K._table_layout(self.hkl)
+        self.runs = K.reflection_runs(self.hkl)
         self.q_mats = np.ascontiguousarray(2 * np.pi * np.einsum("suv,va->sua", self.rot, self.frac_matrix))
         self.s2 = ((self.hkl @ self.frac_matrix) ** 2).sum(axis=1)
 
@@ -114,7 +115,7 @@ class DensityChunk:
         sp = self.spec
         xyz = np.ascontiguousarray(xyz, dtype=np.float64)
         if self.representation == "array":
-            return K._values_chunk(xyz, self.amp, self.p, sp.hkl, sp.lo, sp.n_axis, sp.frac_matrix, sp.rot,
+            return K._values_chunk(xyz, self.amp, self.p, sp.runs, sp.lo, sp.n_axis, sp.frac_matrix, sp.rot,
                                    sp.trans, sp.n_ops, self.rho, self.n_blocks)
         self.hist_pos = xyz[:, None, :].copy()
         self.hist_w = np.ones(1)
@@ -127,7 +128,7 @@ class DensityChunk:
         for start in range(0, len(xyz), 64):  # bounded scratch for the series representation
             sl = slice(start, start + 64)
             scratch = np.empty((len(xyz[sl]), sp.n_ops, sp.n_refl), dtype=np.complex128)
-            total += K._values_chunk(np.ascontiguousarray(xyz[sl]), self.amp[sl], self.p[sl], sp.hkl, sp.lo,
+            total += K._values_chunk(np.ascontiguousarray(xyz[sl]), self.amp[sl], self.p[sl], sp.runs, sp.lo,
                                      sp.n_axis, sp.frac_matrix, sp.rot, sp.trans, sp.n_ops, scratch,
                                      min(self.n_blocks, len(xyz[sl])))
         return total
@@ -146,11 +147,11 @@ class DensityChunk:
         eta = np.ascontiguousarray(eta, dtype=np.float64)
         start = np.ascontiguousarray(start, dtype=np.float64)
         if self.representation == "array":
-            return K._concur_chunk(self.rho, self.amp, self.p, c, sp.w, g, self.beta, sp.hkl, sp.lo, sp.n_axis,
+            return K._concur_chunk(self.rho, self.amp, self.p, c, sp.w, g, self.beta, sp.runs, sp.lo, sp.n_axis,
                                    sp.frac_matrix, sp.rot, sp.trans, sp.q_mats, self.normal, rsum, eta, start,
                                    steps, self.n_blocks, reflect, update)
         pos, gaps, f_model, s_new = K._series_chunk(
-            self.hist_pos, self.hist_w, self.corr, self.amp, self.p, c, sp.w, g, self.beta, sp.hkl, sp.lo,
+            self.hist_pos, self.hist_w, self.corr, self.amp, self.p, c, sp.w, g, self.beta, sp.runs, sp.lo,
             sp.n_axis, sp.frac_matrix, sp.rot, sp.trans, sp.q_mats, self.normal, rsum, eta, start, steps,
             self.n_blocks, sp.n_ops, reflect, update)
         if estimate:

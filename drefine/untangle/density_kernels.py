@@ -16,8 +16,10 @@ never copied:
    sums Σ p m(r) (the model's structure factor) and Σ p ρ (for the next projection).
 
 Phase factors are products of per-axis tables exp(2πi h x_s), exp(2πi k y_s), exp(2πi l z_s)
-(x_s the fractional image position), built by recurrence: three table look-ups and two complex
-products per variable instead of a sine and cosine. Atoms are spread over threads in blocks,
+(x_s the fractional image position), built by recurrence. Reflections are walked in runs of
+consecutive l at fixed (h, k) (`reflection_runs`; sorted reflections give long runs): within a run
+the phase factor is one complex product of the run's exp(2πi(h x + k y)) with a contiguous slice
+of the l table, and the h and k parts of the gradient sum are taken once per run. Atoms are spread over threads in blocks,
 each block with its own per-reflection sums, so results do not depend on the thread count's
 scheduling (the block partition is fixed by `n_blocks`).
 """
@@ -76,20 +78,35 @@ def _solve3(m, b):
     return x
 
 
+def reflection_runs(hkl: np.ndarray) -> np.ndarray:
+    """Runs of consecutive entries with equal (h, k) and l rising by one: (n_runs, 5) int64 rows of
+    (first index, length, h, k, first l). Any order is valid; sorted by (h, k, l) gives long runs."""
+    hkl = np.asarray(hkl, dtype=np.int64)
+    if len(hkl) == 0:
+        return np.zeros((0, 5), dtype=np.int64)
+    new = np.ones(len(hkl), dtype=bool)
+    new[1:] = (hkl[1:, 0] != hkl[:-1, 0]) | (hkl[1:, 1] != hkl[:-1, 1]) | (hkl[1:, 2] != hkl[:-1, 2] + 1)
+    start = np.flatnonzero(new)
+    length = np.diff(np.append(start, len(hkl)))
+    return np.stack([start, length, hkl[start, 0], hkl[start, 1], hkl[start, 2]], axis=1)
+
+
 @njit(cache=True, nogil=True)
-def _values_row(r, amp_j, hkl, lo, n_axis, fmat, rot, trans, out_row, weight, tables, xs):
+def _values_row(r, amp_j, runs, lo, n_axis, fmat, rot, trans, out_row, weight, tables, xs):
     """out_row[s, i] += weight · m_j(s, h_i; r)."""
-    n_ops, n_refl = out_row.shape
+    n_ops = out_row.shape[0]
     for s in range(n_ops):
         _image_frac(r, fmat, rot, trans, s, xs)
         _axis_tables(xs, lo, n_axis, tables)
-        for i in range(n_refl):
-            e = tables[0, hkl[i, 0] - lo[0]] * tables[1, hkl[i, 1] - lo[1]] * tables[2, hkl[i, 2] - lo[2]]
-            out_row[s, i] += weight * amp_j[i] * e
+        for q in range(runs.shape[0]):
+            i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
+            ehk = weight * tables[0, runs[q, 2] - lo[0]] * tables[1, runs[q, 3] - lo[1]]
+            for t in range(n):
+                out_row[s, i0 + t] += amp_j[i0 + t] * (ehk * tables[2, l0 + t])
 
 
 @njit(cache=True, nogil=True)
-def _concur_atom(row, amp_j, p_j, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats, normal_j,
+def _concur_atom(row, amp_j, p_j, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats, normal_j,
                  rsum_j, eta_j, start_j, steps, f_model, s_new, tables, xs, reflect, update):
     """Concur and RRR-update one atom's row (n_ops, n_refl) in place, Gauss–Newton from start_j;
     returns (r, gap²). The concur sees ρ + reflect·p·c: reflect = 2 for the RRR step (2 P_D − x),
@@ -111,13 +128,22 @@ def _concur_atom(row, amp_j, p_j, c, w, g, beta, hkl, lo, n_axis, fmat, rot, tra
             acc[0] = 0.0
             acc[1] = 0.0
             acc[2] = 0.0
-            for i in range(n_refl):
-                e = tables[0, hkl[i, 0] - lo[0]] * tables[1, hkl[i, 1] - lo[1]] * tables[2, hkl[i, 2] - lo[2]]
-                z = complex(row[s, i]) + reflect * p_j * c[i]
-                v = w[i] * amp_j[i] * (e.real * z.imag - e.imag * z.real)  # Im(conj(e) z)
-                acc[0] += v * hkl[i, 0]
-                acc[1] += v * hkl[i, 1]
-                acc[2] += v * hkl[i, 2]
+            pc = reflect * p_j
+            for q in range(runs.shape[0]):
+                i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
+                ehk = tables[0, runs[q, 2] - lo[0]] * tables[1, runs[q, 3] - lo[1]]
+                sv = 0.0
+                sl = 0.0
+                for t in range(n):
+                    i = i0 + t
+                    e = ehk * tables[2, l0 + t]
+                    z = complex(row[s, i]) + pc * c[i]
+                    v = w[i] * amp_j[i] * (e.real * z.imag - e.imag * z.real)  # Im(conj(e) z)
+                    sv += v
+                    sl += v * t
+                acc[0] += sv * runs[q, 2]
+                acc[1] += sv * runs[q, 3]
+                acc[2] += sv * runs[q, 4] + sl
             for a in range(3):  # q = 2π h R_s F: rhs += g Σ v q
                 rhs[a] += g * (acc[0] * q_mats[s, 0, a] + acc[1] * q_mats[s, 1, a] + acc[2] * q_mats[s, 2, a])
         dr = _solve3(mat, rhs)
@@ -129,16 +155,18 @@ def _concur_atom(row, amp_j, p_j, c, w, g, beta, hkl, lo, n_axis, fmat, rot, tra
     for s in range(n_ops):
         _image_frac(r, fmat, rot, trans, s, xs)
         _axis_tables(xs, lo, n_axis, tables)
-        for i in range(n_refl):
-            e = tables[0, hkl[i, 0] - lo[0]] * tables[1, hkl[i, 1] - lo[1]] * tables[2, hkl[i, 2] - lo[2]]
-            m = amp_j[i] * e
-            rho = complex(row[s, i])
-            d = m - (rho + p_j * c[i])
-            gap2 += g * w[i] * (d.real * d.real + d.imag * d.imag)
-            new = rho + beta * d
-            row[s, i] = new
-            f_model[i] += p_j * m
-            s_new[i] += p_j * complex(row[s, i])  # as stored (single precision rounding included)
+        for q in range(runs.shape[0]):
+            i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
+            ehk = tables[0, runs[q, 2] - lo[0]] * tables[1, runs[q, 3] - lo[1]]
+            for t in range(n):
+                i = i0 + t
+                m = amp_j[i] * (ehk * tables[2, l0 + t])
+                rho = complex(row[s, i])
+                d = m - (rho + p_j * c[i])
+                gap2 += g * w[i] * (d.real * d.real + d.imag * d.imag)
+                row[s, i] = rho + beta * d
+                f_model[i] += p_j * m
+                s_new[i] += p_j * complex(row[s, i])  # as stored (single precision rounding included)
     return r, gap2
 
 
@@ -148,7 +176,7 @@ def _table_layout(hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _concur_chunk(rho, amp, p, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats, normal, rsum, eta,
+def _concur_chunk(rho, amp, p, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats, normal, rsum, eta,
                   start, steps, n_blocks, reflect, update):
     n_atoms, _, n_refl = rho.shape
     pos = np.empty((n_atoms, 3))
@@ -160,7 +188,7 @@ def _concur_chunk(rho, amp, p, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans,
         tables = np.empty((3, n_tab), dtype=np.complex128)
         xs = np.empty(3)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
-            r, gap2 = _concur_atom(rho[j], amp[j], p[j], c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats,
+            r, gap2 = _concur_atom(rho[j], amp[j], p[j], c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
                                    normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
                                    reflect, update)
             pos[j] = r
@@ -169,12 +197,12 @@ def _concur_chunk(rho, amp, p, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans,
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats,
+def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
                   normal, rsum, eta, start, steps, n_blocks, n_ops, reflect,
                   update):
     """The same step for density variables kept as their history: ρ_j = Σ_k hist_w[k] m_j(r_jk) − p_j corr."""
     n_atoms, n_hist = hist_pos.shape[0], hist_pos.shape[1]
-    n_refl = hkl.shape[0]
+    n_refl = amp.shape[1]
     pos = np.empty((n_atoms, 3))
     gaps = np.zeros(n_atoms)
     f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
@@ -190,8 +218,8 @@ def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, hkl, lo, n_axis
                     row[s, i] = -p[j] * corr[i]
             for k in range(n_hist):
                 if hist_w[k] != 0.0:
-                    _values_row(hist_pos[j, k], amp[j], hkl, lo, n_axis, fmat, rot, trans, row, hist_w[k], tables, xs)
-            r, gap2 = _concur_atom(row, amp[j], p[j], c, w, g, beta, hkl, lo, n_axis, fmat, rot, trans, q_mats,
+                    _values_row(hist_pos[j, k], amp[j], runs, lo, n_axis, fmat, rot, trans, row, hist_w[k], tables, xs)
+            r, gap2 = _concur_atom(row, amp[j], p[j], c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
                                    normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
                                    reflect, update)
             pos[j] = r
@@ -200,10 +228,10 @@ def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, hkl, lo, n_axis
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _values_chunk(xyz, amp, p, hkl, lo, n_axis, fmat, rot, trans, n_ops, out, n_blocks):
+def _values_chunk(xyz, amp, p, runs, lo, n_axis, fmat, rot, trans, n_ops, out, n_blocks):
     """out[j] = m_j(r_j) for every atom (n_atoms, n_ops, n_refl); returns Σ p m."""
     n_atoms = xyz.shape[0]
-    n_refl = hkl.shape[0]
+    n_refl = amp.shape[1]
     f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
     n_tab = n_axis.max()
     for b in prange(n_blocks):
@@ -212,7 +240,7 @@ def _values_chunk(xyz, amp, p, hkl, lo, n_axis, fmat, rot, trans, n_ops, out, n_
         row = np.empty((n_ops, n_refl), dtype=np.complex128)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
             row[:] = 0.0
-            _values_row(xyz[j], amp[j], hkl, lo, n_axis, fmat, rot, trans, row, 1.0, tables, xs)
+            _values_row(xyz[j], amp[j], runs, lo, n_axis, fmat, rot, trans, row, 1.0, tables, xs)
             for s in range(n_ops):
                 for i in range(n_refl):
                     out[j, s, i] = row[s, i]

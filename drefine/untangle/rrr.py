@@ -103,10 +103,14 @@ class Untangler:
             self.used &= table.work
         if phases_deg is not None:
             self.used &= np.isfinite(phases_deg)
+        # the density kernels walk reflections in runs of consecutive l: order used ones by (h, k, l)
+        used = np.flatnonzero(self.used)
+        hkl_used = table.hkl[used].astype(np.int64)
+        self.used_index = used[np.lexsort((hkl_used[:, 2], hkl_used[:, 1], hkl_used[:, 0]))]
         if not self.used.any():
             raise DrefineError(f"no reflection with d ≤ {1 / self.opt.s_cut:.2f} Å to untangle against "
                                f"(data to {table.d_min:.2f} Å)")
-        spec = DensitySpec(table.hkl[self.used], sc.rot, sc.trans, sc.frac_matrix,
+        spec = DensitySpec(table.hkl[self.used_index], sc.rot, sc.trans, sc.frac_matrix,
                            np.ones(int(self.used.sum())), sc.types.a, sc.types.b)
         memmap_dir = None
         if self.opt.memmap:
@@ -153,7 +157,7 @@ class Untangler:
         k_tot = fm.scale.k_total(s_vec)
         bulk = fm.scale.k_sol * np.exp(-fm.scale.b_sol * s2 / 4.0) * fm.f_mask
         phi = np.deg2rad(self.phases_deg) if self.phases_deg is not None else np.angle(fm.f_model)
-        u = self.used
+        u = self.used_index
         f_obs = t.f_obs[u] / k_tot[u]
         f_target = f_obs * np.exp(1j * phi[u]) - bulk[u]
         g = self.opt.g if self.stage == 0 else self.opt.g_final

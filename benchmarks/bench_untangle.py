@@ -1,0 +1,83 @@
+"""Untangling the 1AHO challenge: `drefine untangle` on otw39, otw1 and lotswrong, and its speed.
+
+Every case runs the command as a user would (defaults, --phases PHI: refme.mtz carries the true
+phases; --truth only for the report), under /usr/bin/time for the peak memory. Scored by the shared
+tools/untangle_check.py (tangled residues, Ala39 N–CA, |Z| > 4 count) and by the command's own
+report (R on all and on the used reflections, before and after). Speed: iterations per second of
+short runs in-process and on a local dask cluster with 1 and 2 workers (density chunks as actors).
+
+Usage: python benchmarks/bench_untangle.py [--work DIR] [--cases otw39,otw1,lotswrong] [--speed-only]
+       [--iterations 300,200]
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve()
+DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
+TOOLS = DATA.parent / "tools"
+CASE = DATA / "untangle"
+LABIN = "F=F,SIGF=SIGF,FREE=FreeR_flag"
+
+
+def check(model: Path) -> dict:
+    out = subprocess.run([sys.executable, TOOLS / "untangle_check.py", model, CASE / "ground_truth.pdb",
+                          DATA / "monlib", "1", "38", "39", "40"], capture_output=True, text=True, check=False)
+    line = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
+    return dict(kv.split("=", 1) for kv in line.split() if "=" in kv)
+
+
+def run(work: Path, name: str, extra: list[str], tag: str) -> dict:
+    prefix = work / f"{name}_{tag}"
+    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", "drefine", "untangle", CASE / f"{name}.pdb", CASE / "refme.mtz",
+           "--labin", LABIN, "--phases", "PHI", "--truth", CASE / "ground_truth.pdb", "-o", prefix, *extra]
+    t0 = time.perf_counter()
+    p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=False)
+    wall = time.perf_counter() - t0
+    if p.returncode:
+        raise SystemExit(f"{name}: drefine untangle failed:\n{p.stderr[-2000:]}")
+    peak = next(int(x.split()[1]) for x in p.stderr.splitlines() if x.startswith("PEAK_KB"))
+    rep = json.loads(Path(f"{prefix}.json").read_text())
+    return {"case": name, "tag": tag, "wall_s": round(wall, 1), "peak_mb": round(peak / 1024),
+            "iterations_per_s": rep["timing"]["iterations_per_s"],
+            "start": {k: rep["start"].get(k) for k in ("r_work", "r_free", "r_all", "r_used", "n_tangled")},
+            "final": {k: rep["final"].get(k) for k in ("r_work", "r_free", "r_all", "r_used", "n_tangled",
+                                                       "bonds_rmsd", "angles_rmsd")},
+            "check_start": check(CASE / f"{name}.pdb"), "check_final": check(Path(f"{prefix}.cif"))}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--work", default="/tmp/drefine_bench_untangle")
+    ap.add_argument("--cases", default="otw39,otw1,lotswrong")
+    ap.add_argument("--iterations", default=None, help="passed to --iterations (default: the command's)")
+    ap.add_argument("--speed-only", action="store_true")
+    args = ap.parse_args()
+    work = Path(args.work)
+    work.mkdir(parents=True, exist_ok=True)
+    results = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    speed = []
+    for tag, extra in (("inprocess", []), ("dask1", ["--scheduler", "local", "--workers", "1"]),
+                       ("dask2", ["--scheduler", "local", "--workers", "2"])):
+        r = run(work, "otw39", ["--iterations", "30", *extra], f"speed_{tag}")
+        speed.append({"mode": tag, "iterations_per_s": r["iterations_per_s"], "wall_s": r["wall_s"],
+                      "peak_mb": r["peak_mb"]})
+        print(json.dumps(speed[-1]), flush=True)
+    results["speed"] = speed
+    if not args.speed_only:
+        results["cases"] = []
+        for name in args.cases.split(","):
+            extra = ["--iterations", args.iterations] if args.iterations else []
+            r = run(work, name, extra, "default")
+            results["cases"].append(r)
+            print(json.dumps(r), flush=True)
+    (work / "results.json").write_text(json.dumps(results, indent=1))
+    print(f"wrote {work / 'results.json'}")
+
+
+if __name__ == "__main__":
+    main()
