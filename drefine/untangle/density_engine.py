@@ -97,6 +97,7 @@ class DensityChunk:
                 self.rho = np.lib.format.open_memmap(memmap_path, mode="w+", dtype=dtype, shape=shape)
             else:
                 self.rho = np.zeros(shape, dtype=dtype)
+            self.corr_dummy = np.zeros(0, dtype=np.complex128)
         elif representation == "series":
             self.max_hist = math.ceil(math.log(SERIES_TOLERANCE) / math.log(1.0 - beta)) + 1
             self.hist_pos = np.zeros((n, 0, 3))
@@ -146,15 +147,17 @@ class DensityChunk:
         rsum = np.ascontiguousarray(rsum, dtype=np.float64)
         eta = np.ascontiguousarray(eta, dtype=np.float64)
         start = np.ascontiguousarray(start, dtype=np.float64)
-        if self.representation == "array":
-            return K._concur_chunk(self.rho, self.amp, self.p, c, sp.w, g, self.beta, sp.runs, sp.lo, sp.n_axis,
-                                   sp.frac_matrix, sp.rot, sp.trans, sp.q_mats, self.normal, rsum, eta, start,
-                                   steps, self.n_blocks, reflect, update)
-        pos, gaps, f_model, s_new = K._series_chunk(
-            self.hist_pos, self.hist_w, self.corr, self.amp, self.p, c, sp.w, g, self.beta, sp.runs, sp.lo,
-            sp.n_axis, sp.frac_matrix, sp.rot, sp.trans, sp.q_mats, self.normal, rsum, eta, start, steps,
-            self.n_blocks, sp.n_ops, reflect, update)
-        if estimate:
+        series = self.representation == "series"
+        if series:
+            rho, hist_pos, hist_w, corr = (np.zeros((len(self.p), sp.n_ops, 0), dtype=np.complex128), self.hist_pos,
+                                           self.hist_w, self.corr)
+        else:
+            rho, hist_pos, hist_w, corr = self.rho, np.zeros((len(self.p), 0, 3)), np.zeros(0), self.corr_dummy
+        pos, gaps, f_model, s_new = K._step_chunk(
+            rho, hist_pos, hist_w, corr, self.amp, self.p, c, sp.w, g, self.beta, sp.runs, sp.lo, sp.n_axis,
+            sp.frac_matrix, sp.rot, sp.trans, sp.q_mats, self.normal, rsum, eta, start, steps, self.n_blocks, reflect,
+            update, series)
+        if estimate or not series:
             return pos, gaps, f_model, s_new
         # ρ' = (1 − β) ρ + β m(r) − β p c: every term's weight shrinks, r joins, C takes c
         w = np.append(self.hist_w * (1.0 - self.beta), self.beta)

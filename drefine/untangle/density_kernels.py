@@ -176,32 +176,12 @@ def _table_layout(hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def _concur_chunk(rho, amp, p, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats, normal, rsum, eta,
-                  start, steps, n_blocks, reflect, update):
-    n_atoms, _, n_refl = rho.shape
-    pos = np.empty((n_atoms, 3))
-    gaps = np.zeros(n_atoms)
-    f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
-    s_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
-    n_tab = n_axis.max()
-    for b in prange(n_blocks):
-        tables = np.empty((3, n_tab), dtype=np.complex128)
-        xs = np.empty(3)
-        for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
-            r, gap2 = _concur_atom(rho[j], amp[j], p[j], c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
-                                   normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
-                                   reflect, update)
-            pos[j] = r
-            gaps[j] = gap2
-    return pos, gaps, f_blocks.sum(axis=0), s_blocks.sum(axis=0)
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
-                  normal, rsum, eta, start, steps, n_blocks, n_ops, reflect,
-                  update):
-    """The same step for density variables kept as their history: ρ_j = Σ_k hist_w[k] m_j(r_jk) − p_j corr."""
-    n_atoms, n_hist = hist_pos.shape[0], hist_pos.shape[1]
+def _step_chunk(rho, hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
+                normal, rsum, eta, start, steps, n_blocks, reflect, update, series):
+    """One step for a chunk of atoms. Array representation: rho (n_atoms, n_ops, n_refl) updated in
+    place. Series representation (`series`): rho is a (n_atoms, n_ops, 0) placeholder of the scratch
+    dtype and each row is rebuilt as ρ_j = Σ_k hist_w[k] m_j(hist_pos[j, k]) − p_j corr."""
+    n_atoms, n_ops = rho.shape[0], rho.shape[1]
     n_refl = amp.shape[1]
     pos = np.empty((n_atoms, 3))
     gaps = np.zeros(n_atoms)
@@ -211,14 +191,19 @@ def _series_chunk(hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_axi
     for b in prange(n_blocks):
         tables = np.empty((3, n_tab), dtype=np.complex128)
         xs = np.empty(3)
-        row = np.empty((n_ops, n_refl), dtype=np.complex128)
+        scratch = np.empty((n_ops, n_refl if series else 0), dtype=rho.dtype)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
-            for s in range(n_ops):
-                for i in range(n_refl):
-                    row[s, i] = -p[j] * corr[i]
-            for k in range(n_hist):
-                if hist_w[k] != 0.0:
-                    _values_row(hist_pos[j, k], amp[j], runs, lo, n_axis, fmat, rot, trans, row, hist_w[k], tables, xs)
+            if series:
+                row = scratch
+                for s in range(n_ops):
+                    for i in range(n_refl):
+                        row[s, i] = -p[j] * corr[i]
+                for k in range(hist_pos.shape[1]):
+                    if hist_w[k] != 0.0:
+                        _values_row(hist_pos[j, k], amp[j], runs, lo, n_axis, fmat, rot, trans, row, hist_w[k],
+                                    tables, xs)
+            else:
+                row = rho[j]
             r, gap2 = _concur_atom(row, amp[j], p[j], c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
                                    normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
                                    reflect, update)
