@@ -111,7 +111,7 @@ def _concur_atom(row, amp_j, p_j, c, w, g, beta, runs, lo, n_axis, fmat, rot, tr
     """Concur and RRR-update one atom's row (n_ops, n_refl) in place, Gauss–Newton from start_j;
     returns (r, gap²). The concur sees ρ + reflect·p·c: reflect = 2 for the RRR step (2 P_D − x),
     1 for the concur of P_D(x) itself (the solution estimate; then update=False: nothing written)."""
-    n_ops, n_refl = row.shape
+    n_ops = row.shape[0]
     r = start_j.copy()
     mat = np.empty((3, 3))
     for a in range(3):
