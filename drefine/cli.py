@@ -207,8 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the Reflect-Reflect-Relax iteration of divide and concur: replicas of atom "
                                    "positions per geometry constraint (bonds, angles, chirality, planes, disulfide "
                                    "pairing, volume exclusion with symmetry) and per-atom density variables tied to "
-                                   "the observed structure factors, in two stages. Occupancies and B factors stay as "
-                                   "given. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
+                                   "the observed structure factors, in two stages; then B factors and occupancies "
+                                   "(not coordinates) are refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
                                    "geometry before and after), PREFIX.png (gap and R plot) and PREFIX.log; a "
                                    "checkpoint folder PREFIX_checkpoint/ while it runs (--resume continues from it).")
     u.add_argument("model", metavar="MODEL", help="PDB or mmCIF file with alternate conformers")
@@ -233,6 +233,9 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="iterations between checkpoints (default 50; also every 10 minutes and on Ctrl-C)")
     u.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint folder after success")
+    u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
+                   help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
+                        "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
     u.add_argument("--representation", choices=("array", "series"), default="array",
                    help="density variables as arrays (default; atoms × operators × reflections, single "
                         "precision) or as their exact geometric series (little memory, more compute)")
@@ -832,6 +835,17 @@ def cmd_untangle(args) -> int:
         seconds_rrr = time.perf_counter() - t_run
     refined = u.model_at(u.xyz)
     final_r = u.r_factors(u.xyz)
+    rrr_r = dict(final_r)
+    log(f"after RRR: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) {final_r['r_all']:.4f} "
+        f"R(used) {final_r['r_used']:.4f}")
+    if args.adp_cycles > 0:
+        from .refine.xray import XrayOptions, refine_xray
+
+        res = refine_xray(refined, table, restraints, XrayOptions(target="ml", cycles=args.adp_cycles, adp="iso",
+                                                                  occupancies=True, coordinates=False), log=log)
+        refined.atoms.b_iso, refined.atoms.occupancy = res.b_iso, res.occupancy
+        refined.atoms.u_aniso, refined.atoms.has_aniso = res.u_aniso, res.has_aniso
+        final_r = u.r_factors(u.xyz, refined)
     start_val = validate_structure(model, restraints)
     end_val = validate_structure(refined, restraints)
     paths = write_model_outputs(refined, prefix)
@@ -841,6 +855,7 @@ def cmd_untangle(args) -> int:
     report["options"] = opt.as_dict()
     report["start"] = {**start_val["final"], **start_r}
     report["final"] = {**end_val["final"], **final_r, "gap": u.history[-1]["gap"] if u.history else None}
+    report["after_rrr"] = rrr_r
     if truth is not None:
         end_tangled = tangled_residues(refined, truth)
         report["start"]["n_tangled"] = len(start_tangled)

@@ -79,6 +79,7 @@ class XrayOptions:
     weight: float | None = None  # None: automatic
     adp: str = "auto"  # "iso", "aniso", "fixed" or "auto" (aniso when the data support it)
     occupancies: bool = True
+    coordinates: bool = True  # False: B factors (and occupancies) only, every atom where it is
     bulk_solvent: bool = True
     ls_weighting: str = "sigma"  # least squares: "sigma" (1/σ²) or "unit"
     iterations: int = 10  # L-BFGS iterations per macro-cycle
@@ -328,8 +329,8 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     if groups is not None and groups.n_conformers:
         notes.append(f"occupancies of {groups.n_groups} residues with alternate conformers refined "
                      f"({int(groups.sum_to_one.sum())} summing to 1, the others to at most 1)")
-    movable = _movable_coordinates(model, restraints, atoms)
-    if len(movable) < len(atoms):
+    movable = _movable_coordinates(model, restraints, atoms) if options.coordinates else np.zeros(0, np.int64)
+    if options.coordinates and len(movable) < len(atoms):
         notes.append(f"{len(atoms) - len(movable)} atoms of unrestrained residues keep their coordinates")
     layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work])
     q_free = groups.free_parameters(occ) if layout.groups is not None else np.zeros(0)

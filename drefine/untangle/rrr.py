@@ -140,10 +140,12 @@ class Untangler:
         m.atoms.xyz = np.asarray(xyz, dtype=np.float64).copy()
         return m
 
-    def r_factors(self, xyz: np.ndarray) -> dict:
-        """R with bulk solvent refitted: work, free, all reflections and the used ones."""
+    def r_factors(self, xyz: np.ndarray, model: Model | None = None) -> dict:
+        """R with bulk solvent refitted: work, free, all reflections and the used ones (of `model`,
+        default the input model, at positions xyz)."""
         t = self.table
-        fm = compute_fmodel(self.model_at(xyz), t)
+        m = self.model_at(xyz) if model is None else model
+        fm = compute_fmodel(m, t)
         ok = np.isfinite(t.f_obs)
         return {"r_work": fm.r_work, "r_free": fm.r_free, "r_all": r_factor(t.f_obs[ok], fm.f_model[ok]),
                 "r_used": r_factor(t.f_obs[self.used], fm.f_model[self.used]),
