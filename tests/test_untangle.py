@@ -506,3 +506,33 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     assert "no checkpoint" in capsys.readouterr().err
     assert main(["untangle", str(tangled), str(mtz), "--iterations", "0", "-o", str(tmp_path / "z")]) == 1
     assert not list(tmp_path.glob("[xyz].*"))
+
+
+def test_peptide_motifs_are_planar_ideal_and_take_the_nearer_form(example_model_path):
+    """Peptide units from the dictionary: bonds and angles ideal, all atoms in one plane, ω = 180°
+    (trans) or 0° (cis); the deposited-like example's peptides are nearer their trans motif."""
+    from drefine.restraints.topology import build_restraints
+    from drefine.untangle.constraints import DivideAndConcur, _bond_lookup
+    from drefine.untangle.projections import kabsch_placement
+
+    m = read_model(example_model_path)
+    rs = build_restraints(m)
+    dc = DivideAndConcur(m, rs)
+    length = _bond_lookup(rs)
+    peptide = [g for g in dc.groups if g.kind == "motif" and g.motifs.shape[1] == 2 and g.atoms.shape[1] in (5, 6)]
+    assert sum(len(g.atoms) for g in peptide) == 39  # 40 residues, one chain
+    for g in peptide:
+        a = g.atoms
+        for form in (0, 1):
+            mot = g.motifs[:, form]
+            assert np.allclose(np.linalg.norm(mot[:, 1] - mot[:, 3], axis=1), length(a[:, 1], a[:, 3]))
+            assert np.allclose(np.linalg.norm(mot[:, 3] - mot[:, 4], axis=1), length(a[:, 3], a[:, 4]))
+            assert np.allclose(mot[..., 2], 0.0)
+            b1, b2, b3 = mot[:, 1] - mot[:, 0], mot[:, 3] - mot[:, 1], mot[:, 4] - mot[:, 3]
+            n1, n2 = np.cross(b1, b2), np.cross(b2, b3)
+            omega = np.degrees(np.arctan2(np.einsum("ij,ij->i", np.cross(n1, n2), b2 / np.linalg.norm(b2, axis=1)[:, None]),
+                                          np.einsum("ij,ij->i", n1, n2)))
+            assert np.allclose(np.abs(omega), 180.0 if form == 0 else 0.0, atol=1e-6)
+        _, d_trans = kabsch_placement(m.atoms.xyz[a], g.motifs[:, 0])
+        _, d_cis = kabsch_placement(m.atoms.xyz[a], g.motifs[:, 1])
+        assert np.all(d_trans < d_cis)

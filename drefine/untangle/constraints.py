@@ -5,6 +5,8 @@ Every constraint owns a replica of the positions of its atoms (Gravel & Elser 20
 - angles: the rigid 3-atom motif built from the two ideal bond lengths and the ideal angle;
 - chiral centres: the rigid 4-atom motif (centre and three neighbours) from the ideal bonds and
   angles with the dictionary's handedness (both hands where the dictionary allows either);
+- peptide units (CA₁ C₁ O₁ N₂ CA₂ [H₂]): rigid motifs, trans or cis (the nearer is taken), built
+  from the dictionary's bonds and angles;
 - planes: the dictionary's planes, each set the configurations within σ·√k of coplanar;
 - disulfides between two-conformer cysteines: which conformers bridge is left to the projection
   (minimum-cost matching), not to the altloc labels;
@@ -16,8 +18,8 @@ drefine uses). The concur projection takes every atom to the η-weighted mean of
 (η = 10 for geometry, 1 for exclusion), and RRR iterates
     x ← x + β (P_C(2 P_D(x) − x) − P_D(x)),
 the gap |P_C(2P_D(x) − x) − P_D(x)| measuring how far the constraint sets are from agreeing.
-Not here: torsion motifs (rotamers as allowed motif sets), and peptide planes as rigid trans/cis
-motifs (the planarity sets, bonds and angles together hold them).
+Not here: torsion motifs (rotamers as allowed motif sets); rings and other planar groups are
+coplanarity sets (with their bonds and angles), not rigid motifs.
 """
 from __future__ import annotations
 
@@ -40,6 +42,7 @@ ETA_GEOMETRY = 10.0
 ETA_EXCLUSION = 1.0
 EXCLUSION_ALLOWANCE = 0.4  # Å below the repulsion distance
 MOTIF_TOLERANCE = 0.05  # Å, radius of the tolerance ball around a rigid motif (in its 3k-space)
+PEPTIDE_TOLERANCE = 0.15  # Å: real peptide units sit ~0.1 Å (6 atoms) from the ideal planar motif
 EXCLUSION_REACH = 0.5  # Å: exclusion pairs listed while closer than their minimum distance plus this
 
 
@@ -126,6 +129,60 @@ def _chiral_motifs(r: Restraints, length, angle) -> tuple[np.ndarray, np.ndarray
     return c, out
 
 
+def _peptide_motifs(model: Model, r: Restraints, length, angle) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Peptide units as rigid motifs, trans and cis: [(atoms (n, k), motifs (n, 2, k, 3))] for k = 6
+    (CA₁ C₁ O₁ N₂ CA₂ H₂) and k = 5 (no H₂: proline, or no hydrogens in the model). The planar
+    motif is built from the dictionary's ideal bonds and angles (C₁ at the origin, N₂ along x)."""
+    at = model.atoms
+    b = r.bond_atoms.astype(np.int64)
+    is_pep = (at.name[b[:, 0]] == "C") & (at.name[b[:, 1]] == "N") & (at.residue_index[b[:, 0]] != at.residue_index[b[:, 1]])
+    rev = (at.name[b[:, 1]] == "C") & (at.name[b[:, 0]] == "N") & (at.residue_index[b[:, 0]] != at.residue_index[b[:, 1]])
+    pairs = np.concatenate([b[is_pep], b[rev][:, ::-1]])
+    key = {(int(at.residue_index[i]), str(at.name[i]), int(at.conformer[i])): i for i in r.atom_indices}
+
+    def find(res, name, conf):
+        return key.get((res, name, conf), key.get((res, name, 0), -1))
+
+    rows: dict[int, list] = {5: [], 6: []}
+    for c, n in pairs:  # one per peptide link: setup, not a loop over atoms at every step
+        conf = max(int(at.conformer[c]), int(at.conformer[n]))
+        ca1, o1 = find(int(at.residue_index[c]), "CA", conf), find(int(at.residue_index[c]), "O", conf)
+        ca2, h2 = find(int(at.residue_index[n]), "CA", conf), find(int(at.residue_index[n]), "H", conf)
+        if min(ca1, o1, ca2) < 0:
+            continue
+        if h2 >= 0:
+            rows[6].append((ca1, c, o1, n, ca2, h2))
+        else:
+            rows[5].append((ca1, c, o1, n, ca2))
+    out = []
+    for k, lst in rows.items():
+        if not lst:
+            continue
+        a = np.array(lst, dtype=np.int64)
+        ca1, c, o1, n, ca2 = a[:, 0], a[:, 1], a[:, 2], a[:, 3], a[:, 4]
+        d_cn, d_cca, d_co, d_nca = length(c, n), length(c, ca1), length(c, o1), length(n, ca2)
+        t_ca, t_o, t_n = angle(c, ca1, n), angle(c, o1, n), angle(n, c, ca2)
+        vals = [d_cn, d_cca, d_co, d_nca, t_ca, t_o, t_n]
+        if k == 6:
+            d_nh, t_h = length(n, a[:, 5]), angle(n, c, a[:, 5])
+            vals += [d_nh, t_h]
+        ok = np.all(np.isfinite(np.stack(vals)), axis=0)
+        a = a[ok]
+        vals = [v[ok] for v in vals]
+        d_cn, d_cca, d_co, d_nca, t_ca, t_o, t_n = vals[:7]
+        m = np.zeros((len(a), 2, k, 3))
+        for form, side in ((0, -1.0), (1, 1.0)):  # trans: CA₂ opposite CA₁ across C–N; cis: same side
+            m[:, form, 0, :2] = np.stack([d_cca * np.cos(t_ca), d_cca * np.sin(t_ca)], 1)
+            m[:, form, 2, :2] = np.stack([d_co * np.cos(t_o), -d_co * np.sin(t_o)], 1)
+            m[:, form, 3, 0] = d_cn
+            m[:, form, 4, :2] = np.stack([d_cn - d_nca * np.cos(t_n), side * d_nca * np.sin(t_n)], 1)
+            if k == 6:
+                d_nh, t_h = vals[7], vals[8]
+                m[:, form, 5, :2] = np.stack([d_cn - d_nh * np.cos(t_h), -side * d_nh * np.sin(t_h)], 1)
+        out.append((a, m))
+    return out
+
+
 def _disulfide_groups(model: Model, r: Restraints) -> tuple[np.ndarray, np.ndarray]:
     """Disulfides between cysteines with two conformers: (groups (n, 4) SG atoms [i_A, i_B, j_A, j_B],
     bond rows they replace). Which conformer of one cysteine bridges to which of the other is
@@ -182,7 +239,8 @@ class DivideAndConcur:
     """
 
     def __init__(self, model: Model, restraints: Restraints, nonbonded=None, bond_tol_scale: float = 1.0,
-                 motif_tolerance: float = MOTIF_TOLERANCE, planes: bool = True, disulfides: bool = True):
+                 motif_tolerance: float = MOTIF_TOLERANCE, planes: bool = True, disulfides: bool = True,
+                 peptides: bool = True):
         self.model, self.restraints = model, restraints
         self.n_atoms = len(model.atoms)
         length, angle = _bond_lookup(restraints), _angle_lookup(restraints)
@@ -201,6 +259,10 @@ class DivideAndConcur:
         atoms, motifs = _chiral_motifs(restraints, length, angle)
         if len(atoms):
             groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), motif_tolerance), motifs=motifs))
+        if peptides:
+            for atoms, motifs in _peptide_motifs(model, restraints, length, angle):
+                groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), PEPTIDE_TOLERANCE),
+                                     motifs=motifs))
         if planes:
             for atoms, sigma in _plane_groups(restraints):
                 groups.append(_Group("plane", atoms, ETA_GEOMETRY, tol=sigma * np.sqrt(atoms.shape[1])))

@@ -92,81 +92,103 @@ def reflection_runs(hkl: np.ndarray) -> np.ndarray:
 
 
 @njit(cache=True, nogil=True)
-def _values_row(r, amp_j, runs, lo, n_axis, fmat, rot, trans, out_row, weight, tables, xs):
+def _op_tables(r, lo, n_axis, fmat, rot, trans, tables, xs):
+    """tables[s] = the per-axis phase tables of symmetry image s of Cartesian position r."""
+    for s in range(tables.shape[0]):
+        _image_frac(r, fmat, rot, trans, s, xs)
+        _axis_tables(xs, lo, n_axis, tables[s])
+
+
+@njit(cache=True, nogil=True)
+def _values_row(r, amp_j, runs, lo, n_axis, fmat, rot, trans, out_row, weight, tables, xs, ehk):
     """out_row[s, i] += weight · m_j(s, h_i; r)."""
     n_ops = out_row.shape[0]
-    for s in range(n_ops):
-        _image_frac(r, fmat, rot, trans, s, xs)
-        _axis_tables(xs, lo, n_axis, tables)
-        for q in range(runs.shape[0]):
-            i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
-            ehk = weight * tables[0, runs[q, 2] - lo[0]] * tables[1, runs[q, 3] - lo[1]]
-            for t in range(n):
-                out_row[s, i0 + t] += amp_j[i0 + t] * (ehk * tables[2, l0 + t])
+    _op_tables(r, lo, n_axis, fmat, rot, trans, tables, xs)
+    for q in range(runs.shape[0]):
+        i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
+        for s in range(n_ops):
+            ehk[s] = weight * tables[s, 0, runs[q, 2] - lo[0]] * tables[s, 1, runs[q, 3] - lo[1]]
+        for t in range(n):
+            a = amp_j[i0 + t]
+            for s in range(n_ops):
+                out_row[s, i0 + t] += a * (ehk[s] * tables[s, 2, l0 + t])
 
 
 @njit(cache=True, nogil=True)
 def _concur_atom(row, amp_j, p_j, c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats, normal_j,
-                 rsum_j, eta_j, start_j, steps, f_model, s_new, tables, xs, reflect, update):
+                 rsum_j, eta_j, start_j, steps, f_model, s_new, tables, xs, ehk, reflect, update):
     """Concur and RRR-update one atom's row (n_ops, n_refl) in place, Gauss–Newton from start_j;
     returns (r, gap²). The concur sees ρ + reflect·p·c: reflect = 2 for the RRR step (2 P_D − x),
-    1 for the concur of P_D(x) itself (the solution estimate; then update=False: nothing written)."""
+    1 for the concur of P_D(x) itself (the solution estimate; then update=False: nothing written).
+    Operators are the innermost loop, so per-reflection arrays (c, w, a, the sums) are touched once
+    per reflection, not once per operator."""
     n_ops = row.shape[0]
     r = start_j.copy()
     mat = np.empty((3, 3))
     for a in range(3):
         for b in range(3):
             mat[a, b] = g * normal_j[a, b] + (eta_j if a == b else 0.0)
-    acc = np.empty(3)
+    acc = np.empty((n_ops, 3))
+    sv = np.empty(n_ops)
+    sl = np.empty(n_ops)
     rhs = np.empty(3)
+    pc = reflect * p_j
     for _ in range(steps):
-        for a in range(3):
+        _op_tables(r, lo, n_axis, fmat, rot, trans, tables, xs)
+        acc[:] = 0.0
+        for q in range(runs.shape[0]):
+            i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
+            for s in range(n_ops):
+                ehk[s] = tables[s, 0, runs[q, 2] - lo[0]] * tables[s, 1, runs[q, 3] - lo[1]]
+                sv[s] = 0.0
+                sl[s] = 0.0
+            for t in range(n):
+                i = i0 + t
+                wa = w[i] * amp_j[i]
+                zc = pc * c[i]
+                for s in range(n_ops):
+                    e = ehk[s] * tables[s, 2, l0 + t]
+                    z = complex(row[s, i]) + zc
+                    v = wa * (e.real * z.imag - e.imag * z.real)  # Im(conj(e) z)
+                    sv[s] += v
+                    sl[s] += v * t
+            for s in range(n_ops):
+                acc[s, 0] += sv[s] * runs[q, 2]
+                acc[s, 1] += sv[s] * runs[q, 3]
+                acc[s, 2] += sv[s] * runs[q, 4] + sl[s]
+        for a in range(3):  # q = 2π h R_s F: rhs = Σ η (r_c − r) + g Σ v q
             rhs[a] = rsum_j[a] - eta_j * r[a]
-        for s in range(n_ops):
-            _image_frac(r, fmat, rot, trans, s, xs)
-            _axis_tables(xs, lo, n_axis, tables)
-            acc[0] = 0.0
-            acc[1] = 0.0
-            acc[2] = 0.0
-            pc = reflect * p_j
-            for q in range(runs.shape[0]):
-                i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
-                ehk = tables[0, runs[q, 2] - lo[0]] * tables[1, runs[q, 3] - lo[1]]
-                sv = 0.0
-                sl = 0.0
-                for t in range(n):
-                    i = i0 + t
-                    e = ehk * tables[2, l0 + t]
-                    z = complex(row[s, i]) + pc * c[i]
-                    v = w[i] * amp_j[i] * (e.real * z.imag - e.imag * z.real)  # Im(conj(e) z)
-                    sv += v
-                    sl += v * t
-                acc[0] += sv * runs[q, 2]
-                acc[1] += sv * runs[q, 3]
-                acc[2] += sv * runs[q, 4] + sl
-            for a in range(3):  # q = 2π h R_s F: rhs += g Σ v q
-                rhs[a] += g * (acc[0] * q_mats[s, 0, a] + acc[1] * q_mats[s, 1, a] + acc[2] * q_mats[s, 2, a])
+            for s in range(n_ops):
+                rhs[a] += g * (acc[s, 0] * q_mats[s, 0, a] + acc[s, 1] * q_mats[s, 1, a] + acc[s, 2] * q_mats[s, 2, a])
         dr = _solve3(mat, rhs)
         for a in range(3):
             r[a] += dr[a]
     gap2 = 0.0
     if not update:
         return r, gap2
-    for s in range(n_ops):
-        _image_frac(r, fmat, rot, trans, s, xs)
-        _axis_tables(xs, lo, n_axis, tables)
-        for q in range(runs.shape[0]):
-            i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
-            ehk = tables[0, runs[q, 2] - lo[0]] * tables[1, runs[q, 3] - lo[1]]
-            for t in range(n):
-                i = i0 + t
-                m = amp_j[i] * (ehk * tables[2, l0 + t])
+    _op_tables(r, lo, n_axis, fmat, rot, trans, tables, xs)
+    for q in range(runs.shape[0]):
+        i0, n, l0 = runs[q, 0], runs[q, 1], runs[q, 4] - lo[2]
+        for s in range(n_ops):
+            ehk[s] = tables[s, 0, runs[q, 2] - lo[0]] * tables[s, 1, runs[q, 3] - lo[1]]
+        for t in range(n):
+            i = i0 + t
+            a_i = amp_j[i]
+            pc_i = p_j * c[i]
+            fm = 0j
+            sn = 0j
+            g2 = 0.0
+            for s in range(n_ops):
+                m = a_i * (ehk[s] * tables[s, 2, l0 + t])
                 rho = complex(row[s, i])
-                d = m - (rho + p_j * c[i])
-                gap2 += g * w[i] * (d.real * d.real + d.imag * d.imag)
+                d = m - (rho + pc_i)
+                g2 += d.real * d.real + d.imag * d.imag
                 row[s, i] = rho + beta * d
-                f_model[i] += p_j * m
-                s_new[i] += p_j * complex(row[s, i])  # as stored (single precision rounding included)
+                fm += m
+                sn += complex(row[s, i])  # as stored (single precision rounding included)
+            gap2 += g * w[i] * g2
+            f_model[i] += p_j * fm
+            s_new[i] += p_j * sn
     return r, gap2
 
 
@@ -189,7 +211,8 @@ def _step_chunk(rho, hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_
     s_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
     n_tab = n_axis.max()
     for b in prange(n_blocks):
-        tables = np.empty((3, n_tab), dtype=np.complex128)
+        tables = np.empty((n_ops, 3, n_tab), dtype=np.complex128)
+        ehk = np.empty(n_ops, dtype=np.complex128)
         xs = np.empty(3)
         scratch = np.empty((n_ops, n_refl if series else 0), dtype=rho.dtype)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
@@ -201,12 +224,12 @@ def _step_chunk(rho, hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_
                 for k in range(hist_pos.shape[1]):
                     if hist_w[k] != 0.0:
                         _values_row(hist_pos[j, k], amp[j], runs, lo, n_axis, fmat, rot, trans, row, hist_w[k],
-                                    tables, xs)
+                                    tables, xs, ehk)
             else:
                 row = rho[j]
             r, gap2 = _concur_atom(row, amp[j], p[j], c, w, g, beta, runs, lo, n_axis, fmat, rot, trans, q_mats,
                                    normal[j], rsum[j], eta[j], start[j], steps, f_blocks[b], s_blocks[b], tables, xs,
-                                   reflect, update)
+                                   ehk, reflect, update)
             pos[j] = r
             gaps[j] = gap2
     return pos, gaps, f_blocks.sum(axis=0), s_blocks.sum(axis=0)
@@ -220,12 +243,13 @@ def _values_chunk(xyz, amp, p, runs, lo, n_axis, fmat, rot, trans, n_ops, out, n
     f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
     n_tab = n_axis.max()
     for b in prange(n_blocks):
-        tables = np.empty((3, n_tab), dtype=np.complex128)
+        tables = np.empty((n_ops, 3, n_tab), dtype=np.complex128)
+        ehk = np.empty(n_ops, dtype=np.complex128)
         xs = np.empty(3)
         row = np.empty((n_ops, n_refl), dtype=np.complex128)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
             row[:] = 0.0
-            _values_row(xyz[j], amp[j], runs, lo, n_axis, fmat, rot, trans, row, 1.0, tables, xs)
+            _values_row(xyz[j], amp[j], runs, lo, n_axis, fmat, rot, trans, row, 1.0, tables, xs, ehk)
             for s in range(n_ops):
                 for i in range(n_refl):
                     out[j, s, i] = row[s, i]
