@@ -225,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the density variables relative to the geometry (default 0.1; see README)")
     u.add_argument("--low-cut", type=_positive_float, default=0.4, metavar="1/Å",
                    help="reflections with |s| = |k|/2π below this carry no weight (default 0.4, i.e. d > 2.5 Å)")
+    u.add_argument("--peptide-motifs", action="store_true",
+                   help="also constrain peptide units (CA-C-O-N-CA-H) as rigid trans/cis motifs (0.15 Å); off by "
+                        "default: on 1AHO they pulled Ala39's N-CA 0.04 Å off ideal")
     u.add_argument("--use-free", action="store_true",
                    help="also use the free set (default: work set only, so R-free stays free)")
     u.add_argument("--truth", metavar="MODEL",
@@ -785,7 +788,7 @@ def cmd_untangle(args) -> int:
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = UntangleOptions(iterations=iterations, beta=args.beta, s_cut=args.low_cut, use_free=args.use_free,
                           checkpoint_every=args.checkpoint_every, representation=args.representation,
-                          double_precision=args.double, memmap=args.memmap)
+                          double_precision=args.double, memmap=args.memmap, peptide_motifs=args.peptide_motifs)
     if args.g is not None:
         opt.g = args.g
     phases = table.phases_deg if args.phases else None

@@ -59,6 +59,7 @@ class UntangleOptions:
     exclusion_every: int = 10  # iterations between re-listing exclusion pairs
     motif_tolerance: float = 0.05  # Å, tolerance ball of rigid motifs (angles, chirality)
     bond_tolerance: float = 1.0  # bond windows: ideal ± this × the dictionary's σ
+    peptide_motifs: bool = False  # peptide units as rigid trans/cis motifs (off: see README)
     checkpoint_every: int = 50
     chunks: int = 1  # atom chunks of the density variables (one per dask worker is natural)
     representation: str = "array"  # "array" or "series" (see density_engine)
@@ -125,7 +126,8 @@ class Untangler:
                                     memmap_dir=memmap_dir, beta=self.opt.beta)
         nb = find_nonbonded_pairs(model, restraints, model.atoms.xyz, buffer=1.0)
         self.geometry = DivideAndConcur(model, restraints, nb, bond_tol_scale=self.opt.bond_tolerance,
-                                        motif_tolerance=self.opt.motif_tolerance)
+                                        motif_tolerance=self.opt.motif_tolerance,
+                                        peptides=self.opt.peptide_motifs)
         self.xyz = model.atoms.xyz.copy()
         self.replicas = self.geometry.replicas(self.xyz)
         self.stage = 0
