@@ -24,9 +24,12 @@ the positions reached (and model phases, scale and bulk solvent are refitted), t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -283,27 +286,52 @@ class Untangler:
 
     # -- the whole run -----------------------------------------------------------------------------
     def run(self, progress=None, checkpoint: str | Path | None = None, resumed: bool = False) -> None:
-        """All stages from where the run stands. `progress(record)` after each step (may raise
-        KeyboardInterrupt: a checkpoint is then written before it propagates)."""
+        """All stages from where the run stands. `progress(record)` after each step. Ctrl-C (SIGINT)
+        is held until the step under way has finished, so the checkpoint written then is a
+        consistent state; KeyboardInterrupt is raised after it."""
         opt = self.opt
         last_save = time.monotonic()
-        try:
-            while self.stage < len(opt.iterations):
-                if not resumed or self.data is None:
-                    self.start_stage()
-                resumed = False
-                while self.iteration < opt.iterations[self.stage]:
-                    rec = self.step()
-                    if progress is not None:
-                        progress(rec)
-                    if checkpoint and (self.iteration % opt.checkpoint_every == 0
-                                       or time.monotonic() - last_save > 600):
-                        self.save_checkpoint(checkpoint)
-                        last_save = time.monotonic()
-                self.stage += 1
-                self.iteration = 0
-                self.data = None
-        except KeyboardInterrupt:
-            if checkpoint and self.data is not None:
-                self.save_checkpoint(checkpoint)
-            raise
+        with _deferred_interrupt() as interrupted:
+            try:
+                while self.stage < len(opt.iterations):
+                    if not resumed or self.data is None:
+                        self.start_stage()
+                    resumed = False
+                    while self.iteration < opt.iterations[self.stage]:
+                        rec = self.step()
+                        if progress is not None:
+                            progress(rec)
+                        if interrupted():
+                            raise KeyboardInterrupt
+                        if checkpoint and (self.iteration % opt.checkpoint_every == 0
+                                           or time.monotonic() - last_save > 600):
+                            self.save_checkpoint(checkpoint)
+                            last_save = time.monotonic()
+                    self.stage += 1
+                    self.iteration = 0
+                    self.data = None
+            except KeyboardInterrupt:
+                if checkpoint and self.data is not None:
+                    self.save_checkpoint(checkpoint)
+                raise
+
+
+@contextlib.contextmanager
+def _deferred_interrupt():
+    """Within: SIGINT only sets a flag (the yielded callable reads it); a second Ctrl-C interrupts
+    at once. Outside the main thread (e.g. on a dask worker) nothing changes."""
+    flag = {"set": False}
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+
+    def handler(signum, frame):
+        if flag["set"]:
+            raise KeyboardInterrupt
+        flag["set"] = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield lambda: flag["set"]
+    finally:
+        signal.signal(signal.SIGINT, previous)
