@@ -192,6 +192,13 @@ def _concur_atom(row, amp_j, p_j, c, w, g, beta, runs, lo, n_axis, fmat, rot, tr
     return r, gap2
 
 
+@njit(cache=True, nogil=True)
+def _thread_scratch(n_ops, n_tab):
+    """Per-thread work arrays: phase tables (n_ops, 3, n_tab), the run's exp(2πi(hx + ky)) per
+    operator, an image position."""
+    return np.empty((n_ops, 3, n_tab), dtype=np.complex128), np.empty(n_ops, dtype=np.complex128), np.empty(3)
+
+
 def _table_layout(hkl: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     lo = hkl.min(axis=0).astype(np.int64)
     return lo, (hkl.max(axis=0) - lo + 1).astype(np.int64)
@@ -211,9 +218,7 @@ def _step_chunk(rho, hist_pos, hist_w, corr, amp, p, c, w, g, beta, runs, lo, n_
     s_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
     n_tab = n_axis.max()
     for b in prange(n_blocks):
-        tables = np.empty((n_ops, 3, n_tab), dtype=np.complex128)
-        ehk = np.empty(n_ops, dtype=np.complex128)
-        xs = np.empty(3)
+        tables, ehk, xs = _thread_scratch(n_ops, n_tab)
         scratch = np.empty((n_ops, n_refl if series else 0), dtype=rho.dtype)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
             if series:
@@ -243,9 +248,7 @@ def _values_chunk(xyz, amp, p, runs, lo, n_axis, fmat, rot, trans, n_ops, out, n
     f_blocks = np.zeros((n_blocks, n_refl), dtype=np.complex128)
     n_tab = n_axis.max()
     for b in prange(n_blocks):
-        tables = np.empty((n_ops, 3, n_tab), dtype=np.complex128)
-        ehk = np.empty(n_ops, dtype=np.complex128)
-        xs = np.empty(3)
+        tables, ehk, xs = _thread_scratch(n_ops, n_tab)
         row = np.empty((n_ops, n_refl), dtype=np.complex128)
         for j in range(b * n_atoms // n_blocks, (b + 1) * n_atoms // n_blocks):
             row[:] = 0.0
