@@ -6,7 +6,7 @@ tools/untangle_check.py (tangled residues, Ala39 N–CA, |Z| > 4 count) and by t
 report (R on all and on the used reflections, before and after). Speed: iterations per second of
 short runs in-process and on a local dask cluster with 1 and 2 workers (density chunks as actors).
 
-Usage: python benchmarks/bench_untangle.py [--work DIR] [--cases otw39,otw1,lotswrong] [--speed-only]
+Usage: python benchmarks/bench_untangle.py [--work DIR] [--cases otw39,otw1,lotswrong] [--speed-only | --skip-speed]
        [--iterations 300,200]
 """
 import argparse
@@ -56,13 +56,15 @@ def main():
     ap.add_argument("--cases", default="otw39,otw1,lotswrong")
     ap.add_argument("--iterations", default=None, help="passed to --iterations (default: the command's)")
     ap.add_argument("--speed-only", action="store_true")
+    ap.add_argument("--skip-speed", action="store_true")
     args = ap.parse_args()
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     results = {"machine": os.uname().nodename, "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
     speed = []
-    for tag, extra in (("inprocess", []), ("dask1", ["--scheduler", "local", "--workers", "1"]),
-                       ("dask2", ["--scheduler", "local", "--workers", "2"])):
+    modes = () if args.skip_speed else (("inprocess", []), ("dask1", ["--scheduler", "local", "--workers", "1"]),
+                                        ("dask2", ["--scheduler", "local", "--workers", "2"]))
+    for tag, extra in modes:
         r = run(work, "otw39", ["--iterations", "30", *extra], f"speed_{tag}")
         speed.append({"mode": tag, "iterations_per_s": r["iterations_per_s"], "wall_s": r["wall_s"],
                       "peak_mb": r["peak_mb"]})

@@ -405,6 +405,11 @@ def test_running_structure_factor_sum_matches_the_stored_variables(tangled_case)
     c = u.engine.correction(u.data.f_target)
     projected = sum(((ch.rho + ch.p[:, None, None] * c) * ch.p[:, None, None]).sum(axis=(0, 1)) for ch in u.engine.chunks)
     assert np.allclose(projected, u.data.f_target, rtol=1e-10, atol=1e-8)
+    # the solution estimate (concur of P_D(x)) leaves the iterate alone and lies near the step's positions
+    before = [ch.rho.copy() for ch in u.engine.chunks]
+    est = u.estimate()
+    assert all(np.array_equal(a, ch.rho) for a, ch in zip(before, u.engine.chunks))
+    assert 0 < np.abs(est - u.xyz).max() < 0.05
 
 
 def test_same_result_on_threads_chunks_in_process_and_dask_actors(tangled_case):
