@@ -349,14 +349,13 @@ def test_density_kernel_matches_the_whole_array_reference():
 
 def _ops_and_cell():
     from drefine.density.direct import symmetry_operators
+    from drefine.density.form_factors import scattering_types
 
     cell = gemmi.UnitCell(20, 24, 28, 90, 90, 90)
     rot, trans = symmetry_operators(gemmi.SpaceGroup("P 21 21 21"))
-    el = gemmi.Element("C").it92
     hkl = np.array(gemmi.make_miller_array(cell, gemmi.SpaceGroup("P 21 21 21"), 2.5, 0, True))
     hkl = hkl[np.any(hkl != 0, axis=1)]
-    return rot, trans, np.array(cell.frac.mat.tolist()), np.ones(len(hkl)), np.array([[*el.a, el.c]]), \
-        np.array([[*el.b, 0.0]])
+    return rot, trans, np.array(cell.frac.mat.tolist()), np.ones(len(hkl)), scattering_types(np.array(["C"]))
 
 
 def test_untangle_swaps_a_tangled_ca_back_on_a_toy(tangled_case):

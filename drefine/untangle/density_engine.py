@@ -31,6 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ..density.form_factors import ScatteringTypes
 from . import density_kernels as K
 
 BLOCKS_PER_CHUNK = 8
@@ -45,9 +46,8 @@ class DensitySpec:
     rot: np.ndarray  # (n_ops, 3, 3) fractional rotations (centring included)
     trans: np.ndarray  # (n_ops, 3) fractional translations
     frac_matrix: np.ndarray  # (3, 3) F: fractional = F · Cartesian (Å)
-    w: np.ndarray  # (n_refl,) reflection weights of the metric (0 for unused)
-    gauss_a: np.ndarray  # (n_types, 5) Gaussian coefficients (a1..a4, c)
-    gauss_b: np.ndarray  # (n_types, 5) (b1..b4, 0)
+    w: np.ndarray  # (n_refl,) reflection weights of the metric
+    types: ScatteringTypes  # form factors of the atoms' scattering types
 
     def __post_init__(self):
         self.hkl = np.ascontiguousarray(self.hkl, dtype=np.int64)
@@ -67,9 +67,7 @@ class DensitySpec:
     def amplitudes(self, type_of_atom: np.ndarray, b_iso: np.ndarray) -> np.ndarray:
         """a_j(h) = f(s) e^{−B s²/4} (n_atoms, n_refl) float32 (electrons)."""
         s2 = self.s2
-        f_type = np.zeros((len(self.gauss_a), len(s2)))
-        for k in range(self.gauss_a.shape[1]):  # five Gaussian terms, not a loop over atoms
-            f_type += self.gauss_a[:, k, None] * np.exp(-self.gauss_b[:, k, None] * s2[None, :] / 4.0)
+        f_type = self.types.f0(s2)
         out = np.empty((len(type_of_atom), len(s2)), dtype=np.float32)
         for start in range(0, len(type_of_atom), 256):  # bounded float64 temporaries
             sl = slice(start, start + 256)

@@ -115,7 +115,7 @@ class Untangler:
             raise DrefineError(f"no reflection with d ≤ {1 / self.opt.s_cut:.2f} Å to untangle against "
                                f"(data to {table.d_min:.2f} Å)")
         spec = DensitySpec(table.hkl[self.used_index], sc.rot, sc.trans, sc.frac_matrix,
-                           np.ones(int(self.used.sum())), sc.types.a, sc.types.b)
+                           np.ones(int(self.used.sum())), sc.types)
         memmap_dir = None
         if self.opt.memmap:
             if self.workdir is None:
