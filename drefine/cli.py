@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "precision) or as their exact geometric series (little memory, more compute)")
     u.add_argument("--double", action="store_true", help="density variables in double precision")
     u.add_argument("--memmap", action="store_true",
-                   help="density variables in disk-backed memory maps in the checkpoint folder (for arrays "
-                        "larger than memory)")
+                   help="density variables in disk-backed memory maps in PREFIX_density/ (for arrays larger "
+                        "than memory; removed at the end)")
     u.add_argument("--scheduler", metavar="ADDRESS",
                    help="run the density chunks as actors on a dask cluster: tcp://HOST:PORT or 'local' (a "
                         "local cluster); default: in this process, threaded")
@@ -798,10 +798,9 @@ def cmd_untangle(args) -> int:
             if scheduler is not None else _no_client() as client:
         n_workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
         opt.chunks = args.chunks or n_workers
-        if opt.memmap:
-            checkpoint.mkdir(parents=True, exist_ok=True)
+        density_dir = Path(f"{prefix}_density")  # memory maps live apart from the checkpoint, which is swapped
         u = Untangler(model, restraints, table, opt, phases_deg=phases, client=client,
-                      workdir=checkpoint if opt.memmap else None)
+                      workdir=density_dir if opt.memmap else None)
         log(f"drefine untangle {args.model} against {args.data}: {len(model.atoms)} atoms, {n_conf} conformers, "
             f"{int(u.used.sum())} of {len(table)} reflections used (d ≤ {1 / opt.s_cut:.2f} Å"
             f"{'' if opt.use_free else ', work set'}), {table.spacegroup.hm} ({u.engine.spec.n_ops} operators), "
@@ -882,10 +881,12 @@ def cmd_untangle(args) -> int:
     write_json(report["outputs"]["json"], report)
     log(f"wrote {', '.join(str(p) for p in paths)}, {png} in {report['timing']['wall_s']:.1f} s")
     atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
-    if not args.keep_checkpoint and checkpoint.exists():
-        import shutil
+    import shutil
 
+    if not args.keep_checkpoint and checkpoint.exists():
         shutil.rmtree(checkpoint)
+    if density_dir.exists():
+        shutil.rmtree(density_dir)
     return 0
 
 

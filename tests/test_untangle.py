@@ -321,8 +321,9 @@ def _untangler(path, table, **kw):
     from drefine.untangle.rrr import UntangleOptions, Untangler
 
     m = read_model(path)
-    client = kw.pop("client", None)
-    return Untangler(m, build_restraints(m), table, UntangleOptions(**kw), phases_deg=table.phases_deg, client=client)
+    client, workdir = kw.pop("client", None), kw.pop("workdir", None)
+    return Untangler(m, build_restraints(m), table, UntangleOptions(**kw), phases_deg=table.phases_deg, client=client,
+                     workdir=workdir)
 
 
 def test_density_kernel_matches_the_whole_array_reference():
@@ -430,6 +431,16 @@ def test_same_result_on_threads_chunks_in_process_and_dask_actors(tangled_case):
         dist = _untangler(tangled, table, iterations=(4,), chunks=2, client=client)
         dist.run()
     assert np.array_equal(dist.xyz, ref.xyz)
+
+
+def test_memory_mapped_density_variables_give_the_same_run(tangled_case, tmp_path):
+    _, tangled, table, _ = tangled_case
+    ref = _untangler(tangled, table, iterations=(3,))
+    ref.run()
+    u = _untangler(tangled, table, iterations=(3,), memmap=True, workdir=tmp_path / "density")
+    u.run()
+    assert isinstance(u.engine.chunks[0].rho, np.memmap) and (tmp_path / "density" / "density_000.npy").exists()
+    assert np.array_equal(u.xyz, ref.xyz)
 
 
 def test_checkpoint_resume_continues_exactly(tangled_case, tmp_path):
@@ -553,7 +564,8 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     from drefine.untangle.rrr import Untangler
 
     _, tangled, _, mtz = tangled_case
-    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0"]
+    # memory-mapped density variables, so the resume also restores into the maps
+    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap"]
     assert main(["untangle", *args, "-o", str(tmp_path / "straight")]) == 0
     real_step = Untangler.step
     calls = {"n": 0}
@@ -574,3 +586,4 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     assert [h["gap"] for h in a["trajectory"]] == [h["gap"] for h in b["trajectory"]]
     assert (tmp_path / "straight.cif").read_text().split("_atom_site")[-1] == \
         (tmp_path / "cut.cif").read_text().split("_atom_site")[-1]
+    assert not list(tmp_path.glob("*_density")) and not list(tmp_path.glob("*_checkpoint"))

@@ -67,7 +67,7 @@ class UntangleOptions:
     chunks: int = 1  # atom chunks of the density variables (one per dask worker is natural)
     representation: str = "array"  # "array" or "series" (see density_engine)
     double_precision: bool = False  # density variables in complex128 instead of complex64
-    memmap: bool = False  # density variables in disk-backed memory maps (in the checkpoint folder)
+    memmap: bool = False  # density variables in disk-backed memory maps (in `workdir`)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -120,7 +120,7 @@ class Untangler:
         if self.opt.memmap:
             if self.workdir is None:
                 raise DrefineError("memmap storage needs a work folder")
-            memmap_dir = self.workdir / "density"
+            memmap_dir = self.workdir
             memmap_dir.mkdir(parents=True, exist_ok=True)
         self.engine = DensityEngine(spec, sc.types.type_of_atom, model.atoms.b_iso[self.atoms],
                                     model.atoms.occupancy[self.atoms], n_chunks=self.opt.chunks, client=client,
