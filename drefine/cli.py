@@ -727,11 +727,8 @@ def _read_phased_reflections(args):
 
     table = read_reflections(args.data, labin=args.labin)
     if args.phases and table.columns_used.get("PHI") != args.phases:
-        if args.labin and "=" not in args.labin:
-            names = ("F", "SIGF", "FREE") if table.i_obs is None or "F" in table.columns_used else ("I", "SIGI", "FREE")
-            roles = dict(zip(names, args.labin.split(",")))
-        else:
-            roles = {k: v for k, v in table.columns_used.items() if k not in ("PHI", "FOM")}
+        # the same columns again (as roles, however they were chosen), with this phase column
+        roles = {k: v for k, v in table.columns_used.items() if k not in ("PHI", "FOM")}
         roles["PHI"] = args.phases
         table = read_reflections(args.data, labin=",".join(f"{k}={v}" for k, v in roles.items()))
     if args.phases and (table.phases_deg is None or not np.isfinite(table.phases_deg).any()):

@@ -587,3 +587,24 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     assert (tmp_path / "straight.cif").read_text().split("_atom_site")[-1] == \
         (tmp_path / "cut.cif").read_text().split("_atom_site")[-1]
     assert not list(tmp_path.glob("*_density")) and not list(tmp_path.glob("*_checkpoint"))
+
+
+@pytest.mark.parametrize("labin", [None, "F,SIGF,FreeR_flag"])
+def test_phases_option_takes_the_named_column(tangled_case, tmp_path, labin):
+    """--phases picks its column even when another phase column would be chosen automatically."""
+    import argparse
+
+    from drefine.cli import _read_phased_reflections
+
+    _, _, table, mtz = tangled_case
+    m = gemmi.read_mtz_file(str(mtz))
+    data = np.array(m, copy=True)
+    col = m.column_labels().index("PHI")
+    m.add_column("PHI2", "P")
+    m.set_data(np.column_stack([data, (data[:, col] + 90.0 + 180.0) % 360.0 - 180.0]))
+    path = tmp_path / "two_phases.mtz"
+    m.write_to_file(str(path))
+    t = _read_phased_reflections(argparse.Namespace(data=str(path), labin=labin, phases="PHI2"))
+    assert t.columns_used["PHI"] == "PHI2" and t.columns_used["F"] == "F"
+    shift = (t.phases_deg - table.phases_deg + 540.0) % 360.0 - 180.0
+    assert np.allclose(shift, 90.0, atol=0.01)
