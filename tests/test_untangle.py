@@ -474,13 +474,15 @@ def test_coplanar_projection_is_idempotent_and_nearest():
     # within tol of a plane: the smallest singular value of the centred points
     assert np.all(np.linalg.svd(p - p.mean(1, keepdims=True), compute_uv=False)[:, 2] <= 0.05 + 1e-9)
     moved = np.sqrt(((p - x) ** 2).sum(axis=(1, 2)))
-    for _ in range(200):  # random coplanar configurations near x are never nearer
+    for _ in range(200):  # random points of the set near x (coplanar, plus a step inside the tolerance) are never nearer
         normal = RNG.normal(size=(n, 3))
         normal /= np.linalg.norm(normal, axis=1, keepdims=True)
-        y = x + RNG.normal(size=(n, k, 3)) * 0.05
+        y = p + RNG.normal(size=(n, k, 3)) * 0.05
         off = np.einsum("nki,ni->nk", y - y.mean(1, keepdims=True), normal)
         y = y - off[:, :, None] * normal[:, None, :]
-        assert np.all(np.sqrt(((y - x) ** 2).sum(axis=(1, 2))) >= moved - 0.05 - 1e-9)
+        ball = RNG.normal(size=(n, k, 3))
+        ball *= (tol * RNG.uniform(0, 1, n))[:, None, None] / np.sqrt((ball ** 2).sum(axis=(1, 2)))[:, None, None]
+        assert np.all(np.sqrt(((y + ball - x) ** 2).sum(axis=(1, 2))) >= moved - 1e-9)
 
 
 def test_disulfide_projection_takes_the_nearer_pairing():
