@@ -86,6 +86,7 @@ class XrayOptions:
     source: str = "xray"
     threads: int | None = None
     chunks: int = 0  # > 0: structure factors as this many atom-chunk tasks (on `client` when given)
+    geometry_rescue: bool = True  # one more cycle at half the weight when the geometry ends beyond the limits
 
 
 @dataclass
@@ -102,6 +103,8 @@ class XrayCycle:
     b_mean: float
     evaluations: int
     seconds: float
+    geometry_target: float = float("nan")  # the restraint target at the cycle's end (unweighted)
+    objective: float = float("nan")  # weight · data + geometry + ADP similarity at the cycle's end
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -293,12 +296,14 @@ def _movable_coordinates(model: Model, restraints: Restraints, atoms: np.ndarray
 
 
 def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, options: XrayOptions,
-                log: Callable[[str], None] = print, client=None) -> XrayResult:
+                log: Callable[[str], None] = print, client=None, movable: np.ndarray | None = None) -> XrayResult:
     """Macro-cycles of reciprocal-space refinement of model 0 (see the module docstring).
 
     `client`: a dask.distributed Client; F_calc and its gradient then run as atom-chunk tasks on
     its workers (`options.chunks` of them, default one per worker), with results identical to
-    the same chunks computed in-process (`options.chunks` without a client)."""
+    the same chunks computed in-process (`options.chunks` without a client). `movable`: a boolean
+    mask of the atoms whose coordinates may move (default all restrained ones), for local
+    refinement."""
     t_start = time.perf_counter()
     if options.target not in ("ml", "ls"):
         raise DrefineError(f"unknown target {options.target!r} (ml or ls)")
@@ -329,8 +334,11 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     if groups is not None and groups.n_conformers:
         notes.append(f"occupancies of {groups.n_groups} residues with alternate conformers refined "
                      f"({int(groups.sum_to_one.sum())} summing to 1, the others to at most 1)")
+    mask = movable
     movable = _movable_coordinates(model, restraints, atoms) if options.coordinates else np.zeros(0, np.int64)
-    if options.coordinates and len(movable) < len(atoms):
+    if mask is not None:
+        movable = movable[np.asarray(mask, dtype=bool)[movable]]
+    if options.coordinates and len(movable) < len(atoms) and mask is None:
         notes.append(f"{len(atoms) - len(movable)} atoms of unrestrained residues keep their coordinates")
     layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work])
     q_free = groups.free_parameters(occ) if layout.groups is not None else np.zeros(0)
@@ -424,14 +432,15 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         rec = XrayCycle(cycle=c, r_work=r_work, r_free=r_free, target=float(stats["data"]), weight=float(weight),
                         bonds_rmsd=bonds, angles_rmsd=angles, k_sol=data.scale.k_sol, b_sol=data.scale.b_sol,
                         b_mean=float(b_iso[atoms].mean()), evaluations=data.evaluations - evals0,
-                        seconds=time.perf_counter() - t0)
+                        seconds=time.perf_counter() - t0, geometry_target=float(stats["geometry"]),
+                        objective=float(weight * stats["data"] + stats["geometry"] + stats["adp"]))
         cycles.append(rec)
         log(f"cycle {c:2d}  R-work {r_work:.4f}  R-free {r_free:.4f}  target {rec.target:.6g}  w {weight:.4g}  "
             f"bonds {bonds:.4f} Å  angles {angles:.2f}°  <B> {rec.b_mean:.1f} Å²  ({rec.evaluations} evaluations, "
             f"{rec.seconds:.1f} s)")
         if options.weight is None:
             weight = _adjust_weight(weight, bonds, angles)
-        if c == n_cycles and not extra_cycle_done and (bonds > FINAL_LIMITS[0] or angles > FINAL_LIMITS[1]):
+        if (options.geometry_rescue and c == n_cycles and not extra_cycle_done and (bonds > FINAL_LIMITS[0] or angles > FINAL_LIMITS[1])):
             extra_cycle_done = True
             n_cycles += 1
             weight = weight * 0.5
