@@ -261,10 +261,11 @@ def test_density_concur_on_a_two_atom_toy():
 
 # -- the production engine: density kernels, representations, chunks, checkpoints, the command -----
 
-def _two_conformer_case(example_model_path, out_dir, swap=("CA",)):
-    """Residues 5–12 of hth40 (no H) in P 2₁2₁2₁, conformer A (occ 0.55) and B (occ 0.45) = A turned by
-    5° about the fragment's centre and shifted 0.25 Å; `swap` atoms of Lys 8 exchanged between the
-    conformers in the tangled copy. Returns (truth path, tangled path)."""
+def _two_conformer_case(example_model_path, out_dir, swap=("CA",), swap_before=0, occ_a=0.55, residue=3):
+    """Residues 5–12 of hth40 (no H) in P 2₁2₁2₁, conformer A (occ `occ_a`) and B (the rest) = A turned by
+    5° about the fragment's centre and shifted 0.25 Å; `swap` atoms of the `residue`-th residue (Lys 8),
+    and every atom of the first `swap_before` residues, exchanged between the conformers in the tangled copy. Returns
+    (truth path, tangled path)."""
     st = gemmi.read_structure(str(example_model_path))
     st.remove_hydrogens()
     ch = st[0][0]
@@ -285,17 +286,18 @@ def _two_conformer_case(example_model_path, out_dir, swap=("CA",)):
         for a in originals:
             p = np.array(a.pos.tolist())
             a.pos = gemmi.Position(*(p + shift))
-            a.altloc, a.occ, a.b_iso = "A", 0.55, 12.0
+            a.altloc, a.occ, a.b_iso = "A", occ_a, 12.0
             b = a.clone()
-            b.altloc, b.occ = "B", 0.45
+            b.altloc, b.occ = "B", 1.0 - occ_a
             b.pos = gemmi.Position(*(rot @ (p - c) + c + shift + np.array([0.25, 0, 0])))
             r.add_atom(a)
             r.add_atom(b)
     st.setup_entities()
     truth = out_dir / "truth.pdb"
     st.write_pdb(str(truth))
-    r = ch[3]
-    for name in swap:
+    swaps = [(ch[residue], name) for name in swap] + [(ch[k], at.name) for k in range(swap_before) for at in ch[k]
+                                                if at.altloc == "A"]
+    for r, name in swaps:
         a, b = r.find_atom(name, "A"), r.find_atom(name, "B")
         pa, pb = gemmi.Position(a.pos), gemmi.Position(b.pos)
         a.pos, b.pos = pb, pa
@@ -610,3 +612,54 @@ def test_phases_option_takes_the_named_column(tangled_case, tmp_path, labin):
     assert t.columns_used["PHI"] == "PHI2" and t.columns_used["F"] == "F"
     shift = (t.phases_deg - table.phases_deg + 540.0) % 360.0 - 180.0
     assert np.allclose(shift, 90.0, atol=0.01)
+
+
+@pytest.mark.parametrize("occ_a", [0.5, 0.6])
+def test_crossing_search_undoes_a_conformer_crossing_and_keeps_the_truth(example_model_path, tmp_path, occ_a):
+    """Residues 5–6 and N of Ile 7 with conformers swapped: the conformers cross at Ile 7 (tangled by
+    the rule). With equal occupancies the density cannot tell; only the strained crossing can. The
+    search must find the crossing, swap it back and leave the truth alone."""
+    from drefine.density.synthetic import synthetic_reflections
+    from drefine.restraints.topology import build_restraints
+    from drefine.untangle.crossings import find_crossings, resolve_crossings
+
+    truth_path, tangled_path = _two_conformer_case(example_model_path, tmp_path, swap=("N",), swap_before=2,
+                                                   occ_a=occ_a, residue=2)
+    truth, tangled = read_model(truth_path), read_model(tangled_path)
+    table = synthetic_reflections(truth, 1.2, noise=0.02, seed=1)
+    restraints = build_restraints(tangled)
+    assert tangled_residues(tangled, truth) == ["A/ILE 7"]
+    sides = [set(tangled.atoms.residue_index[c.side]) for c in find_crossings(tangled, restraints)]
+    assert any({0, 1} <= side for side in sides)  # a candidate cuts off the swapped residues
+    fixed, report = resolve_crossings(tangled, table, restraints, log=lambda s: None)
+    assert len(report.accepted) == 1 and "ILE 7" in report.accepted[0]
+    if occ_a == 0.5:  # a wrong swap was judged and refused
+        assert any(c["gain"] < 0 for r in report.rounds for c in r["candidates"])
+    assert tangled_residues(fixed, truth) == []
+    rmsd = np.sqrt(((fixed.atoms.xyz - truth.atoms.xyz) ** 2).sum(1).mean())
+    assert rmsd < 0.05
+    same, report = resolve_crossings(truth, table, restraints, log=lambda s: None)
+    assert report.accepted == []
+    assert tangled_residues(same, truth) == []
+
+
+def test_crossing_search_on_dask_workers_matches_in_process(example_model_path, tmp_path):
+    from distributed import Client, LocalCluster
+
+    from drefine.density.synthetic import synthetic_reflections
+    from drefine.restraints.topology import build_restraints
+    from drefine.threads import single_threaded
+    from drefine.untangle.crossings import resolve_crossings
+
+    truth_path, tangled_path = _two_conformer_case(example_model_path, tmp_path, swap=("N",), swap_before=2,
+                                                   occ_a=0.5, residue=2)
+    tangled = read_model(tangled_path)
+    table = synthetic_reflections(read_model(truth_path), 1.2, noise=0.02, seed=1)
+    restraints = build_restraints(tangled)
+    with single_threaded():  # the workers' refinements run single-threaded
+        ref, ref_report = resolve_crossings(tangled, table, restraints, log=lambda s: None)
+        with LocalCluster(n_workers=2, threads_per_worker=1, processes=False, dashboard_address=None) as cluster, \
+                Client(cluster) as client:
+            dist, dist_report = resolve_crossings(tangled, table, restraints, log=lambda s: None, client=client)
+    assert dist_report.rounds == ref_report.rounds and len(ref_report.accepted) == 1
+    assert np.array_equal(dist.atoms.xyz, ref.atoms.xyz)

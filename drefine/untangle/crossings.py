@@ -1,0 +1,319 @@
+"""Conformer crossings: bonds where two alternate conformers swap labels, found and undone.
+
+A tangled two-conformer model often has its conformers *cross* at one bond: on one side conformer A
+sits where the truth's B is and on the other where its A is, the bond's atoms squeezed between the
+two. Gradient refinement cannot undo it (the atoms would have to pass through each other) and RRR
+may settle next to it, since with equal occupancies the density of a whole swapped stretch is the
+same either way; only the geometry at the crossing is strained, by a few degrees.
+
+A crossing is cheap to undo by relabelling: cut the bond, swap the positions (and ADPs) of the
+atoms on one side with their partners in the other conformer. The same move serves one atom (with
+its hydrogens) left in the other conformer than all its bonded neighbours, and for a whole residue
+crossed at both ends.
+
+Candidates: bonds whose two atoms' conformer offsets (x_A − x_B), or the summed offsets of each
+atom with its other bonded neighbours, point opposite ways (cosine ≤ `cos_max`, both ≥
+`min_offset` Å; the neighbour sums see past the atoms squeezed at a crossing), single atoms
+whose offset opposes their neighbours' sum, and residues whose summed offset opposes that of the
+atoms bonded to them from outside. Real structures have such bonds too (a crankshaft
+peptide, a ring flip), so every candidate is judged by the data and the restraints: the model and
+the relabelled variant are refined alike and locally (coordinates of the atoms within two bonds
+of the swap, against the reflections at one fixed weight, from the same coordinates), and the
+swap is accepted when the variant's objective (weight · data + restraints) is lower by more than
+`min_gain` of the model's. The data term is least squares (1/σ² weights): the maximum-likelihood
+target re-estimates σA from each model, so its values for two models are not on one scale (on a
+toy case, ML comparisons swapped an atom back and forth). Accepted swaps more than two bonds
+apart are made together; the search repeats until no candidate is accepted.
+
+Written here because no refinement package offers it: label swapping is a combinatorial move
+outside what least-squares refiners (servalcat, phenix) do, and it needs the altloc bookkeeping of
+this package's arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from ..errors import DrefineError
+from ..io.reflections import ReflectionTable
+from ..model.arrays import Model
+from ..restraints.topology import Restraints
+
+COS_MAX = -0.5
+MIN_OFFSET = 0.1  # Å
+MIN_GAIN = 2e-5  # relative decrease of the objective a swap must bring
+LOCAL_ITERATIONS = 20  # L-BFGS iterations per cycle of a swap's local refinement
+FINAL_CYCLES = 3  # ML coordinate macro-cycles of the whole model after swaps  # the same for the local refinement of a swap
+
+
+@dataclass
+class Crossing:
+    """A candidate: bond (p, q) of conformer a; `side` atoms of a swap with `partners` of b."""
+
+    p: int
+    q: int
+    cosine: float
+    side: np.ndarray
+    partners: np.ndarray
+    label: str
+    gain: float = float("nan")  # relative decrease of the objective when swapped (after refinement)
+
+    def as_dict(self) -> dict:
+        return {"bond": self.label, "cosine": round(self.cosine, 3), "atoms_swapped": len(self.side),
+                "gain": self.gain}
+
+
+@dataclass
+class CrossingReport:
+    rounds: list[dict] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)
+
+
+def conformer_partners(model: Model) -> dict[tuple[int, int], np.ndarray]:
+    """For each ordered pair of conformer numbers (a, b): an array over all atoms giving the atom of
+    conformer b with the same residue and name as atom i of conformer a (−1 where none)."""
+    at = model.atoms
+    idx = model.model_atoms(0)
+    idx = idx[at.conformer[idx] > 0]
+    out: dict[tuple[int, int], np.ndarray] = {}
+    if len(idx) == 0:
+        return out
+    _, key = np.unique(np.char.add(at.residue_index[idx].astype(str), np.char.add("|", at.name[idx].astype(str))),
+                       return_inverse=True)
+    confs = np.unique(at.conformer[idx])
+    for a in confs:
+        for b in confs:
+            if a == b:
+                continue
+            ia, ib = idx[at.conformer[idx] == a], idx[at.conformer[idx] == b]
+            ka, kb = key[at.conformer[idx] == a], key[at.conformer[idx] == b]
+            table = np.full(key.max() + 1, -1, dtype=np.int64)
+            table[kb] = ib
+            part = np.full(len(at), -1, dtype=np.int64)
+            part[ia] = table[ka]
+            out[(int(a), int(b))] = part
+    return out
+
+
+def find_crossings(model: Model, restraints: Restraints, cos_max: float = COS_MAX,
+                   min_offset: float = MIN_OFFSET) -> list[Crossing]:
+    """Candidate crossings of model 0 (see the module docstring), each with the side to swap: the
+    smaller of the two parts of conformer a's bonded network left when the bond is cut (a bond in
+    a ring cuts nothing and is no candidate)."""
+    at = model.atoms
+    xyz = at.xyz
+    bonds = restraints.bond_atoms.astype(np.int64)
+    heavy = ~at.is_hydrogen
+    out: list[Crossing] = []
+    for (a, b), part in conformer_partners(model).items():
+        if a > b:
+            continue  # the pair (a, b) and (b, a) describe the same swap
+        in_a = at.conformer == a
+        edges = bonds[in_a[bonds[:, 0]] & in_a[bonds[:, 1]]]
+        if len(edges) == 0:
+            continue
+        p, q = edges[:, 0], edges[:, 1]
+        ok = heavy[p] & heavy[q] & (part[p] >= 0) & (part[q] >= 0)
+        # conformer offsets of heavy atoms, and their sums over each atom and its bonded neighbours:
+        # the atoms at a crossing are squeezed together (small offsets), their neighbours are not
+        off = np.where((heavy & (part >= 0))[:, None], xyz - xyz[np.maximum(part, 0)], 0.0)
+        hood = off.copy()
+        np.add.at(hood, p, off[q])
+        np.add.at(hood, q, off[p])
+        cos = np.full(len(edges), np.inf)
+        for d_p, d_q in ((off[p], off[q]), (hood[p] - off[q], hood[q] - off[p])):
+            n_p, n_q = np.linalg.norm(d_p, axis=1), np.linalg.norm(d_q, axis=1)
+            c = np.einsum("ij,ij->i", d_p, d_q) / np.maximum(n_p * n_q, 1e-12)
+            cos = np.minimum(cos, np.where((n_p >= min_offset) & (n_q >= min_offset), c, np.inf))
+        ok &= cos <= cos_max
+        n = len(at)
+        for k in np.flatnonzero(ok):  # a few dozen candidates: one graph cut each
+            keep = np.ones(len(edges), dtype=bool)
+            keep[k] = False
+            e = edges[keep]
+            graph = coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n))
+            _, comp = connected_components(graph, directed=False)
+            if comp[p[k]] == comp[q[k]]:
+                continue  # a ring bond
+            side_p = np.flatnonzero((comp == comp[p[k]]) & in_a)
+            side_q = np.flatnonzero((comp == comp[q[k]]) & in_a)
+            side = side_p if len(side_p) < len(side_q) else side_q
+            side = side[part[side] >= 0]  # an atom without a partner in conformer b stays
+            if len(side) == 0:
+                continue
+            partners = part[side]
+            label = (f"{model.atom_label(int(p[k]))} – {model.atom_label(int(q[k]))}"
+                     f" (conformers {at.altloc[p[k]]}/{at.altloc[partners[0]]})")
+            out.append(Crossing(int(p[k]), int(q[k]), float(cos[k]), side, partners, label))
+        # single atoms against all their neighbours (an atom, with its hydrogens, in the other conformer)
+        nb = hood - off
+        n_i, n_nb = np.linalg.norm(off, axis=1), np.linalg.norm(nb, axis=1)
+        c1 = np.einsum("ij,ij->i", off, nb) / np.maximum(n_i * n_nb, 1e-12)
+        single = in_a & heavy & (part >= 0) & (n_i >= min_offset) & (n_nb >= min_offset) & (c1 <= cos_max)
+        h_edges = bonds[in_a[bonds[:, 0]] & in_a[bonds[:, 1]] & (heavy[bonds[:, 0]] != heavy[bonds[:, 1]])]
+        for i in np.flatnonzero(single):
+            hs = np.concatenate([h_edges[h_edges[:, 0] == i, 1], h_edges[h_edges[:, 1] == i, 0]])
+            side = np.concatenate([[i], hs]).astype(np.int64)
+            partners = part[side]
+            if (partners < 0).any():
+                continue
+            label = f"{model.atom_label(int(i))} alone (conformers {at.altloc[i]}/{at.altloc[partners[0]]})"
+            out.append(Crossing(int(i), int(i), float(c1[i]), side, partners, label))
+        # whole residues against the atoms bonded to them from outside (crossed at both ends)
+        res = at.residue_index
+        own = in_a & heavy & (part >= 0)
+        n_res = int(res.max()) + 1
+        r_off = np.stack([np.bincount(res[own], weights=off[own, c], minlength=n_res) for c in range(3)], 1)
+        cross = res[p] != res[q]
+        o_off = np.zeros((n_res, 3))
+        np.add.at(o_off, res[p[cross]], off[q[cross]])
+        np.add.at(o_off, res[q[cross]], off[p[cross]])
+        n_r, n_o = np.linalg.norm(r_off, axis=1), np.linalg.norm(o_off, axis=1)
+        c_r = np.einsum("ij,ij->i", r_off, o_off) / np.maximum(n_r * n_o, 1e-12)
+        for r in np.flatnonzero((n_r >= min_offset) & (n_o >= min_offset) & (c_r <= cos_max)):
+            side = np.flatnonzero(in_a & (res == r) & (part >= 0))
+            label = f"{model.residues.label(int(r))} whole residue (conformers {at.altloc[side[0]]}/" \
+                    f"{at.altloc[part[side[0]]]})"
+            out.append(Crossing(int(side[0]), int(side[0]), float(c_r[r]), side, part[side], label))
+    # different cut bonds can give the same swap: keep the first of each
+    seen, unique = set(), []
+    for c in out:
+        if _key(c) not in seen:
+            seen.add(_key(c))
+            unique.append(c)
+    return unique
+
+
+def swap_conformers(model: Model, side: np.ndarray, partners: np.ndarray) -> Model:
+    """A copy with positions and ADPs of `side` and `partners` exchanged (labels and occupancies
+    stay: the atoms change conformer)."""
+    m = model.copy()
+    a = m.atoms
+    for arr in (a.xyz, a.b_iso, a.u_aniso, a.has_aniso):
+        tmp = arr[side].copy()
+        arr[side] = arr[partners]
+        arr[partners] = tmp
+    return m
+
+
+def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restraints, cycles: int = 1,
+                      max_rounds: int = 8, cos_max: float = COS_MAX, min_offset: float = MIN_OFFSET,
+                      min_gain: float = MIN_GAIN, target: str = "ls", log=print,
+                      client=None) -> tuple[Model, CrossingReport]:
+    """Find candidate crossings and keep the swaps the data and restraints prefer (module docstring).
+    Returns the model (coordinates refined, with the accepted swaps) and a report. `client`:
+    evaluate the variants as dask tasks.
+
+    Each round: candidates are sought in the current model; for each, the swapped model and the
+    model itself are refined alike, locally: only the atoms within two bonds of the swapped ones
+    move, from the same coordinates, at one weight, so the difference of the two objectives is the
+    swap's, not the optimiser's. The model is returned as given when no swap is accepted, else with
+    the swaps and a whole-model refinement at the end (FINAL_CYCLES ML cycles, automatic weight)."""
+    from ..refine.xray import XrayOptions, refine_xray
+
+    report = CrossingReport()
+    # the weight of a short automatic-weight refinement
+    weight = refine_xray(model, table, restraints, XrayOptions(target=target, cycles=2, adp="fixed",
+                                                               occupancies=False), log=_quiet).weight
+    # one fixed weight and no geometry rescue cycle: the objectives must be comparable
+    opt = XrayOptions(target=target, cycles=cycles, weight=weight, adp="fixed", occupancies=False,
+                      geometry_rescue=False, iterations=LOCAL_ITERATIONS)
+    current = model.copy()
+    judged: set[tuple] = set()  # swaps already refined and rejected: not judged again in later rounds
+    done: set[tuple] = set()  # swaps made: never made twice (the second would undo the first)
+    n = len(model.atoms)
+    for rnd in range(max_rounds):
+        # candidates in the model as it stands: refining a tangled model first moves atoms to hide them
+        cands = [c for c in find_crossings(current, restraints, cos_max, min_offset)
+                 if _key(c) not in judged and _key(c) not in done]
+        if not cands:
+            log(f"crossings: round {rnd + 1}: no {'new ' if rnd else ''}candidate")
+            break
+        log(f"crossings: round {rnd + 1}: {len(cands)} candidate swap(s), each and the model refined locally "
+            f"({cycles} cycle(s), weight {weight:.4g})")
+        masks = [_within_bonds(np.concatenate([c.side, c.partners]), restraints.bond_atoms, n, 2) for c in cands]
+        jobs = [(swap_conformers(current, c.side, c.partners), m) for c, m in zip(cands, masks)]
+        jobs += [(current, m) for m in masks]
+        results = _refine_all(jobs, table, restraints, opt, client)
+        for k, c in enumerate(cands):
+            j0, j1 = results[len(cands) + k].cycles[-1].objective, results[k].cycles[-1].objective
+            if not np.isfinite(j0) or j0 == 0:
+                raise DrefineError("crossing search: a refinement gave no finite objective")
+            c.gain = float((j0 - j1) / abs(j0))
+            judged.add(_key(c))
+        taken: list[int] = []
+        near = np.zeros(n, dtype=bool)  # atoms of taken swaps and within two bonds of them
+        for k in np.argsort([-c.gain for c in cands]):
+            c = cands[k]
+            if not c.gain > min_gain:
+                break
+            atoms = np.concatenate([c.side, c.partners])
+            if near[atoms].any():
+                continue  # two swaps at one place may be alternative fixes of one crossing: one per round
+            near |= _within_bonds(atoms, restraints.bond_atoms, n, 2)
+            taken.append(int(k))
+        for c in cands:  # next to an accepted swap the context has changed: judge those again
+            if near[np.concatenate([c.side, c.partners])].any():
+                judged.discard(_key(c))
+        done.update(_key(cands[k]) for k in taken)
+        report.rounds.append({"round": rnd + 1, "candidates": [c.as_dict() for c in cands],
+                              "accepted": [cands[k].label for k in taken]})
+        log(f"crossings: round {rnd + 1}: {len(taken)} swap(s) accepted"
+            + "".join(f"\n  swapped {cands[k].label}: objective −{cands[k].gain:.2e}" for k in taken))
+        if not taken:
+            break
+        for k in taken:  # each with its own local refinement (they are more than two bonds apart)
+            current = swap_conformers(current, cands[k].side, cands[k].partners)
+            current.atoms.xyz[masks[k]] = results[k].xyz[masks[k]]
+        report.accepted.extend(cands[k].label for k in taken)
+    if report.accepted:  # the whole model once more with the swaps made: drefine xray's ML target and weight
+        final = XrayOptions(target="ml", cycles=FINAL_CYCLES, adp="fixed", occupancies=False)
+        current = _with_xyz(current, refine_xray(current, table, restraints, final, log=_quiet).xyz)
+    return current, report
+
+
+def _within_bonds(atoms: np.ndarray, bonds: np.ndarray, n: int, hops: int) -> np.ndarray:
+    """Mask of `atoms` and every atom within `hops` bonds of them."""
+    mask = np.zeros(n, dtype=bool)
+    mask[atoms] = True
+    b = bonds.astype(np.int64)
+    for _ in range(hops):
+        mask[b[mask[b[:, 0]], 1]] = True
+        mask[b[mask[b[:, 1]], 0]] = True
+    return mask
+
+
+def _quiet(line: str) -> None:
+    """The variants' refinement logs would drown the search's own lines."""
+
+
+def _key(c: Crossing) -> tuple:
+    return tuple(np.sort(c.side).tolist())
+
+
+def _with_xyz(model: Model, xyz: np.ndarray) -> Model:
+    m = model.copy()
+    m.atoms.xyz = np.asarray(xyz, dtype=np.float64).copy()
+    return m
+
+
+def _refine_one(model, movable, table, restraints, options):
+    from ..refine.xray import refine_xray
+    from ..threads import single_threaded
+
+    with single_threaded():
+        return refine_xray(model, table, restraints, options, log=_quiet, movable=movable)
+
+
+def _refine_all(jobs, table, restraints, options, client):
+    """Refine (model, movable mask) jobs, in-process or as dask tasks."""
+    from ..refine.xray import refine_xray
+
+    if client is None:
+        return [refine_xray(m, table, restraints, options, log=_quiet, movable=mv) for m, mv in jobs]
+    payload = client.scatter([table, restraints], broadcast=True)
+    futures = [client.submit(_refine_one, m, mv, payload[0], payload[1], options, pure=False) for m, mv in jobs]
+    return client.gather(futures)
