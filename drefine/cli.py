@@ -207,8 +207,10 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the Reflect-Reflect-Relax iteration of divide and concur: replicas of atom "
                                    "positions per geometry constraint (bonds, angles, chirality, planes, disulfide "
                                    "pairing, volume exclusion with symmetry) and per-atom density variables tied to "
-                                   "the observed structure factors, in two stages; then B factors and occupancies "
-                                   "(not coordinates) are refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
+                                   "the observed structure factors, in two stages; then conformer crossings left "
+                                   "(bonds where the conformers swap) are undone by relabelling where the data and "
+                                   "restraints prefer it, with a short coordinate refinement, and B factors and "
+                                   "occupancies are refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
                                    "geometry before and after), PREFIX.png (gap and R plot) and PREFIX.log; a "
                                    "checkpoint folder PREFIX_checkpoint/ while it runs (--resume continues from it).")
     u.add_argument("model", metavar="MODEL", help="PDB or mmCIF file with alternate conformers")
@@ -236,6 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="iterations between checkpoints (default 50; also every 10 minutes and on Ctrl-C)")
     u.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint folder after success")
+    u.add_argument("--crossing-cycles", type=int, default=1, metavar="N",
+                   help="after RRR, look for bonds where the conformers cross and try swapping the conformers' "
+                        "atoms on one side; each swap and the model are refined alike and locally (N coordinate "
+                        "macro-cycles) and a swap the data and restraints prefer is kept (default 1; 0: skip)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
@@ -759,8 +765,9 @@ def cmd_untangle(args) -> int:
         raise DrefineError("--iterations: every stage needs at least one iteration")
     if not 0 < args.beta <= 1:
         raise DrefineError(f"--beta must be in (0, 1], got {args.beta}")
-    if args.checkpoint_every < 1 or args.chunks < 0:
-        raise DrefineError("--checkpoint-every must be at least 1 and --chunks 0 or more")
+    if args.checkpoint_every < 1 or args.chunks < 0 or args.crossing_cycles < 0 or args.adp_cycles < 0:
+        raise DrefineError("--checkpoint-every must be at least 1, and --chunks, --crossing-cycles and --adp-cycles "
+                           "0 or more")
     model = read_model(args.model)
     if len(model.model_atoms(0)) == 0:
         raise DrefineError(f"{args.model}: the model has no atoms")
@@ -796,7 +803,12 @@ def cmd_untangle(args) -> int:
         n_workers = len(client.scheduler_info().get("workers", {})) if client is not None else 1
         opt.chunks = args.chunks or n_workers
         density_dir = Path(f"{prefix}_density")  # memory maps live apart from the checkpoint, which is swapped
-        u = Untangler(model, restraints, table, opt, phases_deg=phases, client=client,
+        crossings: dict = {}
+        rrr_model = model
+        if args.crossing_cycles > 0 and n_conf >= 2:
+            # crossings in the input first (deterministic, so a resumed run repeats it exactly)
+            rrr_model = _resolve_crossings(model, table, restraints, args, log, client, crossings, "before_rrr")
+        u = Untangler(rrr_model, restraints, table, opt, phases_deg=phases, client=client,
                       workdir=density_dir if opt.memmap else None)
         log(f"drefine untangle {args.model} against {args.data}: {len(model.atoms)} atoms, {n_conf} conformers, "
             f"{int(u.used.sum())} of {len(table)} reflections used (d ≤ {1 / opt.s_cut:.2f} Å"
@@ -804,7 +816,7 @@ def cmd_untangle(args) -> int:
             f"phases from {'column ' + args.phases if args.phases else 'the model'}; density variables "
             f"{u.engine.nbytes() / 1e9:.2f} GB in {opt.chunks} chunk(s)"
             f"{' on ' + str(n_workers) + ' dask worker(s)' if client is not None else ''}")
-        start_r = u.r_factors(model.atoms.xyz)
+        start_r = u.r_factors(model.atoms.xyz, model)
         resumed = False
         if args.resume:
             u.load_checkpoint(checkpoint)
@@ -832,11 +844,16 @@ def cmd_untangle(args) -> int:
             atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
             raise
         seconds_rrr = time.perf_counter() - t_run
-    refined = u.model_at(u.xyz)
-    final_r = u.r_factors(u.xyz)
-    rrr_r = dict(final_r)
-    log(f"after RRR: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) {final_r['r_all']:.4f} "
-        f"R(used) {final_r['r_used']:.4f}")
+        refined = u.model_at(u.xyz)
+        final_r = u.r_factors(u.xyz)
+        rrr_r = dict(final_r)
+        log(f"after RRR: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) {final_r['r_all']:.4f} "
+            f"R(used) {final_r['r_used']:.4f}")
+        if args.crossing_cycles > 0 and n_conf >= 2:
+            refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings, "after_rrr")
+            final_r = u.r_factors(refined.atoms.xyz, refined)
+            log(f"after the crossing search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) "
+                f"{final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
     if args.adp_cycles > 0:
         from .refine.xray import XrayOptions, refine_xray
 
@@ -844,7 +861,7 @@ def cmd_untangle(args) -> int:
                                                                   occupancies=True, coordinates=False), log=log)
         refined.atoms.b_iso, refined.atoms.occupancy = res.b_iso, res.occupancy
         refined.atoms.u_aniso, refined.atoms.has_aniso = res.u_aniso, res.has_aniso
-        final_r = u.r_factors(u.xyz, refined)
+        final_r = u.r_factors(refined.atoms.xyz, refined)
     start_val = validate_structure(model, restraints)
     end_val = validate_structure(refined, restraints)
     paths = write_model_outputs(refined, prefix)
@@ -855,6 +872,8 @@ def cmd_untangle(args) -> int:
     report["start"] = {**start_val["final"], **start_r}
     report["final"] = {**end_val["final"], **final_r, "gap": u.history[-1]["gap"] if u.history else None}
     report["after_rrr"] = rrr_r
+    if crossings:
+        report["crossings"] = crossings
     if truth is not None:
         end_tangled = tangled_residues(refined, truth)
         report["start"]["n_tangled"] = len(start_tangled)
@@ -885,6 +904,21 @@ def cmd_untangle(args) -> int:
     if density_dir.exists():
         shutil.rmtree(density_dir)
     return 0
+
+
+def _resolve_crossings(model, table, restraints, args, log, client, reports: dict, when: str):
+    """The crossing search (untangle/crossings.py) with progress in the log; its report into
+    reports[when]."""
+    import time
+
+    from .untangle.crossings import resolve_crossings
+
+    t0 = time.perf_counter()
+    log(f"crossing search ({when.replace('_', ' ')})")
+    out, rep = resolve_crossings(model, table, restraints, cycles=args.crossing_cycles, log=log, client=client)
+    reports[when] = {"accepted": rep.accepted, "rounds": rep.rounds, "seconds": time.perf_counter() - t0}
+    log(f"crossing search ({when.replace('_', ' ')}): {len(rep.accepted)} swap(s) in {time.perf_counter() - t0:.0f} s")
+    return out
 
 
 @contextlib.contextmanager
