@@ -1,14 +1,15 @@
 """Untangling the 1AHO challenge: `drefine untangle` on otw39, otw1 and lotswrong, and its speed.
 
-Every case runs the command as a user would (defaults: RRR, the crossing search, B/occupancy
-cycles; --phases PHI: refme.mtz carries the true phases; --truth only for the report), under /usr/bin/time for the peak memory. Scored by the shared
+Every case runs the command as a user would (defaults: RRR and the B/occupancy
+cycles; the experimental crossing search with --crossing-cycles N; --phases PHI: refme.mtz carries the
+true phases; --truth only for the report), under /usr/bin/time for the peak memory. Scored by the shared
 tools/untangle_check.py (tangled residues, Ala39 N–CA, |Z| > 4 count) and by the command's own
 report (R on all and on the used reflections, before and after). Speed: iterations per second of
 short RRR-only runs in-process and on a local dask cluster with 1 and 2 workers (density chunks as
 actors).
 
 Usage: python benchmarks/bench_untangle.py [--work DIR] [--cases otw39,otw1,lotswrong] [--speed-only | --skip-speed]
-       [--iterations 300,200] [--keep-checkpoint]
+       [--iterations 300,200] [--crossing-cycles N] [--keep-checkpoint]
 """
 import argparse
 import json
@@ -61,6 +62,8 @@ def main():
     ap.add_argument("--iterations", default=None, help="passed to --iterations (default: the command's)")
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
+    ap.add_argument("--crossing-cycles", type=int, default=None,
+                    help="passed to drefine untangle (default: the command's, off)")
     ap.add_argument("--keep-checkpoint", action="store_true",
                     help="keep each case's checkpoint (the state RRR ended in) for later study")
     args = ap.parse_args()
@@ -83,6 +86,7 @@ def main():
         for name in args.cases.split(","):
             extra = ["--iterations", args.iterations] if args.iterations else []
             extra += ["--keep-checkpoint"] if args.keep_checkpoint else []
+            extra += ["--crossing-cycles", str(args.crossing_cycles)] if args.crossing_cycles is not None else []
             r = run(work, name, extra, "default")
             results["cases"].append(r)
             print(json.dumps(r), flush=True)
