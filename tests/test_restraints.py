@@ -166,3 +166,23 @@ def test_nonbonded_different_altlocs_never_meet(data_dir, tmp_path):
     m2 = _two_atom_model(tmp_path, "P 1", [(5.0, 5.0, 5.0), (7.0, 5.0, 5.0)], altlocs=("", "B"))
     r2 = build_restraints(m2, need(data_dir, "monlib"))
     assert len(find_nonbonded_pairs(m2, r2)) == 1
+
+
+def test_closed_form_plane_normal_matches_eigh():
+    """The plane term's closed-form normal is LAPACK's smallest eigenvector, also for nearly flat,
+    nearly collinear and offset point sets; a coplanar set has zero distance to its plane."""
+    from drefine.restraints.kernels import plane_normal
+
+    rng = np.random.default_rng(11)
+    for flatness in (1e-4, 0.05, 0.5, 1.0):
+        for elongation in (1.0, 20.0):
+            pts = rng.normal(size=(7, 3)) * [elongation, 1.0, flatness]
+            rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
+            pts = pts @ rot.T + rng.normal(size=3) * 40.0
+            _, nrm = plane_normal(pts, np.arange(7), 0, 7)
+            d = pts - pts.mean(0)
+            ref = np.linalg.eigh(d.T @ d)[1][:, 0]
+            assert abs(abs(nrm @ ref) - 1.0) < 1e-10
+    flat = np.c_[rng.normal(size=(6, 2)), np.zeros(6)]
+    _, nrm = plane_normal(flat, np.arange(6), 0, 6)
+    assert abs(abs(nrm[2]) - 1.0) < 1e-12

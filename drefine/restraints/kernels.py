@@ -157,19 +157,70 @@ def chiral_term(xyz, atoms, ideal, sigma, both, grad):
 
 
 @njit(cache=True, nogil=True)
+def smallest_eigenvector_sym3(a00, a01, a02, a11, a12, a22):
+    """Unit eigenvector of the smallest eigenvalue of a symmetric 3×3 matrix, in closed form.
+
+    LAPACK's eigh through numba costs ~2 µs a call and allocates; a plane term calls it once per
+    plane per evaluation (thousands of planes), so this was half of the geometry target's time.
+    Eigenvalues by the trigonometric formula (Smith 1961); the eigenvector is the longest cross
+    product of two rows of A − λI. Returns (0, 0, 0) when the smallest eigenvalue is not simple
+    (collinear or coincident points): the caller then falls back to eigh.
+    """
+    a00, a01, a02, a11, a12, a22 = float(a00), float(a01), float(a02), float(a11), float(a12), float(a22)
+    q = (a00 + a11 + a22) / 3.0
+    b00, b11, b22 = a00 - q, a11 - q, a22 - q
+    p1 = a01 * a01 + a02 * a02 + a12 * a12
+    p = math.sqrt((b00 * b00 + b11 * b11 + b22 * b22 + 2.0 * p1) / 6.0)
+    if p == 0.0:
+        return 0.0, 0.0, 0.0
+    det = b00 * (b11 * b22 - a12 * a12) - a01 * (a01 * b22 - a12 * a02) + a02 * (a01 * a12 - b11 * a02)
+    r = min(max(det / (2.0 * p * p * p), -1.0), 1.0)
+    lam = q + 2.0 * p * math.cos(math.acos(r) / 3.0 + 2.0 * math.pi / 3.0)
+    r0x, r0y, r0z = a00 - lam, a01, a02
+    r1x, r1y, r1z = a01, a11 - lam, a12
+    r2x, r2y, r2z = a02, a12, a22 - lam
+    best_x, best_y, best_z, best = 0.0, 0.0, 0.0, 0.0
+    for ux, uy, uz, vx, vy, vz in ((r0x, r0y, r0z, r1x, r1y, r1z), (r0x, r0y, r0z, r2x, r2y, r2z),
+                                   (r1x, r1y, r1z, r2x, r2y, r2z)):
+        cx, cy, cz = uy * vz - uz * vy, uz * vx - ux * vz, ux * vy - uy * vx
+        n2 = cx * cx + cy * cy + cz * cz
+        if n2 > best:
+            best_x, best_y, best_z, best = cx, cy, cz, n2
+    # a simple smallest eigenvalue leaves A − λI of rank 2: some cross product is of order p⁴
+    if best <= 1e-20 * p * p * p * p:
+        return 0.0, 0.0, 0.0
+    n = math.sqrt(best)
+    return best_x / n, best_y / n, best_z / n
+
+
+@njit(cache=True, nogil=True)
 def plane_normal(xyz, atoms, start, stop):
     """Centroid and unit normal of the least-squares plane through atoms[start:stop]."""
     n = stop - start
     cen = np.zeros(3)
     for k in range(start, stop):
-        cen += xyz[atoms[k]]
+        for q in range(3):
+            cen[q] += xyz[atoms[k], q]
     cen /= n
-    cov = np.zeros((3, 3))
+    c00 = c01 = c02 = c11 = c12 = c22 = 0.0
     for k in range(start, stop):
-        d = xyz[atoms[k]] - cen
-        cov += np.outer(d, d)
-    _, vecs = np.linalg.eigh(cov)
-    return cen, vecs[:, 0].copy()
+        i = atoms[k]
+        dx, dy, dz = xyz[i, 0] - cen[0], xyz[i, 1] - cen[1], xyz[i, 2] - cen[2]
+        c00 += dx * dx
+        c01 += dx * dy
+        c02 += dx * dz
+        c11 += dy * dy
+        c12 += dy * dz
+        c22 += dz * dz
+    nx, ny, nz = smallest_eigenvector_sym3(c00, c01, c02, c11, c12, c22)
+    nrm = np.empty(3)
+    if nx == 0.0 and ny == 0.0 and nz == 0.0:
+        cov = np.array([[c00, c01, c02], [c01, c11, c12], [c02, c12, c22]])
+        _, vecs = np.linalg.eigh(cov)
+        nrm[:] = vecs[:, 0]
+    else:
+        nrm[0], nrm[1], nrm[2] = nx, ny, nz
+    return cen, nrm
 
 
 @njit(cache=True, nogil=True)
