@@ -83,6 +83,71 @@ def test_restraint_subset_gives_the_same_gradient_on_movable_atoms(example_model
                                rtol=1e-12, atol=1e-9)
 
 
+def test_compacted_restraint_target_equals_the_subset_on_its_atoms(example_model_path):
+    """The weight scan's renumbered target: same value and, on its atoms, the same gradient as the
+    movable-subset target over the whole model, with contacts from a neighbour list searched once."""
+    from drefine.restraints.nonbonded import find_nonbonded_pairs
+
+    m = read_model(example_model_path)
+    r = build_restraints(m)
+    x = m.atoms.xyz + np.random.default_rng(2).normal(scale=0.1, size=m.atoms.xyz.shape)
+    m.atoms.xyz = x
+    movable = np.arange(100, 180)
+    part = GeometryTarget(m, r, movable=movable)
+    shared = GeometryTarget(m, r, movable=movable, pairs=find_nonbonded_pairs(m, r, x, buffer=1.0))
+    small, atoms = shared.compacted(movable)
+    assert len(atoms) < len(x) and np.isin(movable, atoms).all()
+    assert len(small.pairs) == len(part.pairs) > 0
+    f_part, g_part = part.value_and_gradient(x)
+    f_small, g_small = small.value_and_gradient(x[atoms])
+    assert f_small == pytest.approx(f_part, rel=1e-12)
+    np.testing.assert_allclose(g_small, g_part[atoms], rtol=1e-12, atol=1e-12)
+
+
+def test_map_model_ls_target_gradient_and_fast_grid(synthetic_case):
+    """The map-model LS target's gradient matches central differences on a box whose model map is
+    made on a grid grown to FFT-friendly sizes; on a box already of such sizes the grown grid is
+    the box itself, so the value equals the periodic computation."""
+    from drefine.refine.rsr import map_box_around
+    from drefine.targets.map_targets import MapModelLSTarget
+
+    _, truth, start = synthetic_case
+    dmap = model_density_map(truth, 3.0, padding=6.0)
+    box = normalised_map(map_box_around(dmap, start.atoms.xyz, 5.0))
+    idx = np.arange(len(start.atoms))
+    odd = MapModelLSTarget(start, box, 3.0, idx, periodic=False)
+    assert odd.grid != box.shape or all(scipy_fast(n) for n in box.shape)
+    x = start.atoms.xyz.copy()
+    f, g = odd.value_and_gradient(x)
+    rng = np.random.default_rng(0)
+    for a in rng.choice(len(x), 6, replace=False):
+        for c in range(3):
+            h = 1e-3
+            xp, xm = x.copy(), x.copy()
+            xp[a, c] += h
+            xm[a, c] -= h
+            fd = (odd.value_and_gradient(xp)[0] - odd.value_and_gradient(xm)[0]) / (2 * h)
+            assert fd == pytest.approx(g[a, c], rel=0.02, abs=2e-3 * np.abs(g).max())
+    # crop to fast sizes: the grown grid is then the box, and both paths agree
+    from dataclasses import replace
+
+    fast = np.array([n - next(k for k in range(n) if scipy_fast(n - k)) for n in box.shape])
+    assert (fast > 0.8 * np.array(box.shape)).all()
+    lengths = np.array([box.cell.a, box.cell.b, box.cell.c]) * fast / np.array(box.shape)
+    crop = replace(box, data=np.ascontiguousarray(np.asarray(box.data)[:fast[0], :fast[1], :fast[2]]),
+                   sampling=fast, cell=gemmi.UnitCell(*lengths, box.cell.alpha, box.cell.beta, box.cell.gamma))
+    a_t = MapModelLSTarget(start, crop, 3.0, idx, periodic=False)
+    b_t = MapModelLSTarget(start, crop, 3.0, idx, periodic=True)
+    assert a_t.grid == tuple(crop.shape)
+    assert a_t.value_and_gradient(x)[0] == pytest.approx(b_t.value_and_gradient(x)[0], rel=1e-6)
+
+
+def scipy_fast(n: int) -> bool:
+    import scipy.fft
+
+    return scipy.fft.next_fast_len(n, real=True) == n
+
+
 def test_ramachandran_restraint_gradient(data_dir, example_model_path):
     m = read_model(example_model_path)
     r = build_restraints(m)

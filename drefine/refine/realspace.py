@@ -115,7 +115,8 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         t0 = time.perf_counter()
         before = xyz.copy()
         geom.update(xyz)
-        target = MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source) if final_ls else data
+        target = (MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source, periodic=settings.periodic)
+                  if final_ls else data)
         scale = _ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0
         weight = settings.weight * scale
         new, info = minimise(target, geom, weight, xyz, movable,

@@ -18,6 +18,7 @@ import numpy as np
 
 from ..io.maps import DensityMap
 from ..model.arrays import Model
+from ..restraints.nonbonded import find_nonbonded_pairs
 from ..restraints.target import GeometryTarget
 from ..restraints.topology import Restraints
 from ..targets.map_targets import AtomCentredMapTarget
@@ -25,6 +26,7 @@ from .realspace import geometry_rmsd, minimise
 
 TRIAL_WEIGHTS = (1.0, 2.0, 4.0, 7.0, 12.0, 20.0, 35.0, 60.0, 100.0)
 SEGMENT_RESIDUES = 8
+NEIGHBOUR_BUFFER = 1.0  # Å, as GeometryTarget's default search buffer
 
 
 @dataclass
@@ -63,17 +65,23 @@ def segment_trials(payload, segment: np.ndarray, weights, iterations: int, perio
     """Refine one segment with the trial weights in increasing order; statistics of each trial.
     With `targets` (bond Å, angle °), stop after two consecutive trials beyond them: geometry only
     worsens with the weight, so heavier trials could not be chosen. (A task.)"""
-    model, dmap, restraints, rama = payload
+    model, dmap, restraints, rama, pairs = payload
     is_h = model.atoms.is_hydrogen
-    geom = GeometryTarget(model, restraints, movable=segment, rama=rama)
-    data = AtomCentredMapTarget(model, dmap, segment, periodic=periodic)
+    # The trial works on the segment and the atoms its restraints and contacts reach, renumbered:
+    # per evaluation it then costs arrays of a few hundred atoms, not the whole model's.
+    geom, atoms = GeometryTarget(model, restraints, movable=segment, rama=rama, pairs=pairs).compacted(segment)
+    seg_local = np.searchsorted(atoms, segment)
+    weights_ac = AtomCentredMapTarget(model, dmap, segment, periodic=periodic).weights
+    data = AtomCentredMapTarget(None, dmap, seg_local, periodic=periodic, weights=weights_ac)
     local = restraints.touching(segment, every=True)
+    heavy = segment[~is_h[segment]]
+    xyz_full = model.atoms.xyz.copy()
     out = []
     beyond = 0
     for w in sorted(weights):
-        xyz, _ = minimise(data, geom, w, model.atoms.xyz, segment, iterations)
-        b, a = geometry_rmsd(xyz, local, is_h)
-        heavy = segment[~is_h[segment]]
+        xyz, _ = minimise(data, geom, w, model.atoms.xyz[atoms], seg_local, iterations)
+        xyz_full[atoms] = xyz
+        b, a = geometry_rmsd(xyz_full, local, is_h)
         fit = -data.value_and_gradient(xyz)[0] / max(float(data.weights.sum()), 1e-12)
         out.append({"weight": float(w), "bonds_rmsd": b, "angles_rmsd": a, "map_fit": float(fit),
                     "n_atoms": len(heavy)})
@@ -105,7 +113,9 @@ def weight_scan(model: Model, dmap: DensityMap, restraints: Restraints, client=N
                 periodic: bool = False, seed: int = 0, rama=None) -> WeightScanResult:
     """The automatic weight; trials run as one batch of tasks on `client` (None: in this process)."""
     segments = make_segments(model, restraints, n_segments, seed=seed)
-    payload = (model, dmap.load(), restraints, rama)
+    # one neighbour search for all segments (each trial keeps its segment's contacts)
+    pairs = find_nonbonded_pairs(model, restraints, model.atoms.xyz, buffer=NEIGHBOUR_BUFFER)
+    payload = (model, dmap.load(), restraints, rama, pairs)
     if client is None:
         results = [segment_trials(payload, s, weights, iterations, periodic, (bond_target, angle_target))
                    for s in segments]

@@ -6,6 +6,9 @@ It has the interface every drefine target shares (cf. servalcat's refinement tar
 """
 from __future__ import annotations
 
+from copy import copy
+from dataclasses import replace
+
 import numpy as np
 
 from ..model.arrays import Model
@@ -22,9 +25,11 @@ class GeometryTarget:
 
     def __init__(self, model: Model, restraints: Restraints, nonbonded: bool = True,
                  search_buffer: float = 1.0, weights: dict[str, float] | None = None,
-                 movable: np.ndarray | None = None, rama=None):
+                 movable: np.ndarray | None = None, rama=None, pairs: NonbondedPairs | None = None):
         """`movable`: only restraints and contacts involving these atoms are evaluated (the rest
-        of the model is fixed, so the others would only add a constant)."""
+        of the model is fixed, so the others would only add a constant). `pairs`: a neighbour
+        list already searched over the whole model (kept to the movable atoms' contacts here),
+        so that many small targets on one model need one search."""
         self.model = model
         self.full_restraints = restraints
         self.movable = None if movable is None else np.asarray(movable)
@@ -40,10 +45,13 @@ class GeometryTarget:
         self.weights = {t: 1.0 for t in TERMS} | (weights or {})
         self.pairs: NonbondedPairs | None = None
         if nonbonded:
-            self.pairs = self._pairs(model.atoms.xyz)
+            self.pairs = self._pairs(model.atoms.xyz) if pairs is None else self._touching_movable(copy(pairs))
 
     def _pairs(self, xyz):
-        pairs = find_nonbonded_pairs(self.model, self.full_restraints, xyz, buffer=self.search_buffer)
+        return self._touching_movable(find_nonbonded_pairs(self.model, self.full_restraints, xyz,
+                                                           buffer=self.search_buffer))
+
+    def _touching_movable(self, pairs: NonbondedPairs) -> NonbondedPairs:
         if self.movable is not None:
             sel = np.zeros(len(self.model.atoms), dtype=bool)
             sel[self.movable] = True
@@ -52,8 +60,42 @@ class GeometryTarget:
                 setattr(pairs, name, getattr(pairs, name)[keep])
         return pairs
 
+    def compacted(self, extra=()) -> tuple[GeometryTarget, np.ndarray]:
+        """This target over only the atoms it involves (and `extra`), renumbered 0…n−1, with those
+        atoms' indices in the model. A segment refined alone (the weight scan's trials) then
+        costs arrays of its own size per evaluation, not the whole model's. The compacted target
+        keeps its neighbour list as it is (`update` does nothing)."""
+        r = self.restraints
+        parts = [r.bond_atoms.ravel(), r.angle_atoms.ravel(), r.torsion_atoms.ravel(), r.chiral_atoms.ravel(),
+                 r.plane_atoms.ravel(), np.asarray(extra).ravel()]
+        if self.use_nonbonded and self.pairs is not None:
+            parts += [self.pairs.i, self.pairs.j]
+        if self.rama is not None:
+            parts.append(self.rama.atoms.ravel())
+        atoms = np.unique(np.concatenate([np.asarray(a, dtype=np.int64) for a in parts]))
+        loc = np.full(r.n_atoms, -1, dtype=np.int64)
+        loc[atoms] = np.arange(len(atoms))
+        per_atom = {name: getattr(r, name)[atoms] for name in ("energy_type", "type_vdw_radius", "type_hb")
+                    if len(getattr(r, name)) == r.n_atoms}
+        inferred = r.inferred_bonds[(loc[r.inferred_bonds] >= 0).all(axis=1)] if len(r.inferred_bonds) else r.inferred_bonds
+        out = copy(self)
+        out.model = None
+        out.movable = None
+        out.restraints = out.full_restraints = replace(
+            r, n_atoms=len(atoms), bond_atoms=loc[r.bond_atoms], angle_atoms=loc[r.angle_atoms],
+            torsion_atoms=loc[r.torsion_atoms], chiral_atoms=loc[r.chiral_atoms], plane_atoms=loc[r.plane_atoms],
+            atom_indices=loc[np.intersect1d(r.atom_indices, atoms)], inferred_bonds=loc[inferred], **per_atom)
+        if self.use_nonbonded and self.pairs is not None:
+            p = self.pairs
+            out.pairs = replace(p, i=loc[p.i], j=loc[p.j], xyz_at_search=p.xyz_at_search[atoms])
+        if self.rama is not None:
+            out.rama = type(self.rama)(loc[self.rama.atoms], self.rama.kind, self.rama.potential, self.rama.source)
+        return out, atoms
+
     def update(self, xyz: np.ndarray) -> None:
         """Refresh the neighbour list when atoms have moved by more than half the search buffer."""
+        if self.model is None:  # a compacted target: its neighbour list stays as it was made
+            return
         if self.use_nonbonded and self.pairs is not None and self.pairs.needs_update(xyz, self.search_buffer):
             self.pairs = self._pairs(xyz)
 

@@ -17,7 +17,9 @@ exactly that model), at the cost of a model map and its gradient per evaluation.
 """
 from __future__ import annotations
 
+import gemmi
 import numpy as np
+import scipy.fft
 
 from ..density.interpolate import interpolate
 from ..density.map_fit import _pearson
@@ -47,9 +49,10 @@ class AtomCentredMapTarget:
         self.map = dmap
         self.periodic = periodic
         self.atoms = np.asarray(atoms)
-        z = model.atoms.atomic_number[self.atoms].astype(np.float64)
-        w = np.where(model.atoms.is_hydrogen[self.atoms], 0.0, z / 6.0) if weights is None else np.asarray(weights)
-        self.weights = np.asarray(w, dtype=np.float64)
+        if weights is None:
+            z = model.atoms.atomic_number[self.atoms].astype(np.float64)
+            weights = np.where(model.atoms.is_hydrogen[self.atoms], 0.0, z / 6.0)
+        self.weights = np.asarray(weights, dtype=np.float64)
 
     def update(self, xyz: np.ndarray) -> None:
         pass
@@ -76,47 +79,66 @@ class AtomCentredMapTarget:
 
 class MapModelLSTarget:
     """Σ_mask (k ρ_calc − ρ_obs)² / Σ_mask ρ_obs², with k the least-squares scale (k held fixed
-    in the gradient: it is optimal, so its own derivative term vanishes)."""
+    in the gradient: it is optimal, so its own derivative term vanishes).
+
+    For a box cut from a larger map (`periodic=False`) the model map is made on a grid grown to
+    sizes the FFT handles fast (2·3·5-smooth), the box its corner: a box of 144×160×143 points
+    has a prime-ish axis that made every transform 3× slower, and the margin around the model
+    keeps the extra periodic images far from it. Values live on the masked points only (float32,
+    as the model map), so an evaluation touches the box's full grid only in the transforms.
+    """
 
     def __init__(self, model: Model, dmap: DensityMap, d_min: float, atoms: np.ndarray, source: str = "electron",
-                 mask_radius: float = 3.0):
+                 mask_radius: float = 3.0, periodic: bool = True):
         self.model = model
         self.map = dmap.load()
         self.d_min = d_min
         self.atoms = np.asarray(atoms)
         self.source = source
-        self.obs = np.asarray(self.map.data, dtype=np.float64)
-        self.mask = mask_around_atoms(self.map, model.atoms.xyz[self.atoms], mask_radius)
-        self.norm = float((self.obs[self.mask] ** 2).sum())
-        self.sampling = tuple(int(n) for n in self.map.sampling)
-        # the map's points within the full sampling grid the model map is made on
-        self.index = [(self.map.start[a] + np.arange(self.map.shape[a])) % self.sampling[a] for a in range(3)]
-        self.calculator = ModelMapCalculator(model, self.map.cell, self.sampling, d_min, source,
-                                             self.map.spacegroup if self.map.is_full_cell else None,
-                                             self.map.origin, self.atoms, accuracy=REFINEMENT_ACCURACY)
+        mask = mask_around_atoms(self.map, model.atoms.xyz[self.atoms], mask_radius)
+        self.obs = np.asarray(self.map.data, dtype=np.float64)[mask]
+        self.norm = float((self.obs ** 2).sum())
+        if periodic:
+            grid = tuple(int(n) for n in self.map.sampling)
+            cell = self.map.cell
+            # the map's points within the full sampling grid the model map is made on
+            index = [(self.map.start[a] + np.arange(self.map.shape[a])) % grid[a] for a in range(3)]
+            points = np.nonzero(mask)
+            points = tuple(index[a][points[a]] for a in range(3))
+        else:
+            grid = tuple(scipy.fft.next_fast_len(int(n), real=True) for n in self.map.shape)
+            c = self.map.cell
+            stretch = np.array(grid) / np.array(self.map.shape)
+            cell = gemmi.UnitCell(c.a * stretch[0], c.b * stretch[1], c.c * stretch[2], c.alpha, c.beta, c.gamma)
+            points = np.nonzero(mask)
+        self.grid = grid
+        self.points = np.ravel_multi_index(points, grid)  # masked map points, flat in the model-map grid
+        sg = self.map.spacegroup if (periodic and self.map.is_full_cell) else None
+        self.calculator = ModelMapCalculator(model, cell, grid, d_min, source, sg, self.map.origin, self.atoms,
+                                             accuracy=REFINEMENT_ACCURACY)
 
     def update(self, xyz: np.ndarray) -> None:
         pass
 
-    def _calc(self, xyz):
+    def _calc(self, xyz) -> np.ndarray:
+        """The model map on the masked points."""
         self.calculator.set_positions(xyz)
-        return self.calculator.map()[np.ix_(*self.index)]
+        return self.calculator.map().reshape(-1)[self.points].astype(np.float64)
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        calc = self._calc(xyz)
-        c, o = calc[self.mask], self.obs[self.mask]
-        k = float((c * o).sum() / (c * c).sum())
-        diff = np.zeros_like(calc)
-        diff[self.mask] = k * c - o
-        f = float((diff ** 2).sum() / self.norm)
-        # ∂T/∂ρ_calc on the map's points, placed on the full sampling grid the model map is made on
-        g_full = np.zeros(self.sampling)
-        g_full[np.ix_(*self.index)] = 2.0 * k * diff / self.norm
-        gr = self.calculator.gradient(g_full, positions_only=True)
+        c = self._calc(xyz)
+        # numpy sums, not BLAS dot products: those depend on BLAS's thread count, and a member
+        # must give the same numbers on a dask worker and in-process
+        k = float((c * self.obs).sum() / (c * c).sum())
+        diff = k * c - self.obs
+        f = float((diff * diff).sum()) / self.norm
+        # ∂T/∂ρ_calc, placed on the grid the model map is made on
+        g_grid = np.zeros(self.grid, dtype=self.calculator.dtype)
+        g_grid.reshape(-1)[self.points] = (2.0 * k / self.norm) * diff
+        gr = self.calculator.gradient(g_grid, positions_only=True)
         g = np.zeros_like(xyz)
         g[self.atoms] = gr.xyz
         return f, g
 
     def statistics(self, xyz: np.ndarray) -> dict:
-        calc = self._calc(xyz)
-        return {"cc_mask": _pearson(calc[self.mask], self.obs[self.mask])}
+        return {"cc_mask": _pearson(self._calc(xyz), self.obs)}
