@@ -33,6 +33,9 @@ from ..threads import kernel_threads
 from .direct import Scatterers, StructureFactorGradient
 
 ALIAS_LOG = math.log(1e5)  # aliased fraction of the sharpest Gaussian: ~1e-5
+#: isotropic atoms on orthogonal cells go through the factorised kernels (tests switch this off
+#: to compare both paths)
+FACTORISED_KERNELS = True
 
 
 @dataclass
@@ -303,6 +306,185 @@ def _gather(gmap, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with
     return g_x, g_occ, g_m
 
 
+@njit(cache=True, nogil=True)
+def _axis_factors(frac, n, length, half_a, m_img, lo_out, fac_out, d_out):
+    """Per Gaussian g and grid index i in lo..lo+len: exp(−4π² m_g d_i²), d_i the distance (Å)
+    along one axis of an orthogonal cell; returns lo. Filled into fac_out[g, :], d_out[:]."""
+    fpp = 4.0 * math.pi * math.pi
+    c = int(math.floor(frac * n))
+    lo = c - half_a
+    for t in range(2 * half_a + 2):
+        d = ((lo + t) / n - frac) * length
+        d_out[t] = d
+        for g in range(m_img.shape[0]):
+            fac_out[g, t] = math.exp(-fpp * m_img[g] * d * d)
+    lo_out[0] = lo
+    return lo
+
+
+@njit(cache=True, nogil=True)
+def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth):
+    """`_spread` for isotropic images on an orthogonal cell: each Gaussian factorises into
+    exp(−4π²m x²)·exp(−4π²m y²)·exp(−4π²m z²), so an atom costs one exp per Gaussian per axis
+    point instead of three per Gaussian per grid row (rows are short: most of the work was in
+    the exps). The same sphere of points as `_spread` (the same row ranges)."""
+    n0, n1, n2 = grid.shape
+    ng = coef.shape[1]
+    hmax = 1
+    for t in range(images.shape[0]):
+        a = images[t]
+        for q in range(3):
+            hmax = max(hmax, half[a, q])
+    fx = np.empty((ng, 2 * hmax + 2))
+    fy = np.empty((ng, 2 * hmax + 2))
+    fz = np.empty((ng, 2 * hmax + 2))
+    dx = np.empty(2 * hmax + 2)
+    dy = np.empty(2 * hmax + 2)
+    dz = np.empty(2 * hmax + 2)
+    lo = np.empty(1, dtype=np.int64)
+    m_img = np.empty(ng)
+    w = np.empty(ng)
+    step = np.zeros(3)
+    step[2] = orth[2, 2] / n2
+    rb = np.empty(3)
+    for t in range(images.shape[0]):
+        a = images[t]
+        r2max = radius[a] * radius[a]
+        if r2max == 0.0:
+            continue
+        for g in range(ng):
+            m_img[g] = minv[a, g, 0, 0]
+        i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
+        j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+        k0_all = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
+        c2 = int(math.floor(frac[a, 2] * n2))
+        klo = c2 - half[a, 2]
+        khi = c2 + half[a, 2] + 1
+        for ti in range(2 * half[a, 0] + 2):
+            for tj in range(2 * half[a, 1] + 2):
+                rb[0] = dx[ti]
+                rb[1] = dy[tj]
+                rb[2] = -orth[2, 2] * frac[a, 2]
+                k0, k1 = _row_range(rb, step, r2max, klo, khi)
+                if k1 < k0:
+                    continue
+                for g in range(ng):
+                    w[g] = coef[a, g] * fx[g, ti] * fy[g, tj]
+                ii = (i0 + ti) % n0
+                jj = (j0 + tj) % n1
+                for k in range(k0, k1 + 1):
+                    tk = k - k0_all
+                    tot = 0.0
+                    for g in range(ng):
+                        tot += w[g] * fz[g, tk]
+                    grid[ii, jj, k % n2] += tot
+    return grid
+
+
+@njit(cache=True, nogil=True)
+def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with_shape, with_occ,
+                  g_x, g_occ, g_m, offset):
+    """`_gather` for isotropic images on an orthogonal cell (factorised Gaussians, as in
+    `_spread_ortho`); adds into g_x, g_occ, g_m at rows image − offset."""
+    n0, n1, n2 = gmap.shape
+    ng = coef.shape[1]
+    fpp = 4.0 * math.pi * math.pi
+    hmax = 1
+    for t in range(images.shape[0]):
+        a = images[t]
+        for q in range(3):
+            hmax = max(hmax, half[a, q])
+    fx = np.empty((ng, 2 * hmax + 2))
+    fy = np.empty((ng, 2 * hmax + 2))
+    fz = np.empty((ng, 2 * hmax + 2))
+    dx = np.empty(2 * hmax + 2)
+    dy = np.empty(2 * hmax + 2)
+    dz = np.empty(2 * hmax + 2)
+    lo = np.empty(1, dtype=np.int64)
+    m_img = np.empty(ng)
+    w = np.empty(ng)
+    step = np.zeros(3)
+    step[2] = orth[2, 2] / n2
+    rb = np.empty(3)
+    for t in range(images.shape[0]):
+        a = images[t]
+        r2max = radius[a] * radius[a]
+        if r2max == 0.0:
+            continue
+        inv_occ = 1.0 / occ_of_image[a] if occ_of_image[a] != 0.0 else 0.0
+        for g in range(ng):
+            m_img[g] = minv[a, g, 0, 0]
+        i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
+        j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+        k0_all = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
+        c2 = int(math.floor(frac[a, 2] * n2))
+        klo = c2 - half[a, 2]
+        khi = c2 + half[a, 2] + 1
+        gx0 = gx1 = gx2 = go = 0.0
+        m00 = m11 = m22 = m01 = m02 = m12 = 0.0
+        for ti in range(2 * half[a, 0] + 2):
+            x = dx[ti]
+            for tj in range(2 * half[a, 1] + 2):
+                y = dy[tj]
+                rb[0] = x
+                rb[1] = y
+                rb[2] = -orth[2, 2] * frac[a, 2]
+                k0, k1 = _row_range(rb, step, r2max, klo, khi)
+                if k1 < k0:
+                    continue
+                for g in range(ng):
+                    w[g] = coef[a, g] * fx[g, ti] * fy[g, tj]
+                ii = (i0 + ti) % n0
+                jj = (j0 + tj) % n1
+                for k in range(k0, k1 + 1):
+                    tk = k - k0_all
+                    z = dz[tk]
+                    s0 = 0.0
+                    s1 = 0.0
+                    s2 = 0.0
+                    for g in range(ng):
+                        v = w[g] * fz[g, tk]
+                        s0 += v
+                        s1 += v * m_img[g]
+                        s2 += v * m_img[g] * m_img[g]
+                    gval = gmap[ii, jj, k % n2] * dvol
+                    # ∂ρ/∂x_atom = 8π² Σ_g m_g ρ_g r (r = x − x_atom)
+                    c = gval * 2.0 * fpp * s1
+                    gx0 += c * x
+                    gx1 += c * y
+                    gx2 += c * z
+                    if with_occ:
+                        go += gval * s0 * inv_occ
+                    if with_shape:
+                        # ∂ρ/∂M = Σ_g ρ_g (−½ m_g I + 4π² m_g² r rᵀ)
+                        d = -0.5 * gval * s1
+                        e = gval * fpp * s2
+                        m00 += d + e * x * x
+                        m11 += d + e * y * y
+                        m22 += d + e * z * z
+                        m01 += e * x * y
+                        m02 += e * x * z
+                        m12 += e * y * z
+        r = a - offset
+        g_x[r, 0] += gx0
+        g_x[r, 1] += gx1
+        g_x[r, 2] += gx2
+        g_occ[r] += go
+        g_m[r, 0, 0] += m00
+        g_m[r, 1, 1] += m11
+        g_m[r, 2, 2] += m22
+        g_m[r, 0, 1] += m01
+        g_m[r, 1, 0] += m01
+        g_m[r, 0, 2] += m02
+        g_m[r, 2, 0] += m02
+        g_m[r, 1, 2] += m12
+        g_m[r, 2, 1] += m12
+
+
+def _is_orthogonal(orth: np.ndarray) -> bool:
+    return bool(np.all(np.abs(orth - np.diag(np.diag(orth))) <= 1e-9 * np.abs(np.diag(orth)).max()))
+
+
 def _chunks(n: int, n_chunks: int):
     edges = np.linspace(0, n, n_chunks + 1).astype(int)
     return [slice(edges[i], edges[i + 1]) for i in range(n_chunks) if edges[i + 1] > edges[i]]
@@ -336,9 +518,19 @@ def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float =
     p = prepared or _prepare(sc, shape, b_add, cutoff)
     parts = _chunks(len(p.frac), max(1, threads))
 
+    ortho = _is_orthogonal(sc.orth_matrix) and FACTORISED_KERNELS
+
     def run(sl):
         g = np.zeros(shape, dtype=dtype)
-        return _spread(g, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix)
+        if not ortho:
+            return _spread(g, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix)
+        images = np.arange(sl.start, sl.stop)
+        iso = p.iso[sl]
+        _spread_ortho(g, images[iso], p.frac, p.coef, p.minv, p.radius, p.half, sc.orth_matrix)
+        rest = images[~iso]
+        if len(rest):
+            _spread(g, p.frac[rest], p.coef[rest], p.minv[rest], p.radius[rest], p.half[rest], sc.orth_matrix)
+        return g
 
     if len(parts) == 1:
         return run(parts[0])
@@ -407,9 +599,26 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
     occ_img = sc.occ[p.atom]
     parts = _chunks(len(p.frac), max(1, threads))
 
+    ortho = _is_orthogonal(sc.orth_matrix) and FACTORISED_KERNELS
+    with_shape, with_occ = not positions_only and with_adp, not positions_only
+
     def run(sl):
-        return _gather(gmap, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix,
-                       occ_img[sl], dvol, not positions_only and with_adp, p.iso[sl], not positions_only)
+        if not ortho:
+            return _gather(gmap, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix,
+                           occ_img[sl], dvol, with_shape, p.iso[sl], with_occ)
+        n = sl.stop - sl.start
+        g_x, g_occ, g_m = np.zeros((n, 3)), np.zeros(n), np.zeros((n, 3, 3))
+        images = np.arange(sl.start, sl.stop)
+        iso = p.iso[sl]
+        # the kernel indexes the whole arrays by image and writes rows image − start
+        _gather_ortho(gmap, images[iso], p.frac, p.coef, p.minv, p.radius, p.half, sc.orth_matrix, occ_img, dvol,
+                      with_shape, with_occ, g_x, g_occ, g_m, sl.start)
+        rest = images[~iso]
+        if len(rest):
+            r = _gather(gmap, p.frac[rest], p.coef[rest], p.minv[rest], p.radius[rest], p.half[rest], sc.orth_matrix,
+                        occ_img[rest], dvol, with_shape, p.iso[rest], with_occ)
+            g_x[rest - sl.start], g_occ[rest - sl.start], g_m[rest - sl.start] = r
+        return g_x, g_occ, g_m
 
     with ThreadPoolExecutor(len(parts)) as ex:
         res = list(ex.map(run, parts))

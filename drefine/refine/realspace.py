@@ -30,7 +30,7 @@ class RealSpaceSettings:
     resolution: float
     weight: float = 30.0
     macro_cycles: int = 5
-    iterations: int = 100  # L-BFGS iterations per macro-cycle
+    iterations: int = 50  # L-BFGS iterations per atom-centred macro-cycle
     final_target: str = "atom"  # "atom" or "ls" (map-model least squares) for the last cycle
     final_iterations: int = 40
     source: str = "electron"
@@ -40,7 +40,8 @@ class RealSpaceSettings:
     bond_target: float = 0.01  # Å; the final map-model cycle may not leave bonds worse than this ...
     angle_target: float = 1.0  # degrees; ... or angles (unless they were worse before it) ...
     final_tolerance: float = 1.0  # ... by more than this factor
-    final_retries: int = 3  # times the final cycle's weight is halved to meet the targets
+    final_retries: int = 3  # times the final cycle's weight is halved to meet the targets ...
+    retry_iterations: int = 20  # ... each time continuing from where the heavier weight left the atoms
 
 
 @dataclass
@@ -129,9 +130,11 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
             b_lim = max(settings.bond_target * settings.final_tolerance, b0)
             a_lim = max(settings.angle_target * settings.final_tolerance, a0)
             while (b > b_lim or a > a_lim) and tries < settings.final_retries:
+                # the lighter weight's optimum is near the heavier one's: continue from there
+                # (a restart from the cycle's start costs the whole cycle again)
                 weight *= 0.5
                 tries += 1
-                new, info = minimise(target, geom, weight, xyz, movable, settings.final_iterations)
+                new, info = minimise(target, geom, weight, new, movable, settings.retry_iterations)
                 b, a = geometry_rmsd(new, restraints, is_h)
             info["weight_halvings"] = tries
         xyz = new

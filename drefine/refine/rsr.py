@@ -35,6 +35,9 @@ from .realspace import CycleStats, RealSpaceSettings, refine_coordinates
 from .weight import weight_scan
 
 PROVISIONAL_WEIGHT = 5.0
+#: L-BFGS iterations of each weight-scan trial (an 8-residue segment): 100 chose the same weight
+#: as 200 on 4hg7 and 5fuu at 3 Å in 60 % of the time; 60 did not (BENCHMARKS.md)
+SCAN_ITERATIONS = 100
 
 
 @dataclass
@@ -240,7 +243,7 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         remaining -= 1
         ts = time.perf_counter()
         result = weight_scan(work, box, restraints, client=client, n_segments=opt.n_segments,
-                             iterations=200, periodic=periodic, seed=opt.seed, rama=rama)
+                             iterations=SCAN_ITERATIONS, periodic=periodic, seed=opt.seed, rama=rama)
         weight, scan = result.weight, result.as_dict()
         timing["weight_scan_s"] = time.perf_counter() - ts
         log(f"weight scan: {result.kept} of {len(result.per_segment)} segments kept, weight {weight:.2f} "
