@@ -102,6 +102,13 @@ def test_compacted_restraint_target_equals_the_subset_on_its_atoms(example_model
     f_small, g_small = small.value_and_gradient(x[atoms])
     assert f_small == pytest.approx(f_part, rel=1e-12)
     np.testing.assert_allclose(g_small, g_part[atoms], rtol=1e-12, atol=1e-12)
+    # a search restricted to the atoms near the movable ones finds the same contacts of theirs
+    restricted = GeometryTarget(m, r, movable=movable, pairs=find_nonbonded_pairs(m, r, x, buffer=1.0, near=movable))
+
+    def contacts(p):
+        return sorted(zip(p.i.tolist(), p.j.tolist(), p.op.tolist(), np.round(p.d_min, 9).tolist()))
+
+    assert contacts(restricted.pairs) == contacts(part.pairs)
 
 
 def test_map_model_ls_target_gradient_and_fast_grid(synthetic_case):

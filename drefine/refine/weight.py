@@ -7,12 +7,14 @@ trial with the best map fit whose bond and angle RMSD (restraints touching the s
 hydrogens; restraints wholly inside the segment: those reaching fixed neighbours cannot be
 satisfied by the segment alone) stay within the targets (default 0.01 Å, 1.0°) is kept; segments whose choice lies
 more than 2 robust SDs (in log weight) from the median are dropped; the weight is the geometric
-mean of the rest. One task per segment (all weights), so tasks are coarse; the model, map and
-restraints are sent to the workers once. Serial and parallel runs give identical results.
+mean of the rest. One task per segment (all weights), so tasks are coarse; each carries only
+its segment's problem (the restraints and contacts it reaches, and the map within 6 Å of those
+atoms), so nothing model- or map-sized travels. Serial and parallel runs give identical results.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from copy import copy
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -27,6 +29,7 @@ from .realspace import geometry_rmsd, minimise
 TRIAL_WEIGHTS = (1.0, 2.0, 4.0, 7.0, 12.0, 20.0, 35.0, 60.0, 100.0)
 SEGMENT_RESIDUES = 8
 NEIGHBOUR_BUFFER = 1.0  # Å, as GeometryTarget's default search buffer
+SEGMENT_MAP_MARGIN = 6.0  # Å of map around a segment's atoms: trials move atoms far less
 
 
 @dataclass
@@ -60,31 +63,67 @@ def make_segments(model: Model, restraints: Restraints, n_segments: int, length:
     return segments
 
 
-def segment_trials(payload, segment: np.ndarray, weights, iterations: int, periodic: bool,
+@dataclass
+class SegmentProblem:
+    """One segment's trials, self-contained and small (what a task receives): the geometry
+    target over the segment and the atoms its restraints and contacts reach, renumbered; their
+    positions (Å); the segment's atoms within them; its atom-centred weights; and the map around
+    them (a box cut from a cryo-EM map, or None for a periodic crystal map, which the tasks share
+    as they share the Ramachandran tables: a problem's `geometry.rama.potential` is None).
+    Shipping a segment's own small box instead of the whole map is the dask-image pattern:
+    each task gets only the slice it reads."""
+
+    geometry: GeometryTarget
+    xyz: np.ndarray
+    segment: np.ndarray
+    map_weights: np.ndarray
+    n_heavy: int
+    is_h: np.ndarray
+    dmap: DensityMap | None
+    periodic: bool
+
+
+def segment_problem(model: Model, dmap: DensityMap, restraints: Restraints, segment: np.ndarray, rama, pairs,
+                    periodic: bool) -> SegmentProblem:
+    """The trials' problem for one segment (see SegmentProblem)."""
+    geom, atoms = GeometryTarget(model, restraints, movable=segment, rama=rama, pairs=pairs).compacted(segment)
+    if geom.rama is not None:
+        geom.rama = replace(geom.rama, potential=None)
+    xyz = model.atoms.xyz[atoms]
+    box = None
+    if not periodic:
+        from .rsr import map_box_around  # (rsr imports this module)
+
+        box = map_box_around(dmap, xyz, SEGMENT_MAP_MARGIN)
+    is_h = model.atoms.is_hydrogen
+    return SegmentProblem(geometry=geom, xyz=xyz, segment=np.searchsorted(atoms, segment),
+                          map_weights=AtomCentredMapTarget(model, dmap, segment).weights,
+                          n_heavy=int((~is_h[segment]).sum()), is_h=is_h[atoms], dmap=box, periodic=periodic)
+
+
+def segment_trials(problem: SegmentProblem, shared: tuple, weights, iterations: int,
                    targets: tuple[float, float] | None = None) -> list[dict]:
     """Refine one segment with the trial weights in increasing order; statistics of each trial.
+    `shared`: (the periodic map or None, the Ramachandran potential or None).
     With `targets` (bond Å, angle °), stop after two consecutive trials beyond them: geometry only
     worsens with the weight, so heavier trials could not be chosen. (A task.)"""
-    model, dmap, restraints, rama, pairs = payload
-    is_h = model.atoms.is_hydrogen
-    # The trial works on the segment and the atoms its restraints and contacts reach, renumbered:
-    # per evaluation it then costs arrays of a few hundred atoms, not the whole model's.
-    geom, atoms = GeometryTarget(model, restraints, movable=segment, rama=rama, pairs=pairs).compacted(segment)
-    seg_local = np.searchsorted(atoms, segment)
-    weights_ac = AtomCentredMapTarget(model, dmap, segment, periodic=periodic).weights
-    data = AtomCentredMapTarget(None, dmap, seg_local, periodic=periodic, weights=weights_ac)
-    local = restraints.touching(segment, every=True)
-    heavy = segment[~is_h[segment]]
-    xyz_full = model.atoms.xyz.copy()
+    p = problem
+    shared_map, potential = shared
+    data = AtomCentredMapTarget(None, p.dmap if p.dmap is not None else shared_map, p.segment, periodic=p.periodic,
+                                weights=p.map_weights)
+    geometry = copy(p.geometry)
+    if geometry.rama is not None:
+        geometry.rama = replace(geometry.rama, potential=potential)
+    # geometry statistics over the restraints wholly inside the segment
+    interior = geometry.restraints.touching(p.segment, every=True)
     out = []
     beyond = 0
     for w in sorted(weights):
-        xyz, _ = minimise(data, geom, w, model.atoms.xyz[atoms], seg_local, iterations)
-        xyz_full[atoms] = xyz
-        b, a = geometry_rmsd(xyz_full, local, is_h)
+        xyz, _ = minimise(data, geometry, w, p.xyz, p.segment, iterations)
+        b, a = geometry_rmsd(xyz, interior, p.is_h)
         fit = -data.value_and_gradient(xyz)[0] / max(float(data.weights.sum()), 1e-12)
         out.append({"weight": float(w), "bonds_rmsd": b, "angles_rmsd": a, "map_fit": float(fit),
-                    "n_atoms": len(heavy)})
+                    "n_atoms": p.n_heavy})
         if targets is not None:
             beyond = beyond + 1 if (b > targets[0] or a > targets[1]) else 0
             if beyond >= 2:
@@ -113,15 +152,25 @@ def weight_scan(model: Model, dmap: DensityMap, restraints: Restraints, client=N
                 periodic: bool = False, seed: int = 0, rama=None) -> WeightScanResult:
     """The automatic weight; trials run as one batch of tasks on `client` (None: in this process)."""
     segments = make_segments(model, restraints, n_segments, seed=seed)
-    # one neighbour search for all segments (each trial keeps its segment's contacts)
-    pairs = find_nonbonded_pairs(model, restraints, model.atoms.xyz, buffer=NEIGHBOUR_BUFFER)
-    payload = (model, dmap.load(), restraints, rama, pairs)
+    dmap = dmap.load()
+    # one neighbour search for all segments (each problem keeps its segment's contacts)
+    pairs = find_nonbonded_pairs(model, restraints, model.atoms.xyz, buffer=NEIGHBOUR_BUFFER,
+                                 near=np.concatenate(segments))
+    shared = (dmap if periodic else None, rama.potential if rama is not None else None)
+    targets = (bond_target, angle_target)
+
+    def problem(k):
+        return segment_problem(model, dmap, restraints, segments[k], rama, pairs, periodic)
+
     if client is None:
-        results = [segment_trials(payload, s, weights, iterations, periodic, (bond_target, angle_target))
-                   for s in segments]
+        results = [segment_trials(problem(k), shared, weights, iterations, targets) for k in range(len(segments))]
     else:
-        shared = client.scatter(payload, broadcast=True)
-        futures = [client.submit(segment_trials, shared, s, tuple(weights), iterations, periodic,
-                                 (bond_target, angle_target), pure=False) for s in segments]
-        results = client.gather(futures)
+        if any(x is not None for x in shared):
+            shared = client.scatter([shared], broadcast=True)[0]  # one future for the pair
+        # each task is submitted as soon as its problem is made (workers start while the rest are
+        # made), the largest segments first, so that the last tasks to start are short ones
+        order = sorted(range(len(segments)), key=lambda k: -len(segments[k]))
+        futures = {k: client.submit(segment_trials, problem(k), shared, tuple(weights), iterations, targets,
+                                    pure=False) for k in order}
+        results = client.gather([futures[k] for k in range(len(segments))])
     return choose_weight(results, bond_target, angle_target)

@@ -100,6 +100,7 @@ class Restraints:
     def __getstate__(self):
         state = dict(self.__dict__)
         state["monlib"] = None  # gemmi.MonLib cannot be pickled; everything needed is in arrays
+        state.pop("_bond_graph", None)  # a cache of nonbonded.find_nonbonded_pairs, made again where needed
         return state
 
     def touching(self, atoms: np.ndarray, every: bool = False) -> Restraints:
