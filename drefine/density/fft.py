@@ -403,6 +403,7 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, occ_of_ima
     lo = np.empty(1, dtype=np.int64)
     m_img = np.empty(ng)
     w = np.empty(ng)
+    wm = np.empty(ng)
     step = np.zeros(3)
     step[2] = orth[2, 2] / n2
     rb = np.empty(3)
@@ -434,25 +435,29 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, occ_of_ima
                     continue
                 for g in range(ng):
                     w[g] = coef[a, g] * fx[g, ti] * fy[g, tj]
+                    wm[g] = w[g] * m_img[g]
                 ii = (i0 + ti) % n0
                 jj = (j0 + tj) % n1
                 for k in range(k0, k1 + 1):
                     tk = k - k0_all
                     z = dz[tk]
-                    s0 = 0.0
-                    s1 = 0.0
-                    s2 = 0.0
-                    for g in range(ng):
-                        v = w[g] * fz[g, tk]
-                        s0 += v
-                        s1 += v * m_img[g]
-                        s2 += v * m_img[g] * m_img[g]
                     gval = gmap[ii, jj, k % n2] * dvol
+                    s1 = 0.0
+                    for g in range(ng):
+                        s1 += wm[g] * fz[g, tk]
                     # ∂ρ/∂x_atom = 8π² Σ_g m_g ρ_g r (r = x − x_atom)
                     c = gval * 2.0 * fpp * s1
                     gx0 += c * x
                     gx1 += c * y
                     gx2 += c * z
+                    if not (with_occ or with_shape):  # coordinate refinement: positions only
+                        continue
+                    s0 = 0.0
+                    s2 = 0.0
+                    for g in range(ng):
+                        v = w[g] * fz[g, tk]
+                        s0 += v
+                        s2 += v * m_img[g] * m_img[g]
                     if with_occ:
                         go += gval * s0 * inv_occ
                     if with_shape:
