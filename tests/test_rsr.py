@@ -125,7 +125,7 @@ def test_map_model_ls_target_gradient_and_fast_grid(synthetic_case):
     odd = MapModelLSTarget(start, box, 3.0, idx, periodic=False)
     assert odd.grid != box.shape or all(scipy_fast(n) for n in box.shape)
     x = start.atoms.xyz.copy()
-    f, g = odd.value_and_gradient(x)
+    _, g = odd.value_and_gradient(x)
     rng = np.random.default_rng(0)
     for a in rng.choice(len(x), 6, replace=False):
         for c in range(3):

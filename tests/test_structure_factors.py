@@ -137,7 +137,7 @@ def test_factorised_kernels_equal_the_row_recurrence(example_model_path, with_an
     """Isotropic atoms on an orthogonal cell are spread and gathered by factorised Gaussians; the
     density and every gradient part (position, B/U, occupancy) equal the general row-recurrence
     kernels', also with anisotropic atoms mixed in (those take the general path) and symmetry."""
-    import drefine.density.fft as fft
+    from drefine.density import fft
 
     m = read_model(example_model_path)
     st = m.structure.clone()

@@ -62,6 +62,7 @@ from ..targets.xray_targets import (
 from .realspace import geometry_rmsd
 
 B_MIN, B_MAX = 1.0, 500.0  # Å²
+U_MIN = B_MIN / (8 * np.pi ** 2)  # Å², the smallest eigenvalue an anisotropic U may take
 BOND_BAND = (0.007, 0.013)  # Å
 BOND_AIM = 0.010  # Å
 ANGLE_MAX = 1.4  # °
@@ -237,11 +238,17 @@ class ParameterLayout:
 
     Curvatures of T_data per parameter, averaged over the data (|s| up to 1/d_min, uniform in
     volume): ∂F/∂x ~ 2π s_x F gives ⟨4π²s²/3⟩, ∂F/∂B = −s²/4 F gives ⟨s⁴/16⟩; B enters as
-    B/s_B with s_B = √(⟨4π²s²/3⟩ / ⟨s⁴/16⟩) (≈ 30 Å² at 1.7 Å), U as U/(s_B/8π²), and a
-    conformer occupancy q as q/s_q with s_q = q̄ √(⟨4π²s²/3⟩ / n_atoms)."""
+    B/s_B with s_B = √(⟨4π²s²/3⟩ / ⟨s⁴/16⟩) (≈ 30 Å² at 1.7 Å), and a conformer occupancy q as
+    q/s_q with s_q = q̄ √(⟨4π²s²/3⟩ / n_atoms).
+
+    Anisotropic U enters through its Cholesky factor, U = L Lᵀ (L lower triangular, diagonal
+    at least √U_min): every value the minimiser tries is positive definite, so no step ends on
+    a U the density cannot be made of (the minimiser had stalled there). L enters as L/s_L with
+    s_L = (s_B/8π²)/(2 l̄) per atom (dU ≈ 2 l dl, l̄ the atom's starting √U_eq)."""
 
     def __init__(self, model: Model, movable_xyz: np.ndarray, b_atoms: np.ndarray, u_atoms: np.ndarray,
-                 groups: OccupancyGroups | None, s2: np.ndarray):
+                 groups: OccupancyGroups | None, s2: np.ndarray, u_start: np.ndarray | None = None):
+        """`u_start`: the U (n_atoms × 6, Å²) refinement starts from (default: the model's)."""
         self.n = len(model.atoms)
         self.xyz_atoms, self.b_atoms, self.u_atoms = movable_xyz, b_atoms, u_atoms
         self.groups = groups if groups is not None and groups.n_conformers else None
@@ -249,6 +256,9 @@ class ParameterLayout:
         kb = float(np.mean(s2 ** 2)) / 16.0
         self.s_b = float(np.sqrt(kx / kb))
         self.s_u = self.s_b / (8 * np.pi ** 2)
+        u0 = model.atoms.u_aniso if u_start is None else u_start
+        u_eq = np.maximum(u0[u_atoms, :3].mean(axis=1), U_MIN) if len(u_atoms) else np.zeros(0)
+        self.s_l = (self.s_u / (2.0 * np.sqrt(u_eq)))[:, None]
         if self.groups is not None:
             dep = self.groups.is_dependent()
             n_at = np.bincount(self.groups.conformer_of_atom, minlength=self.groups.n_conformers)[~dep]
@@ -259,20 +269,63 @@ class ParameterLayout:
         self.sizes = (3 * len(movable_xyz), len(b_atoms), 6 * len(u_atoms), len(self.s_q))
 
     def pack(self, xyz, b_iso, u_aniso, occ_free) -> np.ndarray:
+        l6 = cholesky_u6(positive_definite_u6(u_aniso[self.u_atoms], U_MIN)) / self.s_l
         return np.concatenate([xyz[self.xyz_atoms].ravel(), b_iso[self.b_atoms] / self.s_b,
-                               u_aniso[self.u_atoms].ravel() / self.s_u, occ_free / self.s_q if len(self.s_q) else []])
+                               l6.ravel(), occ_free / self.s_q if len(self.s_q) else []])
 
     def split(self, x):
         a, b, c, _ = np.cumsum(self.sizes)
-        return x[:a].reshape(-1, 3), x[a:b] * self.s_b, x[b:c].reshape(-1, 6) * self.s_u, x[c:] * self.s_q
+        return (x[:a].reshape(-1, 3), x[a:b] * self.s_b, u6_of_cholesky(x[b:c].reshape(-1, 6) * self.s_l),
+                x[c:] * self.s_q)
 
-    def gradient(self, g_xyz, g_b, g_u, g_q) -> np.ndarray:
+    def gradient(self, x, g_xyz, g_b, g_u, g_q) -> np.ndarray:
+        """The packed gradient at `x`, given ∂T/∂xyz, ∂T/∂B, ∂T/∂U (six components) and ∂T/∂q."""
+        _, b, c, _ = np.cumsum(self.sizes)
+        g_l = cholesky_gradient(x[b:c].reshape(-1, 6) * self.s_l, g_u[self.u_atoms]) * self.s_l
         return np.concatenate([g_xyz[self.xyz_atoms].ravel(), g_b[self.b_atoms] * self.s_b,
-                               g_u[self.u_atoms].ravel() * self.s_u, g_q * self.s_q if len(self.s_q) else []])
+                               g_l.ravel(), g_q * self.s_q if len(self.s_q) else []])
 
     def bounds(self) -> list[tuple]:
+        l_min = np.sqrt(U_MIN) / self.s_l[:, 0]
+        l_bounds = [b for lo in l_min for b in ([(lo, None)] * 3 + [(None, None)] * 3)]
         return ([(None, None)] * self.sizes[0] + [(B_MIN / self.s_b, B_MAX / self.s_b)] * self.sizes[1]
-                + [(None, None)] * self.sizes[2] + [(Q_MIN / s, 1.0 / s) for s in self.s_q])
+                + l_bounds + [(Q_MIN / s, 1.0 / s) for s in self.s_q])
+
+
+def positive_definite_u6(u6: np.ndarray, u_min: float) -> np.ndarray:
+    """U (six components: 11, 22, 33, 12, 13, 23; Å²) with eigenvalues raised to at least u_min."""
+    if not len(u6):
+        return u6
+    w, v = np.linalg.eigh(_u33(u6))
+    m = np.einsum("aij,aj,akj->aik", v, np.maximum(w, u_min), v)
+    return np.stack([m[:, 0, 0], m[:, 1, 1], m[:, 2, 2], m[:, 0, 1], m[:, 0, 2], m[:, 1, 2]], axis=1)
+
+
+def cholesky_u6(u6: np.ndarray) -> np.ndarray:
+    """The Cholesky factor L of each U = L Lᵀ as (l11, l22, l33, l21, l31, l32)."""
+    if not len(u6):
+        return np.zeros((0, 6))
+    c = np.linalg.cholesky(_u33(u6))
+    return np.stack([c[:, 0, 0], c[:, 1, 1], c[:, 2, 2], c[:, 1, 0], c[:, 2, 0], c[:, 2, 1]], axis=1)
+
+
+def u6_of_cholesky(l6: np.ndarray) -> np.ndarray:
+    """U = L Lᵀ as six components (11, 22, 33, 12, 13, 23) from (l11, l22, l33, l21, l31, l32)."""
+    l11, l22, l33, l21, l31, l32 = l6.T
+    return np.stack([l11 * l11, l21 * l21 + l22 * l22, l31 * l31 + l32 * l32 + l33 * l33,
+                     l11 * l21, l11 * l31, l21 * l31 + l22 * l32], axis=1)
+
+
+def cholesky_gradient(l6: np.ndarray, g_u6: np.ndarray) -> np.ndarray:
+    """∂T/∂L from ∂T/∂U (six components, each off-diagonal U_ij one parameter) through U = L Lᵀ."""
+    l11, l22, l33, l21, l31, l32 = l6.T
+    g11, g22, g33, g12, g13, g23 = g_u6.T
+    return np.stack([2 * g11 * l11 + g12 * l21 + g13 * l31,
+                     2 * g22 * l22 + g23 * l32,
+                     2 * g33 * l33,
+                     2 * g22 * l21 + g12 * l11 + g23 * l31,
+                     2 * g33 * l31 + g13 * l11 + g23 * l21,
+                     2 * g33 * l32 + g23 * l22], axis=1)
 
 
 def choose_adp_mode(requested: str, n_reflections: int, n_atoms: int) -> str:
@@ -340,7 +393,7 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         movable = movable[np.asarray(mask, dtype=bool)[movable]]
     if options.coordinates and len(movable) < len(atoms) and mask is None:
         notes.append(f"{len(atoms) - len(movable)} atoms of unrestrained residues keep their coordinates")
-    layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work])
+    layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work], u_start=u_aniso)
     q_free = groups.free_parameters(occ) if layout.groups is not None else np.zeros(0)
     if layout.groups is not None:
         occ = layout.groups.expand(q_free, occ)
@@ -365,9 +418,7 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
             b_iso[b_atoms] = pb
         if len(u_atoms):
             u_aniso = u_aniso.copy()
-            u_aniso[u_atoms] = pu
-            if np.any(np.linalg.eigvalsh(_u33(u_aniso[u_atoms]))[:, 0] <= 1e-4):
-                return 1e30, np.zeros_like(x)
+            u_aniso[u_atoms] = pu  # positive definite by construction (U = L Lᵀ)
         if need_occ:
             occ = layout.groups.expand(pq, occ)
         data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
@@ -395,7 +446,7 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
             g_occ[atoms] = weight * g.occ
             g_q = layout.groups.chain_rule(g_occ)
         stats.update(data=t_data, geometry=t_geom, adp=t_adp)
-        return weight * t_data + t_geom + t_adp, layout.gradient(g_xyz, g_b, g_u, g_q)
+        return weight * t_data + t_geom + t_adp, layout.gradient(x, g_xyz, g_b, g_u, g_q)
 
     data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
     weight = options.weight
