@@ -14,6 +14,8 @@ otherwise the refinement report says it was not used.
 from __future__ import annotations
 
 import math
+from functools import lru_cache
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -46,7 +48,13 @@ class RamachandranRestraints:
 
 
 def load_potentials(directory, weight: float = RAMA_WEIGHT) -> np.ndarray:
-    """weight · U on the 2° grid for the four residue kinds (see the module docstring)."""
+    """weight · U on the 2° grid for the four residue kinds (see the module docstring); made
+    once per directory and weight in a process (every member of an ensemble asks for it)."""
+    return _potentials(str(Path(directory).resolve()), float(weight)).copy()
+
+
+@lru_cache(maxsize=4)
+def _potentials(directory: str, weight: float) -> np.ndarray:
     tables = RamachandranTables.load(directory).tables
     pot = np.zeros((4, 180, 180))
     for k in range(4):

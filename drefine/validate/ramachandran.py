@@ -121,6 +121,9 @@ _AXIS_RE = re.compile(r"^#\s*x(\d+):\s*(\S+)\s+(\S+)\s+(\d+)\s+(true|false)\s*$"
 _NAME_RE = re.compile(r'description:\s*"(.*)"')
 
 
+_TABLE_CACHE: dict[tuple, GridTable] = {}
+
+
 @dataclass(frozen=True)
 class GridTable:
     """Regular N-D table (NDFloatTable text format) with periodic multilinear interpolation.
@@ -151,8 +154,18 @@ class GridTable:
     @classmethod
     def read(cls, path: str | os.PathLike) -> GridTable:
         """Parse a ``.data`` file: ``#`` header (dimensions, bounds, bins, wrapping), then rows
-        ``x1 [x2 ...] value`` at bin centres. Missing bins are 0."""
+        ``x1 [x2 ...] value`` at bin centres. Missing bins are 0. A file already read (same
+        path, size and modification time) is not parsed again: validation and Ramachandran
+        restraints read the same tables for every model of a batch (~0.3 s each time)."""
         path = Path(path)
+        st = path.stat()
+        key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
+        if key not in _TABLE_CACHE:
+            _TABLE_CACHE[key] = cls._parse(path)
+        return _TABLE_CACHE[key]
+
+    @classmethod
+    def _parse(cls, path: Path) -> GridTable:
         ndim, name, axes = None, path.stem, {}
         with open(path) as fh:
             for line in fh:
