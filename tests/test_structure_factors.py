@@ -132,17 +132,23 @@ def test_fft_gradients_match_direct(data_dir, rel_path, d_min):
         assert np.linalg.norm(a - b) / np.linalg.norm(a) < 1e-4, k
 
 
-@pytest.mark.parametrize("with_aniso", [False, True])
-def test_factorised_kernels_equal_the_row_recurrence(example_model_path, with_aniso, monkeypatch):
-    """Isotropic atoms on an orthogonal cell are spread and gathered by factorised Gaussians; the
-    density and every gradient part (position, B/U, occupancy) equal the general row-recurrence
-    kernels', also with anisotropic atoms mixed in (those take the general path) and symmetry."""
+@pytest.mark.parametrize("with_aniso,cell", [(False, "orthorhombic"), (True, "orthorhombic"), (False, "hexagonal"),
+                                             (True, "hexagonal")])
+def test_factorised_kernels_equal_the_row_recurrence(example_model_path, with_aniso, cell, monkeypatch):
+    """Isotropic atoms on a cell with c ⟂ a, b are spread and gathered by factorised Gaussians;
+    the density and every gradient part (position, B/U, occupancy) equal the general
+    row-recurrence kernels', also with anisotropic atoms mixed in (those take the general path)
+    and symmetry (P 2₁2₁2₁, and P 6₁22 on a hexagonal cell where only c factorises)."""
     from drefine.density import fft
 
     m = read_model(example_model_path)
     st = m.structure.clone()
-    st.cell = gemmi.UnitCell(60.0, 64.0, 58.0, 90, 90, 90)
-    st.spacegroup_hm = "P 21 21 21"
+    if cell == "orthorhombic":
+        st.cell = gemmi.UnitCell(60.0, 64.0, 58.0, 90, 90, 90)
+        st.spacegroup_hm = "P 21 21 21"
+    else:
+        st.cell = gemmi.UnitCell(62.0, 62.0, 70.0, 90, 90, 120)
+        st.spacegroup_hm = "P 61 2 2"
     st.setup_cell_images()
     m = read_model_from(st)
     rng = np.random.default_rng(4)
@@ -155,7 +161,8 @@ def test_factorised_kernels_equal_the_row_recurrence(example_model_path, with_an
         m.atoms.u_aniso[::3] = u[::3]
         m.atoms.has_aniso[::3] = True
     sc = scatterers_of_model(m)
-    assert len(sc.rot) == 4 and fft._is_orthogonal(sc.orth_matrix)
+    assert len(sc.rot) == (4 if cell == "orthorhombic" else 12) and fft._c_perpendicular(sc.orth_matrix)
+    assert fft._is_orthogonal(sc.orth_matrix) == (cell == "orthorhombic")
     shape = (64, 72, 64)
     b_add = fft.choose_blur(sc, shape, 2.5)
     gmap = rng.normal(size=shape)

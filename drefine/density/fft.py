@@ -33,8 +33,8 @@ from ..threads import kernel_threads
 from .direct import Scatterers, StructureFactorGradient
 
 ALIAS_LOG = math.log(1e5)  # aliased fraction of the sharpest Gaussian: ~1e-5
-#: isotropic atoms on orthogonal cells go through the factorised kernels (tests switch this off
-#: to compare both paths)
+#: isotropic atoms on cells with c ⟂ a, b go through the factorised kernels (tests switch this
+#: off to compare both paths)
 FACTORISED_KERNELS = True
 
 
@@ -322,12 +322,27 @@ def _axis_factors(frac, n, length, half_a, m_img, lo_out, fac_out, d_out):
     return lo
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _row_weights(coef, m_img, fx, fy, ti, tj, rb, xy_ortho, w):
+    """coef_g · exp(−4π² m_g (x² + y²)) of one grid row (x, y = rb[0], rb[1], Å): from the axis
+    factors on an orthogonal cell, else one exp per Gaussian."""
+    if xy_ortho:
+        for g in range(coef.shape[0]):
+            w[g] = coef[g] * fx[g, ti] * fy[g, tj]
+    else:
+        q = -4.0 * math.pi * math.pi * (rb[0] * rb[0] + rb[1] * rb[1])
+        for g in range(coef.shape[0]):
+            w[g] = coef[g] * math.exp(q * m_img[g])
+
+
 @njit(cache=True, nogil=True)
-def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth):
-    """`_spread` for isotropic images on an orthogonal cell: each Gaussian factorises into
-    exp(−4π²m x²)·exp(−4π²m y²)·exp(−4π²m z²), so an atom costs one exp per Gaussian per axis
-    point instead of three per Gaussian per grid row (rows are short: most of the work was in
-    the exps). The same sphere of points as `_spread` (the same row ranges)."""
+def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth, xy_ortho):
+    """`_spread` for isotropic images on a cell whose c axis is perpendicular to a and b (the
+    grid rows run along c): each Gaussian factorises into exp(−4π²m r_ab²)·exp(−4π²m z²), and on
+    an orthogonal cell (`xy_ortho`) further into exp(−4π²m x²)·exp(−4π²m y²). An atom then costs
+    one exp per Gaussian per row (hexagonal) or per axis point (orthogonal) instead of three per
+    Gaussian per row (rows are short: most of the work was in the exps). The same sphere of
+    points as `_spread` (the same row ranges)."""
     n0, n1, n2 = grid.shape
     ng = coef.shape[1]
     hmax = 1
@@ -354,22 +369,31 @@ def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth):
             continue
         for g in range(ng):
             m_img[g] = minv[a, g, 0, 0]
-        i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
-        j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+        if xy_ortho:
+            i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
+            j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+        else:
+            i0 = int(math.floor(frac[a, 0] * n0)) - half[a, 0]
+            j0 = int(math.floor(frac[a, 1] * n1)) - half[a, 1]
         k0_all = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
         c2 = int(math.floor(frac[a, 2] * n2))
         klo = c2 - half[a, 2]
         khi = c2 + half[a, 2] + 1
         for ti in range(2 * half[a, 0] + 2):
             for tj in range(2 * half[a, 1] + 2):
-                rb[0] = dx[ti]
-                rb[1] = dy[tj]
+                if xy_ortho:
+                    rb[0] = dx[ti]
+                    rb[1] = dy[tj]
+                else:
+                    d0 = (i0 + ti) / n0 - frac[a, 0]
+                    d1 = (j0 + tj) / n1 - frac[a, 1]
+                    rb[0] = orth[0, 0] * d0 + orth[0, 1] * d1
+                    rb[1] = orth[1, 1] * d1
                 rb[2] = -orth[2, 2] * frac[a, 2]
                 k0, k1 = _row_range(rb, step, r2max, klo, khi)
                 if k1 < k0:
                     continue
-                for g in range(ng):
-                    w[g] = coef[a, g] * fx[g, ti] * fy[g, tj]
+                _row_weights(coef[a], m_img, fx, fy, ti, tj, rb, xy_ortho, w)
                 ii = (i0 + ti) % n0
                 jj = (j0 + tj) % n1
                 for k in range(k0, k1 + 1):
@@ -382,10 +406,10 @@ def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth):
 
 
 @njit(cache=True, nogil=True)
-def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, occ_of_image, dvol, with_shape, with_occ,
-                  g_x, g_occ, g_m, offset):
-    """`_gather` for isotropic images on an orthogonal cell (factorised Gaussians, as in
-    `_spread_ortho`); adds into g_x, g_occ, g_m at rows image − offset."""
+def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, xy_ortho, occ_of_image, dvol, with_shape,
+                  with_occ, g_x, g_occ, g_m, offset):
+    """`_gather` for isotropic images on a cell with c perpendicular to a and b (factorised
+    Gaussians, as in `_spread_ortho`); adds into g_x, g_occ, g_m at rows image − offset."""
     n0, n1, n2 = gmap.shape
     ng = coef.shape[1]
     fpp = 4.0 * math.pi * math.pi
@@ -415,8 +439,12 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, occ_of_ima
         inv_occ = 1.0 / occ_of_image[a] if occ_of_image[a] != 0.0 else 0.0
         for g in range(ng):
             m_img[g] = minv[a, g, 0, 0]
-        i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
-        j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+        if xy_ortho:
+            i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
+            j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+        else:
+            i0 = int(math.floor(frac[a, 0] * n0)) - half[a, 0]
+            j0 = int(math.floor(frac[a, 1] * n1)) - half[a, 1]
         k0_all = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
         c2 = int(math.floor(frac[a, 2] * n2))
         klo = c2 - half[a, 2]
@@ -424,17 +452,23 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, occ_of_ima
         gx0 = gx1 = gx2 = go = 0.0
         m00 = m11 = m22 = m01 = m02 = m12 = 0.0
         for ti in range(2 * half[a, 0] + 2):
-            x = dx[ti]
             for tj in range(2 * half[a, 1] + 2):
-                y = dy[tj]
-                rb[0] = x
-                rb[1] = y
+                if xy_ortho:
+                    rb[0] = dx[ti]
+                    rb[1] = dy[tj]
+                else:
+                    d0 = (i0 + ti) / n0 - frac[a, 0]
+                    d1 = (j0 + tj) / n1 - frac[a, 1]
+                    rb[0] = orth[0, 0] * d0 + orth[0, 1] * d1
+                    rb[1] = orth[1, 1] * d1
+                x = rb[0]
+                y = rb[1]
                 rb[2] = -orth[2, 2] * frac[a, 2]
                 k0, k1 = _row_range(rb, step, r2max, klo, khi)
                 if k1 < k0:
                     continue
+                _row_weights(coef[a], m_img, fx, fy, ti, tj, rb, xy_ortho, w)
                 for g in range(ng):
-                    w[g] = coef[a, g] * fx[g, ti] * fy[g, tj]
                     wm[g] = w[g] * m_img[g]
                 ii = (i0 + ti) % n0
                 jj = (j0 + tj) % n1
@@ -490,6 +524,15 @@ def _is_orthogonal(orth: np.ndarray) -> bool:
     return bool(np.all(np.abs(orth - np.diag(np.diag(orth))) <= 1e-9 * np.abs(np.diag(orth)).max()))
 
 
+def _c_perpendicular(orth: np.ndarray) -> bool:
+    """c ⟂ a and b (α = β = 90°: orthorhombic, tetragonal, hexagonal, cubic cells, cryo-EM
+    boxes): the factorised kernels apply. (gemmi's orthogonalisation puts a along x and b in
+    the xy plane, so then c lies along z.)"""
+    scale = np.abs(np.diag(orth)).max()
+    return bool(abs(orth[0, 2]) <= 1e-9 * scale and abs(orth[1, 2]) <= 1e-9 * scale
+                and np.all(np.abs(np.tril(orth, -1)) <= 1e-9 * scale))
+
+
 def _chunks(n: int, n_chunks: int):
     edges = np.linspace(0, n, n_chunks + 1).astype(int)
     return [slice(edges[i], edges[i + 1]) for i in range(n_chunks) if edges[i + 1] > edges[i]]
@@ -523,7 +566,8 @@ def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float =
     p = prepared or _prepare(sc, shape, b_add, cutoff)
     parts = _chunks(len(p.frac), max(1, threads))
 
-    ortho = _is_orthogonal(sc.orth_matrix) and FACTORISED_KERNELS
+    ortho = _c_perpendicular(sc.orth_matrix) and FACTORISED_KERNELS
+    xy_ortho = _is_orthogonal(sc.orth_matrix)
 
     def run(sl):
         g = np.zeros(shape, dtype=dtype)
@@ -531,7 +575,7 @@ def atom_density_grid(sc: Scatterers, shape, b_add: float = 0.0, cutoff: float =
             return _spread(g, p.frac[sl], p.coef[sl], p.minv[sl], p.radius[sl], p.half[sl], sc.orth_matrix)
         images = np.arange(sl.start, sl.stop)
         iso = p.iso[sl]
-        _spread_ortho(g, images[iso], p.frac, p.coef, p.minv, p.radius, p.half, sc.orth_matrix)
+        _spread_ortho(g, images[iso], p.frac, p.coef, p.minv, p.radius, p.half, sc.orth_matrix, xy_ortho)
         rest = images[~iso]
         if len(rest):
             _spread(g, p.frac[rest], p.coef[rest], p.minv[rest], p.radius[rest], p.half[rest], sc.orth_matrix)
@@ -604,7 +648,8 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
     occ_img = sc.occ[p.atom]
     parts = _chunks(len(p.frac), max(1, threads))
 
-    ortho = _is_orthogonal(sc.orth_matrix) and FACTORISED_KERNELS
+    ortho = _c_perpendicular(sc.orth_matrix) and FACTORISED_KERNELS
+    xy_ortho = _is_orthogonal(sc.orth_matrix)
     with_shape, with_occ = not positions_only and with_adp, not positions_only
 
     def run(sl):
@@ -616,8 +661,8 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
         images = np.arange(sl.start, sl.stop)
         iso = p.iso[sl]
         # the kernel indexes the whole arrays by image and writes rows image − start
-        _gather_ortho(gmap, images[iso], p.frac, p.coef, p.minv, p.radius, p.half, sc.orth_matrix, occ_img, dvol,
-                      with_shape, with_occ, g_x, g_occ, g_m, sl.start)
+        _gather_ortho(gmap, images[iso], p.frac, p.coef, p.minv, p.radius, p.half, sc.orth_matrix, xy_ortho, occ_img,
+                      dvol, with_shape, with_occ, g_x, g_occ, g_m, sl.start)
         rest = images[~iso]
         if len(rest):
             r = _gather(gmap, p.frac[rest], p.coef[rest], p.minv[rest], p.radius[rest], p.half[rest], sc.orth_matrix,
