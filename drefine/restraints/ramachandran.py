@@ -14,9 +14,9 @@ otherwise the refinement report says it was not used.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
-from dataclasses import dataclass
 
 import numpy as np
 from numba import njit
