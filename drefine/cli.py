@@ -159,6 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Top500 tables for Ramachandran restraints and validation (as in validate)")
     r.add_argument("--no-rama-restraints", action="store_true",
                    help="do not restrain φ/ψ to the Top500 distributions (on by default when tables are found)")
+    r.add_argument("--no-peptide-flips", action="store_true",
+                   help="do not try flipping the peptides next to residues that became Ramachandran outliers "
+                        "(tried by default before the final cycle; a flip is kept when the local map fit plus "
+                        "restraints prefer it)")
     x = sub.add_parser("xray", help="reciprocal-space refinement against X-ray (or electron/neutron) data",
                        description="Refine coordinates, B factors (isotropic or anisotropic) and the occupancies of "
                                    "alternate conformers against amplitudes or intensities (French-Wilson): bulk "
@@ -578,7 +582,8 @@ def cmd_rsr(args) -> int:
                      final_target=args.final_target, sharpen=sharpen, rigid_body=args.rigid_body,
                      rigid_groups=tuple(g.strip() for g in (args.rigid_groups or "").split(";") if g.strip()),
                      refine_b=args.refine_b, source=args.scattering, seed=args.seed,
-                     rama_restraints=not args.no_rama_restraints, rama_dir=args.rama_data)
+                     rama_restraints=not args.no_rama_restraints, rama_dir=args.rama_data,
+                     peptide_flips=not args.no_peptide_flips)
     log(f"drefine rsr {args.model} against {args.map} at {args.resolution} Å: {len(idx0)} atoms, "
         f"{len(restraints.bond_ideal)} bonds, {len(restraints.chain_breaks)} chain breaks")
     scheduler = args.scheduler

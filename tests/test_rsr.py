@@ -173,6 +173,36 @@ def test_ramachandran_restraint_gradient(data_dir, example_model_path):
             assert fd == pytest.approx(grads["ramachandran"][atom, c], rel=1e-5, abs=1e-6)
 
 
+def test_a_flipped_peptide_is_flipped_back(synthetic_case, data_dir):
+    """A peptide turned by 180° (a residue made a Ramachandran outlier) is found, its flip back is
+    preferred by the map and the restraints, and the atoms return to the truth; a model without
+    new outliers tries nothing."""
+    from drefine.refine.peptide_flips import flip_new_outliers, flipped, peptide_units
+    from drefine.restraints.ramachandran import outlier_rows
+
+    _, truth, _ = synthetic_case
+    r = build_restraints(truth)
+    rama = ramachandran_restraints(truth, r, need(data_dir, "validation/rama-data"))
+    dmap = normalised_map(model_density_map(truth, 3.0, padding=6.0))
+    x0 = truth.atoms.xyz
+    assert not outlier_rows(x0, rama).any()
+    _, report = flip_new_outliers(truth, x0, dmap, r, rama, 20.0, False, x0)
+    assert report.tried == [] and report.flipped == []
+    bad = None
+    for row in range(5, len(rama) - 5):
+        moving, a, b = peptide_units(truth, rama.atoms[row])[0]
+        x = flipped(x0, moving, a, b)
+        if outlier_rows(x, rama)[row]:
+            bad = row
+            break
+    assert bad is not None
+    out, report = flip_new_outliers(truth, x, dmap, r, rama, 20.0, False, x0)
+    assert len(report.tried) >= 1 and len(report.flipped) >= 1
+    assert not outlier_rows(out, rama)[bad]
+    assert np.abs(x[moving] - x0[moving]).max() > 1.5  # the flip moved them far ...
+    assert np.abs(out[moving] - x0[moving]).max() < 0.3  # ... and they are back where the truth has them
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_map_not_covering_the_model_says_how_much(synthetic_case, tmp_path):

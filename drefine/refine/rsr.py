@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import gemmi
 import numpy as np
@@ -31,6 +31,7 @@ from ..io.maps import DensityMap, blur_sharpen, mask_around_atoms
 from ..model.arrays import Model
 from ..restraints.topology import Restraints
 from ..targets.map_targets import AtomCentredMapTarget, normalised_map
+from .peptide_flips import flip_new_outliers
 from .realspace import CycleStats, RealSpaceSettings, refine_coordinates
 from .weight import weight_scan
 
@@ -55,6 +56,7 @@ class RSROptions:
     seed: int = 0
     n_segments: int = 8
     rama_restraints: bool = True
+    peptide_flips: bool = True  # try flipping the peptides of residues that became Ramachandran outliers
     rama_dir: str | None = None
 
 
@@ -248,10 +250,24 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         timing["weight_scan_s"] = time.perf_counter() - ts
         log(f"weight scan: {result.kept} of {len(result.per_segment)} segments kept, weight {weight:.2f} "
             f"({timing['weight_scan_s']:.1f} s)")
-    xyz, _ = refine_coordinates(work, box, restraints, RealSpaceSettings(
-        opt.resolution, weight=weight, macro_cycles=max(remaining, 0), final_target=opt.final_target,
-        periodic=periodic, source=opt.source), progress=report, rama=rama)
+    settings = RealSpaceSettings(opt.resolution, weight=weight, macro_cycles=max(remaining, 0), final_target="atom",
+                                 periodic=periodic, source=opt.source)
+    xyz, _ = refine_coordinates(work, box, restraints, settings, progress=report, rama=rama)
     work.atoms.xyz = xyz
+    flips = None
+    if rama is not None and opt.peptide_flips:
+        tf = time.perf_counter()
+        xyz, flips = flip_new_outliers(model, xyz, box, restraints, rama, weight, periodic, model.atoms.xyz)
+        work.atoms.xyz = xyz
+        if flips.tried:
+            notes.append(f"peptide flips: {len(flips.flipped)} of {len(flips.tried)} new Ramachandran outlier(s) "
+                         f"flipped ({', '.join(flips.flipped) or 'none'}; tried {', '.join(flips.tried)})")
+            log(notes[-1])
+        timing["peptide_flips_s"] = time.perf_counter() - tf
+    if opt.final_target == "ls":
+        xyz, _ = refine_coordinates(work, box, restraints, replace(settings, macro_cycles=0, final_target="ls"),
+                                    progress=report, rama=rama)
+        work.atoms.xyz = xyz
     timing["coordinates_s"] = time.perf_counter() - t - timing.get("weight_scan_s", 0.0)
     b_iso = model.atoms.b_iso.copy()
     if opt.refine_b:

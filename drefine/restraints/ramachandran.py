@@ -14,7 +14,7 @@ otherwise the refinement report says it was not used.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
@@ -24,7 +24,7 @@ from scipy.ndimage import gaussian_filter
 
 from ..model.arrays import Model
 from ..validate.backbone import NAME_ID, conformer_residues
-from ..validate.ramachandran import RamachandranTables, find_rama_data
+from ..validate.ramachandran import RamachandranTables, dihedral_deg, find_rama_data
 from .kernels import _dihedral_and_gradient
 from .topology import Restraints
 
@@ -45,6 +45,25 @@ class RamachandranRestraints:
 
     def __len__(self):
         return int(self.atoms.shape[0])
+
+    def subset(self, keep: np.ndarray) -> RamachandranRestraints:
+        """The rows `keep` (boolean or indices)."""
+        return replace(self, atoms=self.atoms[keep], kind=self.kind[keep])
+
+
+def phi_psi_deg(xyz: np.ndarray, rama: RamachandranRestraints) -> tuple[np.ndarray, np.ndarray]:
+    """φ and ψ (degrees) of every row."""
+    a = rama.atoms
+    return (dihedral_deg(xyz[a[:, 0]], xyz[a[:, 1]], xyz[a[:, 2]], xyz[a[:, 3]]),
+            dihedral_deg(xyz[a[:, 1]], xyz[a[:, 2]], xyz[a[:, 3]], xyz[a[:, 4]]))
+
+
+def outlier_rows(xyz: np.ndarray, rama: RamachandranRestraints) -> np.ndarray:
+    """Rows whose (φ, ψ) the validation's Top500 tables call outliers (boolean)."""
+    if not len(rama):
+        return np.zeros(0, dtype=bool)
+    phi, psi = phi_psi_deg(xyz, rama)
+    return np.asarray(RamachandranTables.load(rama.source).classify(phi, psi, rama.kind) == "outlier", dtype=bool)
 
 
 def load_potentials(directory, weight: float = RAMA_WEIGHT) -> np.ndarray:

@@ -1,0 +1,128 @@
+"""Peptide flips for residues that became Ramachandran outliers during real-space refinement.
+
+A map can pull a residue across a ridge of the Ramachandran potential into a forbidden region
+(3j6b: LYS 63 to φ 138°, ψ −39°). Gradient refinement cannot come back: the way back rotates a
+whole peptide plane through an eclipsed conformation. The classic cure is a peptide flip: turn
+the peptide unit on either side of the residue (C, O of the residue before, N, H of the
+residue; or C, O of the residue, N, H of the next) by 180° about its CA–CA axis, which leaves
+every CA and side chain in place and moves φ (or ψ) by about 180°.
+
+Each candidate flip is judged like a weight-scan trial: the residue and its neighbours (two on
+each side) are refined alone, from the model as it is and from the flipped model, against the
+same objective (w · atom-centred map target + restraints, Ramachandran restraints included);
+the flip is kept when its refined objective is lower and the residue is then no outlier.
+Only residues that are outliers now and were not in the input are tried, so a deposited
+model's own outliers are left to the user. Written here because no library offers it for
+this package's arrays (phenix's flip search lives inside cctbx).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..io.maps import DensityMap
+from ..model.arrays import Model
+from ..restraints.nonbonded import find_nonbonded_pairs
+from ..restraints.ramachandran import RamachandranRestraints, outlier_rows
+from ..restraints.target import GeometryTarget
+from ..restraints.topology import Restraints
+from ..targets.map_targets import AtomCentredMapTarget
+from .realspace import minimise
+
+FLIP_NEIGHBOURS = 2  # residues on each side refined with a flip
+FLIP_ITERATIONS = 100
+
+
+@dataclass
+class FlipReport:
+    tried: list[str] = field(default_factory=list)
+    flipped: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        return {"tried": self.tried, "flipped": self.flipped}
+
+
+def _atom_in(model: Model, residue: int, name: str, like: int) -> int:
+    """Index of atom `name` of `residue` in the conformer of atom `like` (shared atoms count), or −1."""
+    a = model.atoms
+    cand = np.flatnonzero((a.residue_index == residue) & (a.name == name))
+    conf = a.conformer[like]
+    cand = cand[(a.conformer[cand] == 0) | (a.conformer[cand] == conf) | (conf == 0)]
+    return int(cand[0]) if len(cand) else -1
+
+
+def peptide_units(model: Model, row: np.ndarray) -> list[tuple[np.ndarray, int, int]]:
+    """The two peptide units around a Ramachandran row (C(i−1), N, CA, C, N(i+1)): for each, the
+    atoms that turn (C, O, N, H) and the two CA atoms of its axis."""
+    c_prev, n, _, c, n_next = (int(x) for x in row)
+    res = model.atoms.residue_index
+    units = []
+    for c_at, n_at in ((c_prev, n), (c, n_next)):
+        ca_a = _atom_in(model, int(res[c_at]), "CA", c_at)
+        ca_b = _atom_in(model, int(res[n_at]), "CA", n_at)
+        o = _atom_in(model, int(res[c_at]), "O", c_at)
+        h = _atom_in(model, int(res[n_at]), "H", n_at)
+        if ca_a < 0 or ca_b < 0:
+            continue
+        moving = np.array([x for x in (c_at, o, n_at, h) if x >= 0], dtype=np.int64)
+        units.append((moving, ca_a, ca_b))
+    return units
+
+
+def flipped(xyz: np.ndarray, moving: np.ndarray, ca_a: int, ca_b: int) -> np.ndarray:
+    """Coordinates with `moving` turned by 180° about the ca_a–ca_b axis."""
+    axis = xyz[ca_b] - xyz[ca_a]
+    axis /= np.linalg.norm(axis)
+    d = xyz[moving] - xyz[ca_a]
+    along = (d @ axis)[:, None] * axis
+    out = xyz.copy()
+    out[moving] = xyz[ca_a] + 2 * along - d  # R(180°) d = 2(d·u)u − d
+    return out
+
+
+def flip_new_outliers(model: Model, xyz: np.ndarray, dmap: DensityMap, restraints: Restraints,
+                      rama: RamachandranRestraints, weight: float, periodic: bool,
+                      start_xyz: np.ndarray) -> tuple[np.ndarray, FlipReport]:
+    """Try both peptide flips of every residue that is a Ramachandran outlier at `xyz` but was
+    not at `start_xyz`; keep a flip that the local objective prefers and that cures the outlier."""
+    report = FlipReport()
+    new = np.flatnonzero(outlier_rows(xyz, rama) & ~outlier_rows(start_xyz, rama))
+    if not len(new):
+        return xyz, report
+    xyz = xyz.copy()
+    work = model.copy()
+    res = model.atoms.residue_index
+    idx = restraints.atom_indices
+    for r in new:
+        row = rama.atoms[r]
+        label = model.residues.label(int(res[row[2]]))
+        report.tried.append(label)
+        centre = int(res[row[2]])
+        chain = model.residues.chain_index
+        segment = idx[(np.abs(res[idx] - centre) <= FLIP_NEIGHBOURS) & (chain[res[idx]] == chain[centre])]
+        work.atoms.xyz = xyz
+        pairs = find_nonbonded_pairs(work, restraints, xyz, buffer=1.0, near=segment)
+        geom, atoms = GeometryTarget(work, restraints, movable=segment, rama=rama, pairs=pairs).compacted(segment)
+        seg_local = np.searchsorted(atoms, segment)
+        data = AtomCentredMapTarget(None, dmap, seg_local, periodic=periodic,
+                                    weights=AtomCentredMapTarget(model, dmap, segment).weights)
+
+        def refined(start, data=data, geom=geom, atoms=atoms, seg_local=seg_local):
+            out, _ = minimise(data, geom, weight, start[atoms], seg_local, FLIP_ITERATIONS)
+            return out, weight * data.value_and_gradient(out)[0] + geom.value_and_gradient(out)[0]
+
+        # the model as it is, refined alike: a flip must beat that, not the unrefined start
+        _, f_best = refined(xyz)
+        best = None
+        for moving, ca_a, ca_b in peptide_units(model, row):
+            cand, f_cand = refined(flipped(xyz, moving, ca_a, ca_b))
+            full = xyz.copy()
+            full[atoms] = cand
+            cured = not outlier_rows(full, rama.subset(np.arange(len(rama)) == r))[0]
+            if f_cand < f_best and cured:
+                best, f_best = full, f_cand
+        if best is not None:
+            xyz = best
+            report.flipped.append(label)
+    return xyz, report
