@@ -59,6 +59,12 @@ class CrystalStructureFactors:
         self._g_conj = flat[:, 2] < 0
         edge = (mate[:, 2] == 0) | (2 * mate[:, 2] == self.shape[2])
         self._g_factor = np.where(edge, 1.0, 0.5)
+        # many (h, operator) pairs land on one spectrum entry: sums over runs of a sorted order,
+        # made once (np.add.at over the n × operators entries took ~10 ms an evaluation on 5orl)
+        spec_shape = (self.shape[0], self.shape[1], self.shape[2] // 2 + 1)
+        flat_idx = np.ravel_multi_index(self._g_idx, spec_shape)
+        self._g_order = np.argsort(flat_idx, kind="stable")
+        self._g_where, self._g_starts = np.unique(flat_idx[self._g_order], return_index=True)
 
     @staticmethod
     def asymmetric_unit(sc: Scatterers) -> Scatterers:
@@ -101,7 +107,8 @@ class CrystalStructureFactors:
         n = int(np.prod(self.shape))
         spec = np.zeros((self.shape[0], self.shape[1], self.shape[2] // 2 + 1),
                         dtype=np.complex64 if self.dtype == np.float32 else np.complex128)
-        np.add.at(spec, self._g_idx, (c * n).astype(spec.dtype))
+        vals = (c * n).astype(spec.dtype)[self._g_order]
+        spec.reshape(-1)[self._g_where] = np.add.reduceat(vals, self._g_starts)
         gmap = scipy.fft.irfftn(spec, s=self.shape, workers=self.threads)
         return gather_gradient(p1, gmap, b_add, self.cell.volume / n, self.cutoff, self.threads,
                                prepared=self._prepared(p1, b_add), positions_only=positions_only,
