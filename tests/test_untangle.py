@@ -643,6 +643,35 @@ def test_crossing_search_undoes_a_conformer_crossing_and_keeps_the_truth(example
     assert tangled_residues(same, truth) == []
 
 
+def test_crossing_search_refuses_a_swap_that_breaks_the_geometry(example_model_path, tmp_path, monkeypatch):
+    """The geometry guard: every judged candidate reports the worst bond/angle |z| near it, swapped
+    and unswapped; a swap leaving a bond at 10σ where the model has 3σ is refused, one that only
+    reaches 3.5σ or improves on the model's 7σ is not; the accepted swap of the toy meets it; and
+    with the guard refusing everything, the swap the data and restraints prefer is not made."""
+    from drefine.density.synthetic import synthetic_reflections
+    from drefine.restraints.topology import build_restraints
+    from drefine.untangle import crossings
+
+    def cand(z, z_model):
+        return crossings.Crossing(0, 1, -0.9, np.array([0]), np.array([1]), "x", 1e-3, z, z_model)
+
+    assert not crossings.geometry_acceptable(cand(10.0, 3.0))
+    assert crossings.geometry_acceptable(cand(3.5, 2.0)) and crossings.geometry_acceptable(cand(6.0, 7.0))
+    truth_path, tangled_path = _two_conformer_case(example_model_path, tmp_path, swap=("N",), swap_before=2,
+                                                   occ_a=0.6, residue=2)
+    tangled = read_model(tangled_path)
+    table = synthetic_reflections(read_model(truth_path), 1.2, noise=0.02, seed=1)
+    restraints = build_restraints(tangled)
+    _, report = crossings.resolve_crossings(tangled, table, restraints, log=lambda s: None)
+    first = report.rounds[0]["candidates"]
+    taken = [c for c in first if c["bond"] in report.rounds[0]["accepted"]]
+    assert len(taken) == 1 and taken[0]["worst_z"] <= max(crossings.GEOMETRY_Z_MAX, taken[0]["worst_z_model"])
+    assert all(np.isfinite(c["worst_z"]) and np.isfinite(c["worst_z_model"]) for c in first)
+    monkeypatch.setattr(crossings, "geometry_acceptable", lambda c: False)
+    _, refused = crossings.resolve_crossings(tangled, table, restraints, log=lambda s: None)
+    assert refused.accepted == [] and any(c["gain"] > crossings.MIN_GAIN for c in refused.rounds[0]["candidates"])
+
+
 def test_crossing_search_on_dask_workers_matches_in_process(example_model_path, tmp_path):
     from distributed import Client, LocalCluster
 

@@ -335,6 +335,37 @@ def _axis_factors(frac, n, length, half_a, m_img, lo_out, fac_out, d_out):
     return lo
 
 
+@njit(cache=True, nogil=True)
+def _factor_scratch(images, half, ng):
+    """Scratch arrays of the factorised kernels, sized for the largest atom box of `images`."""
+    hmax = 1
+    for t in range(images.shape[0]):
+        a = images[t]
+        for q in range(3):
+            hmax = max(hmax, half[a, q])
+    return (np.empty((ng, 2 * hmax + 2)), np.empty((ng, 2 * hmax + 2)), np.empty((ng, 2 * hmax + 2)),
+            np.empty(2 * hmax + 2), np.empty(2 * hmax + 2), np.empty(2 * hmax + 2), np.empty(1, dtype=np.int64),
+            np.empty(ng))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _atom_factors(a, frac, minv, half, orth, shape, xy_ortho, m_img, lo, fx, fy, fz, dx, dy, dz):
+    """Per image: m_g, the axis factors (z always, x and y on an orthogonal cell), and the first
+    grid indices of its box (i0, j0, k0) with the k limits of its rows (klo, khi)."""
+    n0, n1, n2 = shape
+    for g in range(m_img.shape[0]):
+        m_img[g] = minv[a, g, 0, 0]
+    if xy_ortho:
+        i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
+        j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
+    else:
+        i0 = int(math.floor(frac[a, 0] * n0)) - half[a, 0]
+        j0 = int(math.floor(frac[a, 1] * n1)) - half[a, 1]
+    k0 = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
+    c2 = int(math.floor(frac[a, 2] * n2))
+    return i0, j0, k0, c2 - half[a, 2], c2 + half[a, 2] + 1
+
+
 @njit(cache=True, nogil=True, inline="always")
 def _row_weights(coef, m_img, fx, fy, ti, tj, rb, xy_ortho, w):
     """coef_g · exp(−4π² m_g (x² + y²)) of one grid row (x, y = rb[0], rb[1], Å): from the axis
@@ -358,19 +389,7 @@ def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth, xy_ortho):
     points as `_spread` (the same row ranges)."""
     n0, n1, n2 = grid.shape
     ng = coef.shape[1]
-    hmax = 1
-    for t in range(images.shape[0]):
-        a = images[t]
-        for q in range(3):
-            hmax = max(hmax, half[a, q])
-    fx = np.empty((ng, 2 * hmax + 2))
-    fy = np.empty((ng, 2 * hmax + 2))
-    fz = np.empty((ng, 2 * hmax + 2))
-    dx = np.empty(2 * hmax + 2)
-    dy = np.empty(2 * hmax + 2)
-    dz = np.empty(2 * hmax + 2)
-    lo = np.empty(1, dtype=np.int64)
-    m_img = np.empty(ng)
+    fx, fy, fz, dx, dy, dz, lo, m_img = _factor_scratch(images, half, ng)
     w = np.empty(ng)
     step = np.zeros(3)
     step[2] = orth[2, 2] / n2
@@ -380,18 +399,8 @@ def _spread_ortho(grid, images, frac, coef, minv, radius, half, orth, xy_ortho):
         r2max = radius[a] * radius[a]
         if r2max == 0.0:
             continue
-        for g in range(ng):
-            m_img[g] = minv[a, g, 0, 0]
-        if xy_ortho:
-            i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
-            j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
-        else:
-            i0 = int(math.floor(frac[a, 0] * n0)) - half[a, 0]
-            j0 = int(math.floor(frac[a, 1] * n1)) - half[a, 1]
-        k0_all = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
-        c2 = int(math.floor(frac[a, 2] * n2))
-        klo = c2 - half[a, 2]
-        khi = c2 + half[a, 2] + 1
+        i0, j0, k0_all, klo, khi = _atom_factors(a, frac, minv, half, orth, (n0, n1, n2), xy_ortho, m_img, lo,
+                                                  fx, fy, fz, dx, dy, dz)
         for ti in range(2 * half[a, 0] + 2):
             for tj in range(2 * half[a, 1] + 2):
                 if xy_ortho:
@@ -426,19 +435,7 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, xy_ortho, 
     n0, n1, n2 = gmap.shape
     ng = coef.shape[1]
     fpp = 4.0 * math.pi * math.pi
-    hmax = 1
-    for t in range(images.shape[0]):
-        a = images[t]
-        for q in range(3):
-            hmax = max(hmax, half[a, q])
-    fx = np.empty((ng, 2 * hmax + 2))
-    fy = np.empty((ng, 2 * hmax + 2))
-    fz = np.empty((ng, 2 * hmax + 2))
-    dx = np.empty(2 * hmax + 2)
-    dy = np.empty(2 * hmax + 2)
-    dz = np.empty(2 * hmax + 2)
-    lo = np.empty(1, dtype=np.int64)
-    m_img = np.empty(ng)
+    fx, fy, fz, dx, dy, dz, lo, m_img = _factor_scratch(images, half, ng)
     w = np.empty(ng)
     wm = np.empty(ng)
     step = np.zeros(3)
@@ -450,18 +447,8 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, xy_ortho, 
         if r2max == 0.0:
             continue
         inv_occ = 1.0 / occ_of_image[a] if occ_of_image[a] != 0.0 else 0.0
-        for g in range(ng):
-            m_img[g] = minv[a, g, 0, 0]
-        if xy_ortho:
-            i0 = _axis_factors(frac[a, 0], n0, orth[0, 0], half[a, 0], m_img, lo, fx, dx)
-            j0 = _axis_factors(frac[a, 1], n1, orth[1, 1], half[a, 1], m_img, lo, fy, dy)
-        else:
-            i0 = int(math.floor(frac[a, 0] * n0)) - half[a, 0]
-            j0 = int(math.floor(frac[a, 1] * n1)) - half[a, 1]
-        k0_all = _axis_factors(frac[a, 2], n2, orth[2, 2], half[a, 2], m_img, lo, fz, dz)
-        c2 = int(math.floor(frac[a, 2] * n2))
-        klo = c2 - half[a, 2]
-        khi = c2 + half[a, 2] + 1
+        i0, j0, k0_all, klo, khi = _atom_factors(a, frac, minv, half, orth, (n0, n1, n2), xy_ortho, m_img, lo,
+                                                  fx, fy, fz, dx, dy, dz)
         gx0 = gx1 = gx2 = go = 0.0
         m00 = m11 = m22 = m01 = m02 = m12 = 0.0
         for ti in range(2 * half[a, 0] + 2):
@@ -474,9 +461,9 @@ def _gather_ortho(gmap, images, frac, coef, minv, radius, half, orth, xy_ortho, 
                     d1 = (j0 + tj) / n1 - frac[a, 1]
                     rb[0] = orth[0, 0] * d0 + orth[0, 1] * d1
                     rb[1] = orth[1, 1] * d1
+                rb[2] = -orth[2, 2] * frac[a, 2]
                 x = rb[0]
                 y = rb[1]
-                rb[2] = -orth[2, 2] * frac[a, 2]
                 k0, k1 = _row_range(rb, step, r2max, klo, khi)
                 if k1 < k0:
                     continue

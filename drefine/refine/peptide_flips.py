@@ -32,6 +32,7 @@ from .realspace import minimise
 
 FLIP_NEIGHBOURS = 2  # residues on each side refined with a flip
 FLIP_ITERATIONS = 100
+FLIP_SEARCH_BUFFER = 4.0  # Å added to the repulsion cutoff when listing contacts
 
 
 @dataclass
@@ -102,7 +103,8 @@ def flip_new_outliers(model: Model, xyz: np.ndarray, dmap: DensityMap, restraint
         chain = model.residues.chain_index
         segment = idx[(np.abs(res[idx] - centre) <= FLIP_NEIGHBOURS) & (chain[res[idx]] == chain[centre])]
         work.atoms.xyz = xyz
-        pairs = find_nonbonded_pairs(work, restraints, xyz, buffer=1.0, near=segment)
+        # contacts searched wide enough for the flipped state too (a flip moves O by ~3 Å)
+        pairs = find_nonbonded_pairs(work, restraints, xyz, buffer=FLIP_SEARCH_BUFFER, near=segment)
         geom, atoms = GeometryTarget(work, restraints, movable=segment, rama=rama, pairs=pairs).compacted(segment)
         seg_local = np.searchsorted(atoms, segment)
         data = AtomCentredMapTarget(None, dmap, seg_local, periodic=periodic,

@@ -20,7 +20,10 @@ peptide, a ring flip), so every candidate is judged by the data and the restrain
 the relabelled variant are refined alike and locally (coordinates of the atoms within two bonds
 of the swap, against the reflections at one fixed weight, from the same coordinates), and the
 swap is accepted when the variant's objective (weight · data + restraints) is lower by more than
-`min_gain` of the model's. The data term is least squares (1/σ² weights): the maximum-likelihood
+`min_gain` of the model's, and no bond or angle near it ends beyond 4σ (or beyond the worst of
+the model refined alike): on otw1 the data alone accepted a swap of Ser 40 that left a bond at
+10σ, since with equal occupancies a swap barely changes the density and a lower R could pay
+for a broken bond. The data term is least squares (1/σ² weights): the maximum-likelihood
 target re-estimates σA from each model, so its values for two models are not on one scale (on a
 toy case, ML comparisons swapped an atom back and forth). Accepted swaps more than two bonds
 apart are made together; the search repeats until no candidate is accepted.
@@ -45,6 +48,7 @@ from ..restraints.topology import Restraints
 COS_MAX = -0.5
 MIN_OFFSET = 0.1  # Å
 MIN_GAIN = 2e-5  # relative decrease of the objective a swap must bring
+GEOMETRY_Z_MAX = 4.0  # a swap may not leave a bond or angle near it beyond this many σ (unless the model has one)
 LOCAL_ITERATIONS = 20  # L-BFGS iterations per cycle of a swap's local refinement
 FINAL_CYCLES = 3  # ML coordinate macro-cycles of the whole model after swaps  # the same for the local refinement of a swap
 
@@ -60,10 +64,12 @@ class Crossing:
     partners: np.ndarray
     label: str
     gain: float = float("nan")  # relative decrease of the objective when swapped (after refinement)
+    worst_z: float = float("nan")  # largest |z| of a bond or angle near the swap, swapped and refined
+    worst_z_model: float = float("nan")  # the same for the model refined alike, unswapped
 
     def as_dict(self) -> dict:
         return {"bond": self.label, "cosine": round(self.cosine, 3), "atoms_swapped": len(self.side),
-                "gain": self.gain}
+                "gain": self.gain, "worst_z": round(self.worst_z, 2), "worst_z_model": round(self.worst_z_model, 2)}
 
 
 @dataclass
@@ -243,6 +249,8 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
             if not np.isfinite(j0) or j0 == 0:
                 raise DrefineError("crossing search: a refinement gave no finite objective")
             c.gain = float((j0 - j1) / abs(j0))
+            c.worst_z = _worst_z(results[k].xyz, restraints, masks[k])
+            c.worst_z_model = _worst_z(results[len(cands) + k].xyz, restraints, masks[k])
             judged.add(_key(c))
         taken: list[int] = []
         near = np.zeros(n, dtype=bool)  # atoms of taken swaps and within two bonds of them
@@ -250,6 +258,8 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
             c = cands[k]
             if not c.gain > min_gain:
                 break
+            if not geometry_acceptable(c):
+                continue  # the data may like it, the geometry says it is wrong (module docstring)
             atoms = np.concatenate([c.side, c.partners])
             if near[atoms].any():
                 continue  # two swaps at one place may be alternative fixes of one crossing: one per round
@@ -273,6 +283,28 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
         final = XrayOptions(target="ml", cycles=FINAL_CYCLES, adp="fixed", occupancies=False)
         current = _with_xyz(current, refine_xray(current, table, restraints, final, log=_quiet).xyz)
     return current, report
+
+
+def geometry_acceptable(c: Crossing) -> bool:
+    """No bond or angle near the refined swap beyond GEOMETRY_Z_MAX σ, unless the model refined
+    alike has one as bad."""
+    return bool(c.worst_z <= max(GEOMETRY_Z_MAX, c.worst_z_model))
+
+
+def _worst_z(xyz: np.ndarray, restraints: Restraints, mask: np.ndarray) -> float:
+    """Largest |(value − ideal)/σ| of the bonds and angles with an atom in `mask`."""
+    from ..validate.geometry import angles_deg, bond_lengths
+
+    r = restraints
+    zs = [0.0]
+    b = mask[r.bond_atoms].any(axis=1)
+    if b.any():
+        zs.append(float(np.abs((bond_lengths(xyz, r.bond_atoms[b]) - r.bond_ideal[b]) / r.bond_sigma[b]).max()))
+    a = mask[r.angle_atoms].any(axis=1)
+    if a.any():
+        dev = np.radians(angles_deg(xyz, r.angle_atoms[a])) - r.angle_ideal[a]
+        zs.append(float(np.abs(dev / r.angle_sigma[a]).max()))
+    return max(zs)
 
 
 def _within_bonds(atoms: np.ndarray, bonds: np.ndarray, n: int, hops: int) -> np.ndarray:
