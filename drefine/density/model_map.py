@@ -46,7 +46,26 @@ def model_map(model: Model, cell: gemmi.UnitCell, shape, d_min: float, source: s
 
 
 def reciprocal_s2(cell: gemmi.UnitCell, shape) -> np.ndarray:
-    """|s|² (Å⁻²) of every coefficient of an rfftn array over the grid `shape` of `cell`."""
+    """|s|² (Å⁻²) of every coefficient of an rfftn array over the grid `shape` of `cell` (read-only:
+    the last few are kept, since a real-space refinement asks for the same grid several times and
+    a 150³ grid takes ~0.1 s)."""
+    key = (tuple(round(x, 9) for x in cell.parameters), tuple(int(n) for n in shape))
+    hit = _S2_CACHE.get(key)
+    if hit is None:
+        hit = _reciprocal_s2(cell, shape)
+        hit.flags.writeable = False
+        if hit.nbytes <= S2_CACHE_MAX_BYTES:  # a large map's grid is not worth holding on to
+            if len(_S2_CACHE) >= 4:
+                _S2_CACHE.pop(next(iter(_S2_CACHE)))
+            _S2_CACHE[key] = hit
+    return hit
+
+
+_S2_CACHE: dict[tuple, np.ndarray] = {}
+S2_CACHE_MAX_BYTES = 64 * 2 ** 20
+
+
+def _reciprocal_s2(cell: gemmi.UnitCell, shape) -> np.ndarray:
     F = np.array(cell.frac.mat.tolist())
     h = np.fft.fftfreq(shape[0], 1.0 / shape[0])
     k = np.fft.fftfreq(shape[1], 1.0 / shape[1])
