@@ -126,9 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rsr", help="real-space refinement against a map",
                        description="Refine coordinates (and optionally B factors, rigid groups) against a map: "
                                    "macro-cycles of L-BFGS on the atom-centred map target plus geometry restraints, "
-                                   "a final cycle on the map-model least-squares target, the data/restraint weight "
-                                   "found by a segment scan run as parallel tasks. Writes PREFIX.cif (and .pdb when "
-                                   "it fits), PREFIX.json (per-cycle statistics and validation) and PREFIX.log.")
+                                   "peptide flips tried for residues that became Ramachandran outliers, a final "
+                                   "cycle on the map-model least-squares target; the data/restraint weight found by "
+                                   "a segment scan (a batch of tasks: in-process, or on a dask cluster with "
+                                   "--scheduler). Writes PREFIX.cif (and .pdb when it fits), PREFIX.json (per-cycle "
+                                   "statistics and validation) and PREFIX.log.")
     r.add_argument("model", metavar="MODEL", help="PDB or mmCIF file")
     r.add_argument("map", metavar="MAP", help="CCP4/MRC map or zarr store")
     r.add_argument("--resolution", type=_positive_float, required=True, metavar="Å", help="map resolution in Å")
