@@ -616,7 +616,7 @@ def cmd_rsr(args) -> int:
     report["start"] = {**start_val["final"], "cc_mask": fit0["cc_mask"], "cc_box": fit0["cc_box"]}
     report["cycles"] = [c.as_dict() for c in result.cycles]
     report["details"] = {**end_val["details"], "map_fit": fit1, "weight_scan": result.weight_scan,
-                         "sharpen_b": result.sharpen_b, "notes": result.notes,
+                         "sharpen_b": result.sharpen_b, "notes": result.notes, "peptide_flips": result.peptide_flips,
                          "new_rama_outliers": new_outliers}
     report["outputs"] = {"model": [str(p) for p in paths], "log": f"{prefix}.log",
                          "json": args.json or f"{prefix}.json"}

@@ -53,6 +53,7 @@ def test_rsr_recovers_the_truth(synthetic_case, tmp_path):
     assert rep["final"]["cc_mask"] > rep["start"]["cc_mask"]
     assert rep["cycles"] and rep["cycles"][-1]["target"] == "map-model LS"
     assert rep["details"]["weight_scan"]["weight"] == rep["final"]["weight"]
+    assert rep["details"]["peptide_flips"] is None or set(rep["details"]["peptide_flips"]) == {"tried", "flipped"}
     assert (tmp_path / "refined.log").read_text().count("cycle") >= 2
     assert (tmp_path / "refined.pdb").exists()
 

@@ -71,6 +71,7 @@ class RSRResult:
     map_box: DensityMap
     notes: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    peptide_flips: dict | None = None  # {"tried": [...], "flipped": [...]} residue labels
 
 
 def is_crystal_map(dmap: DensityMap, model: Model) -> bool:
@@ -276,4 +277,5 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         log(f"B refinement: mean B {b_iso[idx].mean():.1f} Å² (was {model.atoms.b_iso[idx].mean():.1f})")
         timing["b_factors_s"] = time.perf_counter() - t
     return RSRResult(xyz=xyz, b_iso=b_iso, cycles=cycles, weight=float(weight), weight_scan=scan,
-                     sharpen_b=sharpen_b, map_box=box, notes=notes, timing=timing)
+                     sharpen_b=sharpen_b, map_box=box, notes=notes, timing=timing,
+                     peptide_flips=flips.as_dict() if flips is not None else None)
