@@ -670,8 +670,11 @@ def gather_gradient(sc: Scatterers, gmap: np.ndarray, b_add: float, dvol: float,
             g_x[rest - sl.start], g_occ[rest - sl.start], g_m[rest - sl.start] = r
         return g_x, g_occ, g_m
 
-    with ThreadPoolExecutor(len(parts)) as ex:
-        res = list(ex.map(run, parts))
+    if len(parts) == 1:  # single-threaded (batch members): no pool to start
+        res = [run(parts[0])]
+    else:
+        with ThreadPoolExecutor(len(parts)) as ex:
+            res = list(ex.map(run, parts))
     g_x = np.concatenate([r[0] for r in res])
     g_occ = np.concatenate([r[1] for r in res])
     g_m = np.concatenate([r[2] for r in res])
