@@ -36,8 +36,8 @@ from .realspace import CycleStats, RealSpaceSettings, refine_coordinates
 from .weight import weight_scan
 
 PROVISIONAL_WEIGHT = 5.0
-#: L-BFGS iterations of each weight-scan trial (an 8-residue segment): 100 chose the same weight
-#: as 200 on 4hg7 and 5fuu at 3 Å in 60 % of the time; 60 did not (BENCHMARKS.md)
+#: L-BFGS iterations of each weight-scan trial (an 8-residue segment): on 4hg7 and 5fuu at 3 Å,
+#: 100 chose the same weight as 200 in 60 % of the time; 60 chose another on 5fuu
 SCAN_ITERATIONS = 100
 
 

@@ -89,7 +89,7 @@ class GeometryTarget:
             p = self.pairs
             out.pairs = replace(p, i=loc[p.i], j=loc[p.j], xyz_at_search=p.xyz_at_search[atoms])
         if self.rama is not None:
-            out.rama = type(self.rama)(loc[self.rama.atoms], self.rama.kind, self.rama.potential, self.rama.source)
+            out.rama = replace(self.rama, atoms=loc[self.rama.atoms])
         return out, atoms
 
     def update(self, xyz: np.ndarray) -> None:

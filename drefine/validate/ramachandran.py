@@ -199,7 +199,10 @@ class GridTable:
             raise ValueError(f"{path}: duplicate bins")
         values = np.zeros(int(np.prod(nbins)))
         values[flat] = data[:, ndim]
-        return cls(name, lower, upper, nbins, wrap, values.reshape(tuple(nbins)))
+        values = values.reshape(tuple(nbins))
+        for a in (lower, upper, nbins, wrap, values):  # one parsed table serves every caller (read's cache)
+            a.flags.writeable = False
+        return cls(name, lower, upper, nbins, wrap, values)
 
     def interpolate(self, points: np.ndarray) -> np.ndarray:
         """Multilinear interpolation between bin centres, periodic on wrapped dimensions (clamped
