@@ -216,10 +216,11 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the Reflect-Reflect-Relax iteration of divide and concur: replicas of atom "
                                    "positions per geometry constraint (bonds, angles, chirality, planes, disulfide "
                                    "pairing, volume exclusion with symmetry) and per-atom density variables tied to "
-                                   "the observed structure factors, in two stages. With --crossing-cycles N "
-                                   "(experimental, off by default), before and after RRR conformer crossings (bonds "
-                                   "where the conformers swap) are undone by relabelling where the data and "
-                                   "restraints prefer it (judged by paired local refinements); at the end B factors and occupancies are refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
+                                   "the observed structure factors, in two stages. Before RRR, "
+                                   "conformer crossings (bonds where the conformers swap) are undone by relabelling "
+                                   "where the data and restraints prefer it (judged by paired local refinements; "
+                                   "--crossing-cycles 0 skips this); at the end B factors and occupancies are "
+                                   "refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
                                    "geometry before and after), PREFIX.png (gap and R plot) and PREFIX.log; a "
                                    "checkpoint folder PREFIX_checkpoint/ while it runs (--resume continues from it).")
     u.add_argument("model", metavar="MODEL", help="PDB or mmCIF file with alternate conformers")
@@ -247,12 +248,14 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="iterations between checkpoints (default 50; also every 10 minutes and on Ctrl-C)")
     u.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint folder after success")
-    u.add_argument("--crossing-cycles", type=int, default=0, metavar="N",
-                   help="experimental, off by default: before and after RRR, look for bonds where the conformers "
-                        "cross and try swapping the conformers' atoms on one side; each swap and the model are "
-                        "refined alike and locally (N coordinate macro-cycles) and a swap the data and restraints "
-                        "prefer is kept (default 0: skip; on 1AHO otw1 it made a wrong swap and took ~10 min per "
-                        "search, see BENCHMARKS.md)")
+    u.add_argument("--crossing-cycles", type=int, default=1, metavar="N",
+                   help="before RRR, look for bonds where the conformers cross and try swapping the conformers' "
+                        "atoms on one side; each swap and the model are refined alike and locally (N coordinate "
+                        "macro-cycles) and a swap the data and restraints prefer, leaving no bond or angle beyond "
+                        "4 sigma, is kept (default 1; 0 skips the search)")
+    u.add_argument("--crossings-after-rrr", action="store_true",
+                   help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
+                        "wrong swap of Ser40's OG; see BENCHMARKS.md)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
@@ -860,7 +863,7 @@ def cmd_untangle(args) -> int:
         rrr_r = dict(final_r)
         log(f"after RRR: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) {final_r['r_all']:.4f} "
             f"R(used) {final_r['r_used']:.4f}")
-        if args.crossing_cycles > 0 and n_conf >= 2:
+        if args.crossings_after_rrr and args.crossing_cycles > 0 and n_conf >= 2:
             refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings, "after_rrr")
             final_r = u.r_factors(refined.atoms.xyz, refined)
             log(f"after the crossing search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) "

@@ -510,6 +510,7 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     assert rc == 0
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["start"]["n_tangled"] == 1 and rep["final"]["n_tangled"] == 0
+    assert set(rep["crossings"]) == {"before_rrr"}  # the crossing search is on by default, before RRR only
     # B factors and occupancies refined after RRR: R no worse than after RRR, coordinates untouched
     assert rep["final"]["r_work"] <= rep["after_rrr"]["r_work"] + 1e-4
     assert len(rep["trajectory"]) == 12 and [s["stage"] for s in rep["stages"]] == [1, 2]
