@@ -1,7 +1,7 @@
 """Untangling the 1AHO challenge: `drefine untangle` on otw39, otw1 and lotswrong, and its speed.
 
-Every case runs the command as a user would (defaults: RRR and the B/occupancy
-cycles; the experimental crossing search with --crossing-cycles N; --phases PHI: refme.mtz carries the
+Every case runs the command as a user would (defaults: the crossing search before RRR, RRR and the B/occupancy
+cycles; --phases PHI: refme.mtz carries the
 true phases; --truth only for the report), under /usr/bin/time for the peak memory. Scored by the shared
 tools/untangle_check.py (tangled residues, Ala39 N–CA, |Z| > 4 count) and by the command's own
 report (R on all and on the used reflections, before and after). Speed: iterations per second of
@@ -63,7 +63,7 @@ def main():
     ap.add_argument("--speed-only", action="store_true")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--crossing-cycles", type=int, default=None,
-                    help="passed to drefine untangle (default: the command's, off)")
+                    help="passed to drefine untangle (default: the command's, 1)")
     ap.add_argument("--keep-checkpoint", action="store_true",
                     help="keep each case's checkpoint (the state RRR ended in) for later study")
     args = ap.parse_args()
