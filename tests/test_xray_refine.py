@@ -86,6 +86,34 @@ def test_symmetry_expanded_fft_matches_direct(crystal_model):
     assert rel(fast.gradient(sc, d).xyz, gd.xyz) < 5e-3
 
 
+def test_moving_subset_structure_factors_equal_the_whole_calculation(crystal_model):
+    """Fixed atoms' F once plus the moving atoms' F each call: the same F and positional gradient
+    as transforming every atom, and the fixed part is redone when a fixed atom moves."""
+    from drefine.density.crystal_fft import MovingSubsetStructureFactors
+
+    m = read_model(crystal_model)
+    sc = scatterers_of_model(m)
+    hkl = np.array(gemmi.make_miller_array(m.cell, m.spacegroup, 2.5, 0, True))
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    whole = CrystalStructureFactors(sc, hkl, 2.5)
+    moving = np.arange(10, 40)
+    part = MovingSubsetStructureFactors(CrystalStructureFactors(sc, hkl, 2.5), moving)
+    rng = np.random.default_rng(5)
+    d = rng.normal(size=len(hkl)) + 1j * rng.normal(size=len(hkl))
+    for step in range(3):
+        if step == 1:
+            sc.frac[moving] += rng.normal(scale=0.003, size=(len(moving), 3))  # the moving atoms move
+        if step == 2:
+            sc.frac[100] += 0.01  # a fixed atom moves: the fixed part must follow
+        f = whole.structure_factors(sc)
+        assert rel(part.structure_factors(sc), f) < 2e-5
+        g, gp = whole.gradient(sc, d, positions_only=True), part.gradient(sc, d, positions_only=True)
+        assert rel(gp.xyz[moving], g.xyz[moving]) < 2e-4
+        assert not np.any(np.delete(gp.xyz, moving, axis=0))
+    with pytest.raises(ValueError):
+        part.gradient(sc, d)
+
+
 def test_neutron_structure_factors_use_scattering_lengths(crystal_model):
     """Neutron F by the FFT route equals Σ b_coh e^{−B s²/4} e^{2πi h·x} over all symmetry copies."""
     m = read_model(crystal_model)

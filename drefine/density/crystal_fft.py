@@ -115,7 +115,8 @@ class CrystalStructureFactors:
                                with_adp=with_adp)
 
 
-def _atom_chunk(sc: Scatterers, sl: slice) -> Scatterers:
+def _atom_chunk(sc: Scatterers, sl: slice | np.ndarray) -> Scatterers:
+    """The scatterers at `sl` (a slice or an index array)."""
     return dataclasses.replace(sc, frac=sc.frac[sl], occ=sc.occ[sl], u_cart=sc.u_cart[sl], is_aniso=sc.is_aniso[sl],
                                atom_index=sc.atom_index[sl],
                                types=dataclasses.replace(sc.types, type_of_atom=sc.types.type_of_atom[sl]))
@@ -172,3 +173,45 @@ class ChunkedStructureFactors:
                                        b_iso=np.concatenate([p.b_iso for p in parts]),
                                        occ=np.concatenate([p.occ for p in parts]),
                                        u=np.concatenate([p.u for p in parts]))
+
+
+class MovingSubsetStructureFactors:
+    """F_calc and gradients when only a few atoms move: F is linear in the atoms, so the fixed
+    atoms' F is computed once and only the moving ones are transformed at each call.
+
+    For local refinements (the crossing search refines ~10–80 of 2,000 atoms, 60 iterations,
+    dozens of times): the density of the moving atoms is spread and transformed alone, so an
+    evaluation costs two FFTs instead of spreading and gathering every atom. The fixed part is
+    recomputed if any fixed atom's position, U or occupancy changes, so the result never
+    depends on that assumption; gradients are for positions only (zero for the fixed atoms)."""
+
+    def __init__(self, calc, moving: np.ndarray):
+        """`calc`: a calculator with `structure_factors(sc)` and `gradient(sc, d, ...)` (e.g.
+        `CrystalStructureFactors`); `moving`: scatterer indices of the atoms that move."""
+        self.calc = calc
+        self.moving = np.asarray(moving, dtype=np.int64)
+        self._key = None
+        self._f_fixed = None
+
+    def _split(self, sc: Scatterers) -> tuple[Scatterers, Scatterers]:
+        fixed = np.ones(len(sc), dtype=bool)
+        fixed[self.moving] = False
+        return _atom_chunk(sc, self.moving), _atom_chunk(sc, np.flatnonzero(fixed))
+
+    def structure_factors(self, sc: Scatterers) -> np.ndarray:
+        moving, fixed = self._split(sc)
+        key = (fixed.frac.tobytes(), fixed.u_cart.tobytes(), fixed.occ.tobytes())
+        if key != self._key:
+            self._key, self._f_fixed = key, self.calc.structure_factors(fixed)
+        return self._f_fixed + self.calc.structure_factors(moving)
+
+    def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False,
+                 with_adp: bool = True) -> StructureFactorGradient:
+        if not positions_only:
+            raise ValueError("MovingSubsetStructureFactors gives positional gradients only")
+        moving, _ = self._split(sc)
+        g = self.calc.gradient(moving, dtarget_df, positions_only=True, with_adp=False)
+        xyz = np.zeros((len(sc), 3))
+        xyz[self.moving] = g.xyz
+        n = len(sc)
+        return StructureFactorGradient(xyz=xyz, b_iso=np.zeros(n), occ=np.zeros(n), u=np.zeros((n, 6)))

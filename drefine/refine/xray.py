@@ -42,7 +42,11 @@ from ..density.bulk_solvent import (
     mask_structure_factors,
     solvent_mask,
 )
-from ..density.crystal_fft import ChunkedStructureFactors, CrystalStructureFactors
+from ..density.crystal_fft import (
+    ChunkedStructureFactors,
+    CrystalStructureFactors,
+    MovingSubsetStructureFactors,
+)
 from ..density.direct import scatterers_of_model
 from ..density.form_factors import u_cart_of_atoms
 from ..density.model_map import REFINEMENT_ACCURACY
@@ -393,6 +397,10 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         movable = movable[np.asarray(mask, dtype=bool)[movable]]
     if options.coordinates and len(movable) < len(atoms) and mask is None:
         notes.append(f"{len(atoms) - len(movable)} atoms of unrestrained residues keep their coordinates")
+    if mask is not None and not len(b_atoms) and not len(u_atoms) and groups is None \
+            and isinstance(data.calc, CrystalStructureFactors):
+        # a local refinement: only the movable atoms are transformed at each evaluation
+        data.calc = MovingSubsetStructureFactors(data.calc, np.searchsorted(data.sc.atom_index, movable))
     layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work], u_start=u_aniso)
     q_free = groups.free_parameters(occ) if layout.groups is not None else np.zeros(0)
     if layout.groups is not None:
