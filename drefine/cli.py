@@ -799,9 +799,11 @@ def cmd_untangle(args) -> int:
         log(f"note: {args.model} has no alternate conformers; nothing can be tangled, the run only regularises")
     prefix = args.output or (Path(args.model).name.split(".")[0] + "_untangle")
     checkpoint = Path(f"{prefix}_checkpoint")
-    if checkpoint.exists() and not args.resume:
-        raise DrefineError(f"{checkpoint} exists (an interrupted run): continue it with --resume, or remove it")
-    if args.resume and not (checkpoint / "meta.json").exists():
+    searched = Path(f"{prefix}_crossings.npz")  # the crossing search's result, so --resume need not repeat it
+    for path in (checkpoint, searched):
+        if path.exists() and not args.resume:
+            raise DrefineError(f"{path} exists (an interrupted run): continue it with --resume, or remove it")
+    if args.resume and not (checkpoint / "meta.json").exists() and not searched.exists():
         raise DrefineError(f"--resume: no checkpoint at {checkpoint}")
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = UntangleOptions(iterations=iterations, beta=args.beta, s_cut=args.low_cut, use_free=args.use_free,
@@ -820,8 +822,14 @@ def cmd_untangle(args) -> int:
         crossings: dict = {}
         rrr_model = model
         if args.crossing_cycles > 0 and n_conf >= 2:
-            # crossings in the input first (deterministic, so a resumed run repeats it exactly)
-            rrr_model = _resolve_crossings(model, table, restraints, args, log, client, crossings, "before_rrr")
+            # crossings in the input first; saved, so that a resumed run starts RRR from the same model
+            if args.resume and searched.exists():
+                rrr_model = _load_searched(searched, model, args, crossings)
+                log(f"crossing search (before rrr): taken from {searched} ({len(crossings['before_rrr']['accepted'])}"
+                    " swap(s))")
+            else:
+                rrr_model = _resolve_crossings(model, table, restraints, args, log, client, crossings, "before_rrr")
+                _save_searched(searched, model, rrr_model, args, crossings)
         u = Untangler(rrr_model, restraints, table, opt, phases_deg=phases, client=client,
                       workdir=density_dir if opt.memmap else None)
         log(f"drefine untangle {args.model} against {args.data}: {len(model.atoms)} atoms, {n_conf} conformers, "
@@ -915,6 +923,8 @@ def cmd_untangle(args) -> int:
 
     if not args.keep_checkpoint and checkpoint.exists():
         shutil.rmtree(checkpoint)
+    if not args.keep_checkpoint and searched.exists():
+        searched.unlink()
     if density_dir.exists():
         shutil.rmtree(density_dir)
     return 0
@@ -932,6 +942,45 @@ def _resolve_crossings(model, table, restraints, args, log, client, reports: dic
     out, rep = resolve_crossings(model, table, restraints, cycles=args.crossing_cycles, log=log, client=client)
     reports[when] = {"accepted": rep.accepted, "rounds": rep.rounds, "seconds": time.perf_counter() - t0}
     log(f"crossing search ({when.replace('_', ' ')}): {len(rep.accepted)} swap(s) in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
+def _search_fingerprint(model, args) -> str:
+    """What the crossing search's result depends on: the input model and the search options."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for arr in (model.atoms.xyz, model.atoms.b_iso, model.atoms.occupancy):
+        h.update(np.ascontiguousarray(arr).tobytes())
+    h.update(repr((str(args.data), args.labin, args.crossing_cycles, args.monlib, tuple(args.dict))).encode())
+    return h.hexdigest()
+
+
+def _save_searched(path: Path, model, searched, args, reports: dict) -> None:
+    """The model after the crossing search (positions and ADPs: swaps exchange both), atomically."""
+    import io
+    import json
+
+    from .io.atomic import atomic_write
+
+    buf = io.BytesIO()
+    a = searched.atoms
+    np.savez(buf, xyz=a.xyz, b_iso=a.b_iso, u_aniso=a.u_aniso, has_aniso=a.has_aniso,
+             fingerprint=_search_fingerprint(model, args), report=json.dumps(reports["before_rrr"]))
+    atomic_write(path, buf.getvalue())
+
+
+def _load_searched(path: Path, model, args, reports: dict):
+    import json
+
+    st = np.load(path)
+    if str(st["fingerprint"]) != _search_fingerprint(model, args):
+        raise DrefineError(f"{path}: the saved crossing search was made for another model, data or options; "
+                           "run without --resume after removing it, or with the same inputs")
+    out = model.copy()
+    a = out.atoms
+    a.xyz, a.b_iso, a.u_aniso, a.has_aniso = st["xyz"], st["b_iso"], st["u_aniso"], st["has_aniso"]
+    reports["before_rrr"] = json.loads(str(st["report"]))
     return out
 
 

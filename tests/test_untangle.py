@@ -562,9 +562,11 @@ def test_peptide_motifs_are_planar_ideal_and_take_the_nearer_form(example_model_
         assert np.all(d_trans < d_cis)
 
 
-def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangled_case, tmp_path, monkeypatch):
+def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangled_case, tmp_path, monkeypatch,
+                                                                          capsys):
     """Ctrl-C (a real SIGINT) in the middle of a step: the step finishes, a checkpoint is written,
-    exit 130; the same command with --resume ends exactly where an uninterrupted run does."""
+    exit 130; the same command with --resume takes the saved crossing search instead of repeating
+    it and ends exactly where an uninterrupted run does."""
     import json
     import os
     import signal
@@ -588,14 +590,20 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     monkeypatch.setattr(Untangler, "step", interrupted_step)
     assert main(["untangle", *args, "-o", str(tmp_path / "cut")]) == 130
     assert (tmp_path / "cut_checkpoint" / "meta.json").exists() and not (tmp_path / "cut.cif").exists()
+    assert (tmp_path / "cut_crossings.npz").exists()
     monkeypatch.setattr(Untangler, "step", real_step)
+    capsys.readouterr()
     assert main(["untangle", *args, "--resume", "-o", str(tmp_path / "cut")]) == 0
+    out = capsys.readouterr().out
+    assert "taken from" in out and "candidate swap" not in out
     a = json.loads((tmp_path / "straight.json").read_text())
     b = json.loads((tmp_path / "cut.json").read_text())
     assert [h["gap"] for h in a["trajectory"]] == [h["gap"] for h in b["trajectory"]]
     assert (tmp_path / "straight.cif").read_text().split("_atom_site")[-1] == \
         (tmp_path / "cut.cif").read_text().split("_atom_site")[-1]
     assert not list(tmp_path.glob("*_density")) and not list(tmp_path.glob("*_checkpoint"))
+    assert not list(tmp_path.glob("*_crossings.npz"))
+    assert a["crossings"]["before_rrr"]["accepted"] == b["crossings"]["before_rrr"]["accepted"]
 
 
 @pytest.mark.parametrize("labin", [None, "F,SIGF,FreeR_flag"])
