@@ -222,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "--crossing-cycles 0 skips this); at the end B factors and occupancies are "
                                    "refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
                                    "geometry before and after), PREFIX.png (gap and R plot) and PREFIX.log; a "
-                                   "checkpoint folder PREFIX_checkpoint/ while it runs (--resume continues from it).")
+                                   "checkpoint folder PREFIX_checkpoint/ and the crossing search's result PREFIX_crossings.npz while it "
+                                   "runs (--resume continues from them).")
     u.add_argument("model", metavar="MODEL", help="PDB or mmCIF file with alternate conformers")
     u.add_argument("data", metavar="DATA", help="MTZ or mmCIF structure factors (amplitudes or intensities)")
     _common(u, "output prefix (default: MODEL name + '_untangle' in the current directory)")
@@ -244,10 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also use the free set (default: work set only, so R-free stays free)")
     u.add_argument("--truth", metavar="MODEL",
                    help="a two-conformer ground truth for the report only: tangled residues before and after")
-    u.add_argument("--resume", action="store_true", help="continue from PREFIX_checkpoint/ after an interrupt")
+    u.add_argument("--resume", action="store_true", help="continue from PREFIX_checkpoint/ (and PREFIX_crossings.npz) after an interrupt")
     u.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="iterations between checkpoints (default 50; also every 10 minutes and on Ctrl-C)")
-    u.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint folder after success")
+    u.add_argument("--keep-checkpoint", action="store_true", help="keep the checkpoint folder and PREFIX_crossings.npz after success")
     u.add_argument("--crossing-cycles", type=int, default=1, metavar="N",
                    help="before RRR, look for bonds where the conformers cross and try swapping the conformers' "
                         "atoms on one side; each swap and the model are refined alike and locally (N coordinate "
