@@ -841,10 +841,12 @@ def cmd_untangle(args) -> int:
             f"{' on ' + str(n_workers) + ' dask worker(s)' if client is not None else ''}")
         start_r = u.r_factors(model.atoms.xyz, model)
         resumed = False
-        if args.resume:
+        if args.resume and (checkpoint / "meta.json").exists():
             u.load_checkpoint(checkpoint)
             resumed = True
             log(f"resumed from {checkpoint}: stage {u.stage + 1}, iteration {u.iteration}")
+        elif args.resume:  # stopped after the crossing search, before RRR's first checkpoint
+            log("resumed after the crossing search: RRR starts from the beginning")
         total = sum(iterations)
         t_run = time.perf_counter()
         done_at_start = len(u.history)

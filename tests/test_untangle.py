@@ -604,6 +604,21 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     assert not list(tmp_path.glob("*_density")) and not list(tmp_path.glob("*_checkpoint"))
     assert not list(tmp_path.glob("*_crossings.npz"))
     assert a["crossings"]["before_rrr"]["accepted"] == b["crossings"]["before_rrr"]["accepted"]
+    # stopped after the search, before RRR's first checkpoint (say, killed): --resume takes the
+    # saved search and runs RRR from its start, to the same end
+    real_run = Untangler.run
+
+    def killed(self, *a, **k):
+        raise SystemExit(137)
+
+    monkeypatch.setattr(Untangler, "run", killed)
+    with pytest.raises(SystemExit):
+        main(["untangle", *args, "-o", str(tmp_path / "early")])
+    assert (tmp_path / "early_crossings.npz").exists() and not (tmp_path / "early_checkpoint").exists()
+    monkeypatch.setattr(Untangler, "run", real_run)
+    assert main(["untangle", *args, "--resume", "-o", str(tmp_path / "early")]) == 0
+    c = json.loads((tmp_path / "early.json").read_text())
+    assert [h["gap"] for h in a["trajectory"]] == [h["gap"] for h in c["trajectory"]]
 
 
 @pytest.mark.parametrize("labin", [None, "F,SIGF,FreeR_flag"])
