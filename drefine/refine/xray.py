@@ -400,7 +400,9 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     if mask is not None and not len(b_atoms) and not len(u_atoms) and groups is None \
             and isinstance(data.calc, CrystalStructureFactors):
         # a local refinement: only the movable atoms are transformed at each evaluation
-        data.calc = MovingSubsetStructureFactors(data.calc, np.searchsorted(data.sc.atom_index, movable))
+        row = np.full(len(a), -1, dtype=np.int64)
+        row[data.sc.atom_index] = np.arange(len(data.sc.atom_index))
+        data.calc = MovingSubsetStructureFactors(data.calc, row[movable])
     layout = ParameterLayout(model, movable, b_atoms, u_atoms, groups, data.s2[table.work], u_start=u_aniso)
     q_free = groups.free_parameters(occ) if layout.groups is not None else np.zeros(0)
     if layout.groups is not None:
