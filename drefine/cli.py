@@ -974,16 +974,24 @@ def _save_searched(path: Path, model, searched, args, reports: dict) -> None:
 
 
 def _load_searched(path: Path, model, args, reports: dict):
+    """The model after a saved crossing search (`_save_searched`), checked against this run's inputs."""
     import json
+    import zipfile
 
-    st = np.load(path)
-    if str(st["fingerprint"]) != _search_fingerprint(model, args):
+    try:
+        with np.load(path) as st:
+            fingerprint, report = str(st["fingerprint"]), json.loads(str(st["report"]))
+            arrays = {k: st[k] for k in ("xyz", "b_iso", "u_aniso", "has_aniso")}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as e:
+        raise DrefineError(f"{path}: not a readable saved crossing search ({e}); remove it and run without "
+                           "--resume") from None
+    if fingerprint != _search_fingerprint(model, args):
         raise DrefineError(f"{path}: the saved crossing search was made for another model, data or options; "
                            "run without --resume after removing it, or with the same inputs")
     out = model.copy()
     a = out.atoms
-    a.xyz, a.b_iso, a.u_aniso, a.has_aniso = st["xyz"], st["b_iso"], st["u_aniso"], st["has_aniso"]
-    reports["before_rrr"] = json.loads(str(st["report"]))
+    a.xyz, a.b_iso, a.u_aniso, a.has_aniso = arrays["xyz"], arrays["b_iso"], arrays["u_aniso"], arrays["has_aniso"]
+    reports["before_rrr"] = report
     return out
 
 

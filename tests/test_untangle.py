@@ -528,6 +528,10 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     assert "NOPE" in capsys.readouterr().err
     assert main(["untangle", str(tangled), str(mtz), "--resume", "-o", str(tmp_path / "y")]) == 1
     assert "no checkpoint" in capsys.readouterr().err
+    (tmp_path / "torn_crossings.npz").write_bytes(b"not a zip")  # a damaged saved search: one clear line
+    assert main(["untangle", str(tangled), str(mtz), "--resume", "-o", str(tmp_path / "torn")]) == 1
+    err = capsys.readouterr().err
+    assert "torn_crossings.npz" in err and "Traceback" not in err
     assert main(["untangle", str(tangled), str(mtz), "--iterations", "0", "-o", str(tmp_path / "z")]) == 1
     assert not list(tmp_path.glob("[xyz].*"))
 
