@@ -23,12 +23,9 @@ import numpy as np
 
 from ..io.maps import DensityMap
 from ..model.arrays import Model
-from ..restraints.nonbonded import find_nonbonded_pairs
 from ..restraints.ramachandran import RamachandranRestraints, outlier_rows
-from ..restraints.target import GeometryTarget
 from ..restraints.topology import Restraints
-from ..targets.map_targets import AtomCentredMapTarget
-from .realspace import minimise
+from .local_search import LocalJudge
 
 FLIP_NEIGHBOURS = 2  # residues on each side refined with a flip
 FLIP_ITERATIONS = 100
@@ -95,32 +92,22 @@ def flip_new_outliers(model: Model, xyz: np.ndarray, dmap: DensityMap, restraint
     work = model.copy()
     res = model.atoms.residue_index
     idx = restraints.atom_indices
+    chain = model.residues.chain_index
     for r in new:
         row = rama.atoms[r]
         label = model.residues.label(int(res[row[2]]))
         report.tried.append(label)
         centre = int(res[row[2]])
-        chain = model.residues.chain_index
         segment = idx[(np.abs(res[idx] - centre) <= FLIP_NEIGHBOURS) & (chain[res[idx]] == chain[centre])]
         work.atoms.xyz = xyz
         # contacts searched wide enough for the flipped state too (a flip moves O by ~3 Å)
-        pairs = find_nonbonded_pairs(work, restraints, xyz, buffer=FLIP_SEARCH_BUFFER, near=segment)
-        geom, atoms = GeometryTarget(work, restraints, movable=segment, rama=rama, pairs=pairs).compacted(segment)
-        seg_local = np.searchsorted(atoms, segment)
-        data = AtomCentredMapTarget(None, dmap, seg_local, periodic=periodic,
-                                    weights=AtomCentredMapTarget(model, dmap, segment).weights)
-
-        def refined(start, data=data, geom=geom, atoms=atoms, seg_local=seg_local):
-            out, _ = minimise(data, geom, weight, start[atoms], seg_local, FLIP_ITERATIONS)
-            return out, weight * data.value_and_gradient(out)[0] + geom.value_and_gradient(out)[0]
-
+        judge = LocalJudge(work, dmap, restraints, rama, weight, periodic, segment, FLIP_SEARCH_BUFFER,
+                           FLIP_ITERATIONS)
         # the model as it is, refined alike: a flip must beat that, not the unrefined start
-        _, f_best = refined(xyz)
+        _, f_best = judge.refined(xyz)
         best = None
         for moving, ca_a, ca_b in peptide_units(model, row):
-            cand, f_cand = refined(flipped(xyz, moving, ca_a, ca_b))
-            full = xyz.copy()
-            full[atoms] = cand
+            full, f_cand = judge.refined(flipped(xyz, moving, ca_a, ca_b))
             cured = not outlier_rows(full, rama.subset(np.arange(len(rama)) == r))[0]
             if f_cand < f_best and cured:
                 best, f_best = full, f_cand

@@ -31,6 +31,7 @@ from ..io.maps import DensityMap, blur_sharpen, mask_around_atoms
 from ..model.arrays import Model
 from ..restraints.topology import Restraints
 from ..targets.map_targets import AtomCentredMapTarget, normalised_map
+from .chiral_inversions import invert_either_handed_centres
 from .peptide_flips import flip_new_outliers
 from .realspace import CycleStats, RealSpaceSettings, refine_coordinates
 from .weight import weight_scan
@@ -57,6 +58,7 @@ class RSROptions:
     n_segments: int = 8
     rama_restraints: bool = True
     peptide_flips: bool = True  # try flipping the peptides of residues that became Ramachandran outliers
+    chiral_inversions: bool = True  # try inverting either-handed chiral centres (Val CB, Leu CG) the map disputes
     rama_dir: str | None = None
 
 
@@ -72,6 +74,7 @@ class RSRResult:
     notes: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     peptide_flips: dict | None = None  # {"tried": [...], "flipped": [...]} residue labels
+    chiral_inversions: dict | None = None  # {"judged": n, "inverted": [...]} centre atom labels
 
 
 def is_crystal_map(dmap: DensityMap, model: Model) -> bool:
@@ -255,6 +258,16 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
                                  periodic=periodic, source=opt.source)
     xyz, _ = refine_coordinates(work, box, restraints, settings, progress=report, rama=rama)
     work.atoms.xyz = xyz
+    inversions = None
+    if opt.chiral_inversions:
+        ti = time.perf_counter()
+        xyz, inversions = invert_either_handed_centres(work, xyz, box, restraints, rama, weight, periodic)
+        work.atoms.xyz = xyz
+        if inversions.judged:
+            notes.append(f"either-handed chiral centres: {len(inversions.inverted)} of {inversions.judged} inverted"
+                         + (f" ({', '.join(inversions.inverted)})" if inversions.inverted else ""))
+            log(notes[-1])
+        timing["chiral_inversions_s"] = time.perf_counter() - ti
     flips = None
     if rama is not None and opt.peptide_flips:
         tf = time.perf_counter()
@@ -278,4 +291,5 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         timing["b_factors_s"] = time.perf_counter() - t
     return RSRResult(xyz=xyz, b_iso=b_iso, cycles=cycles, weight=float(weight), weight_scan=scan,
                      sharpen_b=sharpen_b, map_box=box, notes=notes, timing=timing,
-                     peptide_flips=flips.as_dict() if flips is not None else None)
+                     peptide_flips=flips.as_dict() if flips is not None else None,
+                     chiral_inversions=inversions.as_dict() if inversions is not None else None)
