@@ -138,9 +138,9 @@ def build_parser() -> argparse.ArgumentParser:
     _common(r, "output prefix (default: MODEL name + '_rsr' in the current directory)")
     r.add_argument("--weight", type=_positive_float, metavar="W",
                    help="fix the data/restraint weight (default: found by the segment scan)")
-    r.add_argument("--macro-cycles", type=int, default=4,
+    r.add_argument("--macro-cycles", type=int, default=2,
                    help="atom-centred macro-cycles, the first (before the weight scan) included; the final "
-                        "map-model cycle comes on top (default 4)")
+                        "map-model cycle comes on top (default 2)")
     r.add_argument("--final-target", choices=("ls", "atom"), default="ls",
                    help="target of the last cycle: map-model least squares (default) or atom-centred")
     r.add_argument("--sharpen", metavar="B|auto", default=None,

@@ -46,7 +46,7 @@ SCAN_ITERATIONS = 100
 class RSROptions:
     resolution: float
     weight: float | None = None  # None: automatic
-    macro_cycles: int = 4  # atom-centred cycles, cycle 1 included; the final LS cycle comes on top
+    macro_cycles: int = 2  # atom-centred cycles, cycle 1 included; the final LS cycle comes on top
     final_target: str = "ls"
     sharpen: float | str | None = None  # B in Å², "auto" or None
     rigid_body: bool = False  # each chain, unless rigid_groups are given
