@@ -23,6 +23,7 @@ import numpy as np
 
 from ..io.maps import DensityMap
 from ..model.arrays import Model
+from ..restraints.nonbonded import find_nonbonded_pairs
 from ..restraints.ramachandran import RamachandranRestraints, outlier_rows
 from ..restraints.topology import Restraints
 from .local_search import LocalJudge
@@ -93,16 +94,21 @@ def flip_new_outliers(model: Model, xyz: np.ndarray, dmap: DensityMap, restraint
     res = model.atoms.residue_index
     idx = restraints.atom_indices
     chain = model.residues.chain_index
-    for r in new:
+    centres = [int(res[rama.atoms[r][2]]) for r in new]
+    segments = [idx[(np.abs(res[idx] - c) <= FLIP_NEIGHBOURS) & (chain[res[idx]] == chain[c])] for c in centres]
+    pairs = None
+    for k, (r, centre, segment) in enumerate(zip(new, centres, segments)):
         row = rama.atoms[r]
-        label = model.residues.label(int(res[row[2]]))
+        label = model.residues.label(centre)
         report.tried.append(label)
-        centre = int(res[row[2]])
-        segment = idx[(np.abs(res[idx] - centre) <= FLIP_NEIGHBOURS) & (chain[res[idx]] == chain[centre])]
         work.atoms.xyz = xyz
-        # contacts searched wide enough for the flipped state too (a flip moves O by ~3 Å)
+        if pairs is None:
+            # one contact search for the judges to come, wide enough for the flipped states (a flip
+            # moves O by ~3 Å); searched again after a flip is kept
+            pairs = find_nonbonded_pairs(work, restraints, xyz, buffer=FLIP_SEARCH_BUFFER,
+                                         near=np.concatenate(segments[k:]))
         judge = LocalJudge(work, dmap, restraints, rama, weight, periodic, segment, FLIP_SEARCH_BUFFER,
-                           FLIP_ITERATIONS)
+                           FLIP_ITERATIONS, pairs=pairs)
         # the model as it is, refined alike: a flip must beat that, not the unrefined start
         _, f_best = judge.refined(xyz)
         best = None
@@ -114,4 +120,5 @@ def flip_new_outliers(model: Model, xyz: np.ndarray, dmap: DensityMap, restraint
         if best is not None:
             xyz = best
             report.flipped.append(label)
+            pairs = None
     return xyz, report
