@@ -11,6 +11,7 @@ Usage: python benchmarks/bench_ensemble.py [--work DIR] [--members 32] [--big | 
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -51,6 +52,7 @@ def _num(v: str) -> bool:
 
 def run_drefine(d: Path, n: int, workers: int, tag: str) -> dict:
     out = d / f"ens_{tag}"
+    shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of the last benchmark's
     cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", "drefine", "ensemble", d / "truth.pdb", d / "map.mrc", "--resolution",
            "3", "--n", str(n), "--rmsd", "0.5", "--seed", "100", "--monlib", MONLIB, "--unknown-residues", "skip",
            "--workers", str(workers), "-o", out]
