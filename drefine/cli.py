@@ -126,7 +126,8 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("rsr", help="real-space refinement against a map",
                        description="Refine coordinates (and optionally B factors, rigid groups) against a map: "
                                    "macro-cycles of L-BFGS on the atom-centred map target plus geometry restraints, "
-                                   "either-handed chiral centres (Val CB, Leu CG) inverted where the map prefers it, "
+                                   "mirror flips of either-handed chiral centres (Val CB, Leu CG) and proline "
+                                   "puckers taken where the map prefers them, "
                                    "peptide flips tried for residues that became Ramachandran outliers, a final "
                                    "cycle on the map-model least-squares target; the data/restraint weight found by "
                                    "a segment scan (a batch of tasks: in-process, or on a dask cluster with "
@@ -166,10 +167,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not try flipping the peptides next to residues that became Ramachandran outliers "
                         "(tried by default before the final cycle; a flip is kept when the local map fit plus "
                         "restraints prefer it)")
-    r.add_argument("--no-chiral-inversions", action="store_true",
-                   help="do not judge the mirror image of either-handed chiral centres (Val CB, Leu CG: the "
-                        "library allows both hands; by default, before the final cycle, each is inverted when the "
-                        "local map fit plus restraints prefer the other side of its substituents' plane)")
+    r.add_argument("--no-mirror-flips", action="store_true",
+                   help="do not judge mirror images: by default, before the final cycle, each either-handed "
+                        "chiral centre (Val CB, Leu CG: the library allows both hands) is mirrored through its "
+                        "substituents' plane and each proline CG through its CA-CB-CD plane (the other pucker), "
+                        "and the flip is kept when the local map fit plus restraints prefer it")
     x = sub.add_parser("xray", help="reciprocal-space refinement against X-ray (or electron/neutron) data",
                        description="Refine coordinates, B factors (isotropic or anisotropic) and the occupancies of "
                                    "alternate conformers against amplitudes or intensities (French-Wilson): bulk "
@@ -594,7 +596,7 @@ def cmd_rsr(args) -> int:
                      rigid_groups=tuple(g.strip() for g in (args.rigid_groups or "").split(";") if g.strip()),
                      refine_b=args.refine_b, source=args.scattering, seed=args.seed,
                      rama_restraints=not args.no_rama_restraints, rama_dir=args.rama_data,
-                     peptide_flips=not args.no_peptide_flips, chiral_inversions=not args.no_chiral_inversions)
+                     peptide_flips=not args.no_peptide_flips, mirror_flips=not args.no_mirror_flips)
     log(f"drefine rsr {args.model} against {args.map} at {args.resolution} Å: {len(idx0)} atoms, "
         f"{len(restraints.bond_ideal)} bonds, {len(restraints.chain_breaks)} chain breaks")
     scheduler = args.scheduler
@@ -626,7 +628,7 @@ def cmd_rsr(args) -> int:
     report["cycles"] = [c.as_dict() for c in result.cycles]
     report["details"] = {**end_val["details"], "map_fit": fit1, "weight_scan": result.weight_scan,
                          "sharpen_b": result.sharpen_b, "notes": result.notes, "peptide_flips": result.peptide_flips,
-                         "chiral_inversions": result.chiral_inversions, "new_rama_outliers": new_outliers}
+                         "mirror_flips": result.mirror_flips, "new_rama_outliers": new_outliers}
     report["outputs"] = {"model": [str(p) for p in paths], "log": f"{prefix}.log",
                          "json": args.json or f"{prefix}.json"}
     report["timing"] = {"wall_s": clock.seconds(), **{k: round(v, 3) for k, v in result.timing.items()}}

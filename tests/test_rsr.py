@@ -210,56 +210,84 @@ def _chiral_volume(x, row):
     return float(np.dot(a - c, np.cross(b - c, d - c)))
 
 
-def test_an_inverted_either_handed_centre_is_inverted_back(synthetic_case):
-    """Val CB / Leu CG put across their substituents' plane and refined there (the restraint's
-    barrier holds them) are inverted back by the map; a correct model has nothing inverted; and the
-    colouring never puts two regions that share a restraint or contact in one colour. (At 2 Å: at
-    3 Å this model's Leu 27, refined with its methyls 0.6 Å off, fits the objective better in the
-    wrong hand than the truth refined alike does, so no judge could tell.)"""
-    from drefine.refine.chiral_inversions import (INVERSION_SEARCH_BUFFER, independent_colours,
-                                                  invert_either_handed_centres, inverted)
+def test_mirror_flips_restore_wrong_hands_and_puckers(synthetic_case):
+    """A Val CB / Leu CG put across its substituents' plane and a proline CG across its CA-CB-CD
+    plane, refined there (the restraints' barrier holds them), are flipped back by the map; a
+    correct model has nothing flipped; and the colouring never puts two regions that share a
+    restraint or contact in one colour, whose regions' changes then add up exactly. (At 2 Å: at 3 Å this model's Leu 27, refined with its
+    methyls 0.6 Å off, fits the objective better in the wrong hand than the truth refined alike
+    does, so no judge could tell.)"""
+    from drefine.refine.local_search import LocalJudge
+    from drefine.refine.mirror_flips import (
+        FLIP_SEARCH_BUFFER,
+        flip_candidates,
+        independent_colours,
+        judge_mirror_flips,
+        mirrored,
+        proline_puckers,
+    )
     from drefine.refine.realspace import minimise
     from drefine.restraints.nonbonded import find_nonbonded_pairs
     from drefine.targets.map_targets import AtomCentredMapTarget
 
     _, truth, _ = synthetic_case
     r = build_restraints(truth)
-    rows = r.chiral_atoms[r.chiral_both]
-    assert len(rows) >= 4
+    rows = flip_candidates(truth, r)
+    pro = proline_puckers(truth, r)
+    assert len(pro) == 2 and all(truth.atoms.name[p[0]] == "CG" for p in pro)
+    assert len(rows) == (r.chiral_both.sum() + 2) and r.chiral_both.sum() >= 4
     dmap = normalised_map(model_density_map(truth, 2.0, padding=6.0))
     x0 = truth.atoms.xyz
-    out, report = invert_either_handed_centres(truth, x0, dmap, r, None, 20.0, False)
-    assert report.judged == len(rows) and report.inverted == []
-    wrong = [rows[1], rows[len(rows) // 2]]
-    x = x0
-    for row in wrong:
-        x = inverted(x, row, {})
-    # settle into the wrong hand as refinement would: the whole model, map and restraints
+    out, report = judge_mirror_flips(truth, x0, dmap, r, None, 20.0, False)
+    assert report.judged == len(rows) and report.flipped == []
+    chiral = r.chiral_atoms[r.chiral_both]
     idx = r.atom_indices
-    x, _ = minimise(AtomCentredMapTarget(truth, dmap, idx), GeometryTarget(truth, r), 20.0, x, idx, 100)
-    for row in wrong:
-        assert np.sign(_chiral_volume(x, row)) != np.sign(_chiral_volume(x0, row))  # still the wrong hand
-    out, report = invert_either_handed_centres(truth, x, dmap, r, None, 20.0, False)
-    assert sorted(report.inverted) == sorted(truth.atom_label(int(row[0])) for row in wrong)
-    for row in rows:
-        assert np.sign(_chiral_volume(out, row)) == np.sign(_chiral_volume(x0, row))
-    assert np.abs(out[[int(w[0]) for w in wrong]] - x0[[int(w[0]) for w in wrong]]).max() < 0.2
+    map_3a = normalised_map(model_density_map(truth, 3.0, padding=6.0))
+    # two chiral centres (judged at 2 Å) and a proline pucker (at 3 Å: at 2 Å the mirrored ring
+    # springs back by itself when refined) on the wrong side
+    for m, wrong in ((dmap, [chiral[1], chiral[len(chiral) // 2]]), (map_3a, [pro[0]])):
+        x = x0
+        for row in wrong:
+            x = mirrored(x, row, {})
+        # settle into the wrong hand / pucker as refinement would: the whole model, map and restraints
+        x, _ = minimise(AtomCentredMapTarget(truth, m, idx), GeometryTarget(truth, r), 20.0, x, idx, 100)
+        for row in wrong:
+            assert np.sign(_chiral_volume(x, row)) != np.sign(_chiral_volume(x0, row))  # still on the wrong side
+        out, report = judge_mirror_flips(truth, x, m, r, None, 20.0, False)
+        assert sorted(report.flipped) == sorted(truth.atom_label(int(row[0])) for row in wrong)
+        for row in rows:
+            assert np.sign(_chiral_volume(out, row)) == np.sign(_chiral_volume(x0, row))
+        moved = [int(w[0]) for w in wrong]
+        assert np.abs(out[moved] - x0[moved]).max() < 0.25
 
     res = truth.atoms.residue_index
     regions = [idx[res[idx] == res[row[0]]] for row in rows]
-    pairs = find_nonbonded_pairs(truth, r, x0, buffer=INVERSION_SEARCH_BUFFER, near=np.concatenate(regions))
+    pairs = find_nonbonded_pairs(truth, r, x0, buffer=FLIP_SEARCH_BUFFER, near=np.concatenate(regions))
     terms = [r.bond_atoms, r.angle_atoms, r.torsion_atoms, r.chiral_atoms, np.c_[pairs.i, pairs.j]]
-    for members in independent_colours(regions, r, pairs, None, len(truth.atoms)):
+    colours = independent_colours(regions, r, pairs, None, len(truth.atoms))
+    assert sorted(k for c in colours for k in c) == list(range(len(regions)))
+    for members in colours:
         owner = np.full(len(truth.atoms), -1)
         for k in members:
             assert (owner[regions[k]] == -1).all()
             owner[regions[k]] = k
         for t in terms:
             o = owner[t]
-            o = np.where(o < 0, np.iinfo(np.int64).max, o)
-            lo = o.min(1)
-            hi = np.where(o == np.iinfo(np.int64).max, -1, o).max(1)
-            assert not ((lo != np.iinfo(np.int64).max) & (hi >= 0) & (lo != hi)).any()
+            lo = np.where(o < 0, len(regions), o).min(1)
+            hi = o.max(1)
+            assert not ((hi >= 0) & (lo != hi)).any()  # a term touches at most one region
+    # so a region's change read from its own terms is the union's change with only it swapped in
+    members = max(colours, key=len)
+    assert len(members) >= 2
+    union = np.unique(np.concatenate([regions[k] for k in members]))
+    judge = LocalJudge(truth, dmap, r, None, 20.0, False, union, FLIP_SEARCH_BUFFER, 10, pairs=pairs)
+    shifted = x0.copy()  # every region of the colour moved, as a colour's flipped state is
+    shifted[union] += np.random.default_rng(3).normal(0.0, 0.3, (len(union), 3))
+    for k in members:
+        mix = x0.copy()
+        mix[regions[k]] = shifted[regions[k]]
+        assert judge.change_of_part(x0, shifted, regions[k]) == pytest.approx(
+            judge.objective(mix) - judge.objective(x0), rel=1e-9, abs=1e-9)
 
 
 # --- bad input ------------------------------------------------------------------------------------

@@ -42,6 +42,21 @@ class LocalJudge:
         local = xyz[self.atoms]
         return float(self.weight * self.data.value_and_gradient(local)[0] + self.geom.value_and_gradient(local)[0])
 
+    def change_of_part(self, before: np.ndarray, after: np.ndarray, part: np.ndarray) -> float:
+        """Objective at `after` minus at `before` (all-atom arrays, Å) when only the atoms `part`
+        (model indices, within the region) differ: only the map values of `part` and the terms
+        that involve it are evaluated."""
+        local = np.searchsorted(self.atoms, part)
+        geom = self.geom.restricted_to(local)
+        data = AtomCentredMapTarget(None, self.data.map, local, periodic=self.data.periodic,
+                                    weights=self.data.weights[np.searchsorted(self.region, local)])
+
+        def value(xyz):
+            x = xyz[self.atoms]
+            return self.weight * data.value_and_gradient(x)[0] + geom.value_and_gradient(x)[0]
+
+        return float(value(after) - value(before))
+
     def refined(self, xyz: np.ndarray) -> tuple[np.ndarray, float]:
         """The region refined from `xyz` (all atoms): the whole coordinate array with the region
         replaced, and the local objective there."""

@@ -31,7 +31,7 @@ from ..io.maps import DensityMap, blur_sharpen, mask_around_atoms
 from ..model.arrays import Model
 from ..restraints.topology import Restraints
 from ..targets.map_targets import AtomCentredMapTarget, normalised_map
-from .chiral_inversions import invert_either_handed_centres
+from .mirror_flips import judge_mirror_flips
 from .peptide_flips import flip_new_outliers
 from .realspace import CycleStats, RealSpaceSettings, refine_coordinates
 from .weight import weight_scan
@@ -58,7 +58,7 @@ class RSROptions:
     n_segments: int = 8
     rama_restraints: bool = True
     peptide_flips: bool = True  # try flipping the peptides of residues that became Ramachandran outliers
-    chiral_inversions: bool = True  # try inverting either-handed chiral centres (Val CB, Leu CG) the map disputes
+    mirror_flips: bool = True  # judge the mirror images of either-handed chiral centres and proline puckers
     rama_dir: str | None = None
 
 
@@ -74,7 +74,7 @@ class RSRResult:
     notes: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
     peptide_flips: dict | None = None  # {"tried": [...], "flipped": [...]} residue labels
-    chiral_inversions: dict | None = None  # {"judged": n, "inverted": [...]} centre atom labels
+    mirror_flips: dict | None = None  # {"judged": n, "flipped": [...]} labels of the mirrored atoms
 
 
 def is_crystal_map(dmap: DensityMap, model: Model) -> bool:
@@ -258,16 +258,16 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
                                  periodic=periodic, source=opt.source)
     xyz, _ = refine_coordinates(work, box, restraints, settings, progress=report, rama=rama)
     work.atoms.xyz = xyz
-    inversions = None
-    if opt.chiral_inversions:
-        ti = time.perf_counter()
-        xyz, inversions = invert_either_handed_centres(work, xyz, box, restraints, rama, weight, periodic)
+    mirror = None
+    if opt.mirror_flips:
+        tm = time.perf_counter()
+        xyz, mirror = judge_mirror_flips(work, xyz, box, restraints, rama, weight, periodic)
         work.atoms.xyz = xyz
-        if inversions.judged:
-            notes.append(f"either-handed chiral centres: {len(inversions.inverted)} of {inversions.judged} inverted"
-                         + (f" ({', '.join(inversions.inverted)})" if inversions.inverted else ""))
+        if mirror.judged:
+            notes.append(f"mirror flips (either-handed chiral centres, proline puckers): {len(mirror.flipped)} of "
+                         f"{mirror.judged} taken" + (f" ({', '.join(mirror.flipped)})" if mirror.flipped else ""))
             log(notes[-1])
-        timing["chiral_inversions_s"] = time.perf_counter() - ti
+        timing["mirror_flips_s"] = time.perf_counter() - tm
     flips = None
     if rama is not None and opt.peptide_flips:
         tf = time.perf_counter()
@@ -292,4 +292,4 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
     return RSRResult(xyz=xyz, b_iso=b_iso, cycles=cycles, weight=float(weight), weight_scan=scan,
                      sharpen_b=sharpen_b, map_box=box, notes=notes, timing=timing,
                      peptide_flips=flips.as_dict() if flips is not None else None,
-                     chiral_inversions=inversions.as_dict() if inversions is not None else None)
+                     mirror_flips=mirror.as_dict() if mirror is not None else None)

@@ -92,6 +92,22 @@ class GeometryTarget:
             out.rama = replace(self.rama, atoms=loc[self.rama.atoms])
         return out, atoms
 
+    def restricted_to(self, atoms: np.ndarray) -> GeometryTarget:
+        """This target over only the restraints, contacts and Ramachandran rows that involve
+        `atoms` (indices in this target's numbering): with the other atoms fixed, its changes are
+        this target's changes (a part of a compacted target judged alone)."""
+        sel = np.zeros(self.restraints.n_atoms, dtype=bool)
+        sel[np.asarray(atoms)] = True
+        out = copy(self)
+        out.restraints = self.restraints.touching(atoms)
+        if self.use_nonbonded and self.pairs is not None:
+            keep = sel[self.pairs.i] | sel[self.pairs.j]
+            out.pairs = replace(self.pairs, **{name: getattr(self.pairs, name)[keep] for name in
+                                               ("i", "j", "op", "d_min", "weight", "is_hbond", "is_14")})
+        if self.rama is not None:
+            out.rama = self.rama.subset(sel[self.rama.atoms].any(axis=1))
+        return out
+
     def update(self, xyz: np.ndarray) -> None:
         """Refresh the neighbour list when atoms have moved by more than half the search buffer."""
         if self.model is None:  # a compacted target: its neighbour list stays as it was made
