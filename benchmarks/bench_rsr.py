@@ -136,7 +136,7 @@ def main():
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
     print(f"# {time.strftime('%Y-%m-%d')} {os.cpu_count()} cores; cases in {work}")
-    for case in a.cases.split(","):
+    for case in filter(None, a.cases.split(",")):  # --cases "" runs none (e.g. only --scan-workers)
         res = "3.2" if case == "3j6b" else case.split("_")[1]
         d = work / case if case == "3j6b" else make_case(work, case)
         d.mkdir(exist_ok=True)
