@@ -1093,7 +1093,8 @@ def cmd_ensemble(args) -> int:
 
             # one weight for the whole ensemble: the scan on the start model (same settings for all);
             # only the provisional cycle and the scan run, not the rest of the protocol
-            scan_only = dataclasses.replace(payload["options"], macro_cycles=1, final_target="atom")
+            scan_only = dataclasses.replace(payload["options"], macro_cycles=1, final_target="atom",
+                                            mirror_flips=False, peptide_flips=False)
             weight = run_rsr(payload["model"], payload["data"], payload["restraints"], scan_only, client=client,
                              log=lambda s: None).weight
             log(f"weight {weight:.4g} from the weight scan of the start model, used by every member")
