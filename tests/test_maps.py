@@ -20,6 +20,7 @@ from drefine.io.maps import (
     blur_sharpen,
     correlation,
     mask_around_atoms,
+    nearest_atom_labels,
     read_map,
     read_zarr,
     resample,
@@ -302,18 +303,26 @@ def test_resample_a_box_keeps_its_region():
     assert np.allclose(fine.data[::2, ::2, ::2], m.data)
 
 
-def brute_force_mask(m: DensityMap, xyz, radius, periodic):
+def brute_force_nearest(m: DensityMap, xyz, radius, periodic):
+    """Per grid point, the nearest atom (over the 27 nearest images when periodic) within radius, or −1."""
     idx = np.stack(np.meshgrid(*[np.arange(n) for n in m.shape], indexing="ij"), -1).reshape(-1, 3)
     pts = m.xyz_of_index(idx)
     if periodic:  # atoms into the cell first, then the 27 nearest images
         xyz = np.mod((xyz - m.origin) @ m.frac_matrix.T, 1.0) @ m.orth_matrix.T + m.origin
     shifts = [np.array(s) for s in np.ndindex(3, 3, 3)] if periodic else [np.ones(3, int)]
-    inside = np.zeros(len(pts), bool)
+    best = np.full(len(pts), np.inf)
+    label = np.full(len(pts), -1)
     for s in shifts:
         lattice = (s - 1) @ m.orth_matrix.T
         d = np.linalg.norm(pts[:, None, :] - (xyz[None, :, :] + lattice), axis=2)
-        inside |= (d <= radius).any(axis=1)
-    return inside.reshape(m.shape)
+        near, dn = d.argmin(axis=1), d.min(axis=1)
+        better = (dn <= radius) & (dn < best)
+        best[better], label[better] = dn[better], near[better]
+    return label.reshape(m.shape)
+
+
+def brute_force_mask(m: DensityMap, xyz, radius, periodic):
+    return brute_force_nearest(m, xyz, radius, periodic) >= 0
 
 
 def test_mask_around_atoms_matches_brute_force():
@@ -332,6 +341,10 @@ def test_mask_around_atoms_matches_brute_force():
     assert np.array_equal(got_box, brute_force_mask(box, xyz_box, 1.8, periodic=False))
     assert got_box.any() and not got_box.all()
     assert not mask_around_atoms(box, np.zeros((0, 3)), 2.0).any()
+    # the nearest atom of each point, as map_model_fit's per-residue CC uses it
+    assert np.array_equal(nearest_atom_labels(full, xyz, 2.3), brute_force_nearest(full, xyz, 2.3, periodic=True))
+    assert np.array_equal(nearest_atom_labels(box, xyz_box, 1.8), brute_force_nearest(box, xyz_box, 1.8, False))
+    assert (nearest_atom_labels(box, xyz_box, 1.8) >= 0).sum() > 50
 
 
 def test_correlation_is_pearson():

@@ -5,14 +5,14 @@ honoured), as `model_map` does: electron form factors for cryo-EM maps, X-ray on
 crystallographic maps. CC_box: over the whole box. CC_mask: over grid points within
 `mask_radius` of any model atom (2.5 Å by default, the radius of the shared yardstick
 `tools/metrics.py`). Per-residue CC: each masked grid point belongs to the residue of its
-nearest atom; sums per residue by bincount (one pass, no loop over residues or points).
+nearest atom; sums per residue by bincount (one pass, no loop over residues or points); the mask and the
+nearest atoms come from one pass over each atom's sphere (periodic images of a full cell included).
 """
 from __future__ import annotations
 
 import numpy as np
-from scipy.spatial import cKDTree
 
-from ..io.maps import DensityMap, mask_around_atoms
+from ..io.maps import DensityMap, nearest_atom_labels
 from ..model.arrays import Model
 from .model_map import model_map
 
@@ -44,20 +44,17 @@ def map_model_fit(model: Model, dmap: DensityMap, d_min: float, source: str = "e
     data = np.asarray(dmap.load().data, dtype=np.float64)
     calc = model_map_on_grid(model, dmap, d_min, source, idx)
     xyz = model.atoms.xyz[idx]
-    mask = mask_around_atoms(dmap, xyz, mask_radius)
+    nearest = nearest_atom_labels(dmap, xyz, mask_radius)  # one pass gives the mask and its labels
+    mask = nearest >= 0
     out = {"cc_box": _pearson(data.ravel(), calc.ravel()),
            "cc_mask": _pearson(data[mask], calc[mask]) if mask.any() else float("nan"),
            "mask_radius": mask_radius, "mask_points": int(mask.sum()),
            "atoms_inside_map": float(dmap.covers(xyz))}
     # per residue: masked points labelled by the residue of their nearest atom
-    pts = np.argwhere(mask)
-    if len(pts):
-        pos = dmap.xyz_of_index(pts)
-        dist, near = cKDTree(xyz).query(pos, distance_upper_bound=mask_radius + 1e-6)
-        ok = np.isfinite(dist)
-        res = model.atoms.residue_index[idx][near[ok]]
-        x = data[tuple(pts[ok].T)]
-        y = calc[tuple(pts[ok].T)]
+    if mask.any():
+        res = model.atoms.residue_index[idx][nearest[mask]]
+        x = data[mask]
+        y = calc[mask]
         n_res = len(model.residues)
         n = np.bincount(res, minlength=n_res).astype(np.float64)
         sx, sy = np.bincount(res, x, n_res), np.bincount(res, y, n_res)

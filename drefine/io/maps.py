@@ -597,8 +597,10 @@ def blur_sharpen(dmap: DensityMap, b_factor: float) -> DensityMap:
 
 
 @njit(cache=True, nogil=True)
-def _mask_kernel(mask, g, reach, step_cart, r2, periodic):
-    """Set mask points within √r2 Å of each atom; loops over each atom's local index box."""
+def _sphere_kernel(mask, label, d2_min, g, reach, step_cart, r2, periodic, track):
+    """Set mask points within √r2 Å of each atom; with `track`, also keep at each point the index
+    of the nearest atom (`label`) and its squared distance (`d2_min`). Loops over each atom's
+    local index box."""
     nu, nv, nw = mask.shape
     for p in range(g.shape[0]):
         x, y, z = g[p, 0], g[p, 1], g[p, 2]
@@ -624,8 +626,22 @@ def _mask_kernel(mask, g, reach, step_cart, r2, periodic):
                     ex = cx + step_cart[0, 2] * dz
                     ey = cy + step_cart[1, 2] * dz
                     ez = cz + step_cart[2, 2] * dz
-                    if ex * ex + ey * ey + ez * ez <= r2:
-                        mask[ii, jj, k % nw] = True
+                    d2 = ex * ex + ey * ey + ez * ez
+                    if d2 <= r2:
+                        kk = k % nw
+                        mask[ii, jj, kk] = True
+                        if track and d2 < d2_min[ii, jj, kk]:
+                            d2_min[ii, jj, kk] = d2
+                            label[ii, jj, kk] = p
+
+
+def _sphere_setup(m: DensityMap, xyz, radius: float, periodic: bool | None):
+    p = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
+    g = np.ascontiguousarray(m.index_of_xyz(p)) if len(p) else np.zeros((0, 3))
+    # half-width of a sphere in grid units along axis i: r·|row i of F| (r / interplanar spacing) · M_i
+    reach = float(radius) * np.linalg.norm(m.frac_matrix, axis=1) * m.sampling
+    step_cart = np.ascontiguousarray(m.orth_matrix / m.sampling[None, :])  # Å of a unit step in index i, j, k
+    return g, reach, step_cart, float(radius) ** 2, m.is_full_cell if periodic is None else bool(periodic)
 
 
 def mask_around_atoms(map_geometry: DensityMap, xyz, radius: float, periodic: bool | None = None) -> np.ndarray:
@@ -634,19 +650,22 @@ def mask_around_atoms(map_geometry: DensityMap, xyz, radius: float, periodic: bo
     Only the geometry of `map_geometry` is used. A periodic map (default: a full cell) wraps
     atoms into the cell; otherwise points outside the box are skipped.
     """
-    m = map_geometry
-    mask = np.zeros(m.shape, dtype=np.bool_)
-    p = np.asarray(xyz, dtype=np.float64).reshape(-1, 3)
-    if len(p) == 0:
-        return mask
-    g = np.ascontiguousarray(m.index_of_xyz(p))
-    F = m.frac_matrix
-    # half-width of a sphere in grid units along axis i: r·|row i of F| (r / interplanar spacing) · M_i
-    reach = float(radius) * np.linalg.norm(F, axis=1) * m.sampling
-    step_cart = m.orth_matrix / m.sampling[None, :]  # Cartesian Å of a unit step in index i, j, k
-    per = m.is_full_cell if periodic is None else bool(periodic)
-    _mask_kernel(mask, g, reach, np.ascontiguousarray(step_cart), float(radius) ** 2, per)
+    mask = np.zeros(map_geometry.shape, dtype=np.bool_)
+    g, reach, step_cart, r2, per = _sphere_setup(map_geometry, xyz, radius, periodic)
+    dummy_label, dummy_d2 = np.zeros((1, 1, 1), dtype=np.int32), np.zeros((1, 1, 1))
+    _sphere_kernel(mask, dummy_label, dummy_d2, g, reach, step_cart, r2, per, False)
     return mask
+
+
+def nearest_atom_labels(map_geometry: DensityMap, xyz, radius: float, periodic: bool | None = None) -> np.ndarray:
+    """Per grid point (shape of the map): the index into xyz (N, 3, Å) of the nearest atom within
+    `radius` Å, −1 where none is (images of a periodic map included, as in `mask_around_atoms`)."""
+    mask = np.zeros(map_geometry.shape, dtype=np.bool_)
+    label = np.full(map_geometry.shape, -1, dtype=np.int32)
+    d2 = np.full(map_geometry.shape, np.inf)
+    g, reach, step_cart, r2, per = _sphere_setup(map_geometry, xyz, radius, periodic)
+    _sphere_kernel(mask, label, d2, g, reach, step_cart, r2, per, True)
+    return label
 
 
 def correlation(a, b, mask=None) -> float:
