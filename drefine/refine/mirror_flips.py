@@ -68,12 +68,18 @@ def hydrogens_of(model: Model, restraints: Restraints, centres: np.ndarray) -> d
     return out
 
 
-def mirrored(xyz: np.ndarray, row: np.ndarray, hydrogens: dict[int, list[int]]) -> np.ndarray:
-    """Coordinates with atom row[0] and its hydrogens mirrored through the plane of row[1:4] (a
-    mirrored hydrogen stays on the far side of the plane)."""
+def mirror_flip(xyz: np.ndarray, row: np.ndarray, hydrogens: dict[int, list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    """Atom row[0] and its hydrogens, and their positions mirrored through the plane of row[1:4]
+    (a mirrored hydrogen stays on the far side of the plane)."""
     moving = np.array([int(row[0]), *hydrogens.get(int(row[0]), [])], dtype=np.int64)
+    return moving, mirror_through_plane(xyz[moving], *xyz[row[1:4]])
+
+
+def mirrored(xyz: np.ndarray, row: np.ndarray, hydrogens: dict[int, list[int]]) -> np.ndarray:
+    """Coordinates with the mirror flip of `row` made (see mirror_flip)."""
+    moving, moved = mirror_flip(xyz, row, hydrogens)
     out = xyz.copy()
-    out[moving] = mirror_through_plane(xyz[moving], *xyz[row[1:4]])
+    out[moving] = moved
     return out
 
 
@@ -171,9 +177,10 @@ def judge_mirror_flips(model: Model, xyz: np.ndarray, dmap: DensityMap, restrain
         work.atoms.xyz = xyz
         judge = LocalJudge(work, dmap, restraints, rama, weight, periodic, union, FLIP_SEARCH_BUFFER,
                            FLIP_ITERATIONS, pairs=pairs)
-        start_b = xyz
+        start_b = xyz.copy()
         for k in members:
-            start_b = mirrored(start_b, rows[k], hydrogens)
+            moving, moved = mirror_flip(xyz, rows[k], hydrogens)
+            start_b[moving] = moved
         as_is, _ = judge.refined(xyz)
         flipped, _ = judge.refined(start_b)
         # regions of one colour share no term: each one's change is its own terms' change
