@@ -129,8 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
                                    "mirror flips of either-handed chiral centres (Val CB, Leu CG) and proline "
                                    "puckers taken where the map prefers them, "
                                    "peptide flips tried for residues that became Ramachandran outliers, a final "
-                                   "cycle on the map-model least-squares target (begun on the map low-passed to 4/3 of "
-                                   "the resolution on a coarser grid); the data/restraint weight found by "
+                                   "cycle on the map-model least-squares target; the data/restraint weight found by "
                                    "a segment scan (a batch of tasks: in-process, or on a dask cluster with "
                                    "--scheduler). Writes PREFIX.cif (and .pdb when it fits), PREFIX.json (per-cycle "
                                    "statistics and validation) and PREFIX.log.")

@@ -19,7 +19,6 @@ from drefine.io.maps import (
     DensityMap,
     blur_sharpen,
     correlation,
-    low_pass_coarsened,
     mask_around_atoms,
     nearest_atom_labels,
     read_map,
@@ -324,31 +323,6 @@ def brute_force_nearest(m: DensityMap, xyz, radius, periodic):
 
 def brute_force_mask(m: DensityMap, xyz, radius, periodic):
     return brute_force_nearest(m, xyz, radius, periodic) >= 0
-
-
-def test_low_pass_coarsened_is_exact_for_plane_waves():
-    """Waves within 1/d_min come out exactly on the coarser grid (same region, same origin),
-    waves beyond it are gone; an oblique cell too."""
-    cell = gemmi.UnitCell(40.0, 44.0, 36.0, 90.0, 103.0, 90.0)
-    n = (60, 66, 54)
-    m = DensityMap(np.zeros(n), cell, n, (0, 0, 0), origin=(3.0, -2.0, 1.0))
-    waves = [((3, 2, -5), 1.0), ((7, 0, -4), 0.5), ((20, 9, 0), 0.7)]  # (hkl, amplitude)
-    s_len = [np.linalg.norm(np.array(hkl) @ m.frac_matrix) for hkl, _ in waves]
-    assert s_len[0] < 0.25 and s_len[1] < 0.25 and s_len[2] > 0.25  # the last is beyond 4 Å
-
-    def f(dm, upto):
-        idx = np.stack(np.meshgrid(*[np.arange(k) for k in dm.shape], indexing="ij"), -1).reshape(-1, 3)
-        frac = idx / np.asarray(dm.sampling)
-        v = 1.0 + sum(a * np.cos(2 * np.pi * frac @ np.array(hkl) + 0.3) for hkl, a in waves[:upto])
-        return v.reshape(dm.shape)
-
-    m = m.with_data(f(m, 3))
-    c = low_pass_coarsened(m, 4.0, 1.3)
-    assert all(c.shape[i] < m.shape[i] for i in range(3))
-    assert np.allclose(c.xyz_of_index([[0, 0, 0]]), m.xyz_of_index([[0, 0, 0]]))
-    assert np.abs(c.data - f(c, 2)).max() < 1e-10
-    with pytest.raises(ValueError):
-        low_pass_coarsened(m, 1.0, 0.5)  # the grid does not sample 1 Å
 
 
 def test_mask_around_atoms_matches_brute_force():

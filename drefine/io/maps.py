@@ -596,36 +596,6 @@ def blur_sharpen(dmap: DensityMap, b_factor: float) -> DensityMap:
     return m.with_data(out)
 
 
-def low_pass_coarsened(dmap: DensityMap, d_min: float, spacing: float) -> DensityMap:
-    """The map low-passed to `d_min` Å (a sharp cut, as model maps have) on a coarser grid of
-    about `spacing` Å covering the same periodic block, by cropping its Fourier coefficients:
-    exact for the band-limited result, and cheaper than interpolating. The block must be a whole
-    periodic box (start 0, shape = sampling: a full cell or a box cut for refinement). The new
-    grid is 2·3·5-smooth and keeps every coefficient within 1/d_min; never finer than the old."""
-    import scipy.fft
-
-    m = dmap.load()
-    if tuple(m.shape) != tuple(int(n) for n in m.sampling) or np.any(m.start != 0):
-        raise ValueError("low_pass_coarsened needs a whole periodic box (start 0, shape = sampling)")
-    data = np.asarray(m.data, dtype=np.float64)
-    coef = scipy.fft.rfftn(data, workers=-1)
-    coef[_s_squared(m, coef.shape) > 1.0 / d_min ** 2] = 0.0
-    edges = np.linalg.norm(m.orth_matrix, axis=0)  # |a|, |b|, |c| in Å
-    h = np.floor(edges / d_min).astype(int)  # the highest index along each axis within 1/d_min
-    old = np.array(m.shape)
-    if np.any(old < 2 * h + 2):
-        raise ValueError(f"the map's grid does not sample {d_min} Å")
-    new = [min(int(old[i]), scipy.fft.next_fast_len(max(int(np.ceil(edges[i] / spacing)), 2 * int(h[i]) + 2),
-                                                     real=True)) for i in range(3)]
-    rows = [np.r_[0:h[i] + 1, old[i] - h[i]:old[i]] for i in range(2)]  # kept indices, old grid
-    to = [np.r_[0:h[i] + 1, new[i] - h[i]:new[i]] for i in range(2)]  # their places, new grid
-    out = np.zeros((new[0], new[1], new[2] // 2 + 1), dtype=coef.dtype)
-    out[np.ix_(to[0], to[1], np.arange(h[2] + 1))] = coef[np.ix_(rows[0], rows[1], np.arange(h[2] + 1))]
-    values = scipy.fft.irfftn(out, s=new, workers=-1) * (np.prod(new) / np.prod(old))
-    return DensityMap(data=values, cell=m.cell, sampling=np.array(new), start=np.zeros(3, dtype=int),
-                      origin=m.origin, spacegroup=m.spacegroup, source=m.source)
-
-
 @njit(cache=True, nogil=True)
 def _sphere_kernel(mask, label, d2_min, g, reach, step_cart, r2, periodic, track):
     """Set mask points within √r2 Å of each atom; with `track`, also keep at each point the index

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from scipy.optimize import minimize
 
-from ..io.maps import DensityMap, low_pass_coarsened
+from ..io.maps import DensityMap
 from ..model.arrays import Model
 from ..restraints.target import GeometryTarget
 from ..restraints.topology import Restraints
@@ -32,13 +32,7 @@ class RealSpaceSettings:
     macro_cycles: int = 5
     iterations: int = 50  # L-BFGS iterations per atom-centred macro-cycle
     final_target: str = "atom"  # "atom" or "ls" (map-model least squares) for the last cycle
-    final_iterations: int = 30
-    # The final LS cycle first runs `coarse_iterations` on the map low-passed to coarse_factor × the
-    # resolution and sampled that much coarser (cryo-EM boxes; a crystal's cell runs them at full
-    # resolution instead): a wider basin for side chains the atom-centred cycles left off, at
-    # about half the cost of an iteration (see BENCHMARKS.md).
-    coarse_iterations: int = 10
-    coarse_factor: float = 4.0 / 3.0
+    final_iterations: int = 40
     source: str = "electron"
     periodic: bool = False
     refine_hydrogens: bool = True
@@ -124,16 +118,10 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         geom.update(xyz)
         target = (MapModelLSTarget(model, dmap, settings.resolution, idx, settings.source, periodic=settings.periodic)
                   if final_ls else data)
-        iterations = settings.final_iterations if final_ls else settings.iterations
-        coarse = None
-        if final_ls and settings.coarse_iterations > 0:
-            if settings.periodic:
-                iterations += settings.coarse_iterations
-            else:
-                xyz, coarse = _coarse_ls_stage(model, dmap, idx, geom, settings, xyz, movable)
         scale = _ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0
         weight = settings.weight * scale
-        new, info = minimise(target, geom, weight, xyz, movable, iterations)
+        new, info = minimise(target, geom, weight, xyz, movable,
+                             settings.final_iterations if final_ls else settings.iterations)
         b, a = geometry_rmsd(new, restraints, is_h)
         if final_ls:
             # The final target has no geometry of its own in the weight scan: keep it honest.
@@ -154,8 +142,6 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         # report the nominal weight (the one the scan chose, halved if the guard acted); the final
         # target's gradient-matching scale is kept apart
         extra = {"weight_halvings": info["weight_halvings"], "ls_gradient_scale": scale} if final_ls else {}
-        if coarse:
-            extra["coarse_stage"] = coarse
         st = CycleStats(c, "map-model LS" if final_ls else "atom-centred", weight / scale, info["map"],
                         info["geometry"], b, a, shift, info["iterations"], time.perf_counter() - t0, extra)
         stats.append(st)
@@ -164,21 +150,6 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
         if not final_ls and np.sqrt(((xyz[movable] - before[movable]) ** 2).sum(1).mean()) < settings.converged_shift:
             converged = True
     return xyz, stats
-
-
-def _coarse_ls_stage(model, dmap, idx, geom, settings: RealSpaceSettings, xyz, movable) -> tuple[np.ndarray, dict]:
-    """The final cycle's first iterations, against the map low-passed to coarse_factor × the
-    resolution on a grid that much coarser (Fourier cropping: `low_pass_coarsened`), with the
-    weight scaled for that map as the final target's is for the map itself."""
-    box = dmap.load()
-    d_low = settings.resolution * settings.coarse_factor
-    voxel = float(np.mean(np.linalg.norm(box.orth_matrix, axis=0) / np.asarray(box.sampling)))
-    coarse = low_pass_coarsened(box, d_low, voxel * settings.coarse_factor)
-    target = MapModelLSTarget(model, coarse, d_low, idx, settings.source, periodic=False)
-    scale = _ls_weight_scale(model, coarse, idx, target, AtomCentredMapTarget(model, coarse, idx), xyz)
-    new, info = minimise(target, geom, settings.weight * scale, xyz, movable, settings.coarse_iterations)
-    return new, {"d_min": d_low, "grid": [int(n) for n in coarse.shape], "iterations": info["iterations"],
-                 "ls_gradient_scale": scale}
 
 
 def _ls_weight_scale(model, dmap, idx, ls_target, ac_target, xyz) -> float:
