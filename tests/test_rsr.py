@@ -52,6 +52,7 @@ def test_rsr_recovers_the_truth(synthetic_case, tmp_path):
     assert rep["final"]["bonds_rmsd"] < 0.012 and rep["final"]["angles_rmsd"] < 1.5
     assert rep["final"]["cc_mask"] > rep["start"]["cc_mask"]
     assert rep["cycles"] and rep["cycles"][-1]["target"] == "map-model LS"
+    assert rep["details"]["mirror_flips"]["judged"] > 0 and isinstance(rep["details"]["mirror_flips"]["flipped"], list)
     assert rep["details"]["weight_scan"]["weight"] == rep["final"]["weight"]
     assert rep["details"]["peptide_flips"] is None or set(rep["details"]["peptide_flips"]) == {"tried", "flipped"}
     assert (tmp_path / "refined.log").read_text().count("cycle") >= 2
