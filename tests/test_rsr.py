@@ -291,6 +291,19 @@ def test_mirror_flips_restore_wrong_hands_and_puckers(synthetic_case):
             judge.objective(mix) - judge.objective(x0), rel=1e-9, abs=1e-9)
 
 
+def test_mirror_flips_leave_alternate_conformers_alone(data_dir):
+    """In a two-conformer model no candidate touches an atom of an alternate conformer."""
+    from drefine.refine.mirror_flips import flip_candidates
+
+    m = read_model(need(data_dir, "untangle/best.pdb"))
+    r = build_restraints(m)
+    rows = flip_candidates(m, r)
+    has_alt = np.zeros(len(m.atoms), bool)
+    has_alt[r.chiral_atoms[r.chiral_both].ravel()] = True
+    assert (m.atoms.altloc[has_alt] != "").any()  # the model has either-handed centres in conformers
+    assert (m.atoms.altloc[rows] == "").all()  # (here: none at all, every residue has two conformers)
+
+
 # --- bad input ------------------------------------------------------------------------------------
 
 def test_map_not_covering_the_model_says_how_much(synthetic_case, tmp_path):
