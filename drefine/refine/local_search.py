@@ -1,5 +1,5 @@
 """A small region of a model refined alone against the real-space objective: the judge of the
-discrete moves (peptide flips, chiral-centre inversions) that gradient refinement cannot make.
+discrete moves (peptide flips, mirror flips) that gradient refinement cannot make.
 
 The region's atoms move; the atoms its restraints and contacts reach are kept fixed; the map
 term is the atom-centred target over the region. A move is judged by refining the region from
@@ -43,9 +43,10 @@ class LocalJudge:
         return float(self.weight * self.data.value_and_gradient(local)[0] + self.geom.value_and_gradient(local)[0])
 
     def change_of_part(self, before: np.ndarray, after: np.ndarray, part: np.ndarray) -> float:
-        """Objective at `after` minus at `before` (all-atom arrays, Å) when only the atoms `part`
-        (model indices, within the region) differ: only the map values of `part` and the terms
-        that involve it are evaluated."""
+        """The objective's change from `before` to `after` (all-atom arrays, Å) due to the atoms
+        `part` (model indices, within the region): the map values of `part` and the terms that
+        involve it, evaluated at both. It is the whole change of swapping in `part` alone when no
+        term joins `part` to other atoms that differ (the regions of one colour of mirror flips)."""
         local = np.searchsorted(self.atoms, part)
         geom = self.geom.restricted_to(local)
         data = AtomCentredMapTarget(None, self.data.map, local, periodic=self.data.periodic,
