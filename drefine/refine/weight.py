@@ -159,8 +159,11 @@ def weight_scan(model: Model, dmap: DensityMap, restraints: Restraints, client=N
     shared = (dmap if periodic else None, rama.potential if rama is not None else None)
     targets = (bond_target, angle_target)
 
+    # the restraints that touch any segment, once: each problem then picks its own from these few
+    near = restraints.touching(np.concatenate(segments))
+
     def problem(k):
-        return segment_problem(model, dmap, restraints, segments[k], rama, pairs, periodic)
+        return segment_problem(model, dmap, near, segments[k], rama, pairs, periodic)
 
     if client is None:
         results = [segment_trials(problem(k), shared, weights, iterations, targets) for k in range(len(segments))]
