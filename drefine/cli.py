@@ -171,7 +171,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not judge mirror images: by default, before the final cycle, each either-handed "
                         "chiral centre (Val CB, Leu CG: the library allows both hands) is mirrored through its "
                         "substituents' plane and each proline CG through its CA-CB-CD plane (the other pucker), "
-                        "and the flip is kept when the local map fit plus restraints prefer it")
+                        "and the flip is kept when the local map fit plus restraints prefer it; atoms of "
+                        "alternate conformers are left alone")
     x = sub.add_parser("xray", help="reciprocal-space refinement against X-ray (or electron/neutron) data",
                        description="Refine coordinates, B factors (isotropic or anisotropic) and the occupancies of "
                                    "alternate conformers against amplitudes or intensities (French-Wilson): bulk "

@@ -36,29 +36,22 @@ class GeometryTarget:
         self.restraints = restraints if movable is None else restraints.touching(movable)
         self.rama = rama
         if rama is not None and movable is not None:
-            sel = np.zeros(len(model.atoms), dtype=bool)
-            sel[movable] = True
-            keep = sel[rama.atoms].any(axis=1)
-            self.rama = type(rama)(rama.atoms[keep], rama.kind[keep], rama.potential, rama.source)
+            self.rama = rama.subset(_selected(len(model.atoms), movable)[rama.atoms].any(axis=1))
         self.use_nonbonded = nonbonded
         self.search_buffer = search_buffer
         self.weights = {t: 1.0 for t in TERMS} | (weights or {})
         self.pairs: NonbondedPairs | None = None
         if nonbonded:
-            self.pairs = self._pairs(model.atoms.xyz) if pairs is None else self._touching_movable(copy(pairs))
+            self.pairs = self._pairs(model.atoms.xyz) if pairs is None else self._touching_movable(pairs)
 
     def _pairs(self, xyz):
         return self._touching_movable(find_nonbonded_pairs(self.model, self.full_restraints, xyz,
                                                            buffer=self.search_buffer))
 
     def _touching_movable(self, pairs: NonbondedPairs) -> NonbondedPairs:
-        if self.movable is not None:
-            sel = np.zeros(len(self.model.atoms), dtype=bool)
-            sel[self.movable] = True
-            keep = sel[pairs.i] | sel[pairs.j]
-            for name in ("i", "j", "op", "d_min", "weight", "is_hbond", "is_14"):
-                setattr(pairs, name, getattr(pairs, name)[keep])
-        return pairs
+        if self.movable is None:
+            return pairs
+        return _pairs_touching(pairs, _selected(len(self.model.atoms), self.movable))
 
     def compacted(self, extra=()) -> tuple[GeometryTarget, np.ndarray]:
         """This target over only the atoms it involves (and `extra`), renumbered 0…n−1, with those
@@ -96,14 +89,11 @@ class GeometryTarget:
         """This target over only the restraints, contacts and Ramachandran rows that involve
         `atoms` (indices in this target's numbering): with the other atoms fixed, its changes are
         this target's changes (a part of a compacted target judged alone)."""
-        sel = np.zeros(self.restraints.n_atoms, dtype=bool)
-        sel[np.asarray(atoms)] = True
+        sel = _selected(self.restraints.n_atoms, atoms)
         out = copy(self)
         out.restraints = self.restraints.touching(atoms)
         if self.use_nonbonded and self.pairs is not None:
-            keep = sel[self.pairs.i] | sel[self.pairs.j]
-            out.pairs = replace(self.pairs, **{name: getattr(self.pairs, name)[keep] for name in
-                                               ("i", "j", "op", "d_min", "weight", "is_hbond", "is_14")})
+            out.pairs = _pairs_touching(self.pairs, sel)
         if self.rama is not None:
             out.rama = self.rama.subset(sel[self.rama.atoms].any(axis=1))
         return out
@@ -166,3 +156,16 @@ class GeometryTarget:
             f += w[name] * v
             g += w[name] * grads[name]
         return float(f), g
+
+
+def _selected(n: int, atoms) -> np.ndarray:
+    sel = np.zeros(n, dtype=bool)
+    sel[np.asarray(atoms)] = True
+    return sel
+
+
+def _pairs_touching(pairs: NonbondedPairs, sel: np.ndarray) -> NonbondedPairs:
+    """A copy of the neighbour list with only the pairs that involve a selected atom."""
+    keep = sel[pairs.i] | sel[pairs.j]
+    return replace(pairs, **{name: getattr(pairs, name)[keep]
+                             for name in ("i", "j", "op", "d_min", "weight", "is_hbond", "is_14")})
