@@ -35,7 +35,6 @@ from ..restraints.nonbonded import NonbondedPairs, find_nonbonded_pairs
 from ..restraints.topology import Restraints
 from .local_search import LocalJudge
 
-FLIP_NEIGHBOURS = 0  # residues on each side refined with a flip
 FLIP_ITERATIONS = 40  # L-BFGS iterations for a colour's union of regions
 FLIP_SEARCH_BUFFER = 2.0  # Å beyond the repulsion cutoff: a flip moves its atom ~1 Å
 
@@ -165,10 +164,12 @@ def judge_mirror_flips(model: Model, xyz: np.ndarray, dmap: DensityMap, restrain
     rows = flip_candidates(model, restraints)
     if not len(rows):
         return xyz, report
+    # a flip's region is its residue (all its restrained atoms): group the atoms by residue once
     res = model.atoms.residue_index
-    chain = model.residues.chain_index
-    regions = [idx[(np.abs(res[idx] - res[row[0]]) <= FLIP_NEIGHBOURS) & (chain[res[idx]] == chain[res[row[0]]])]
-               for row in rows]
+    by_res = idx[np.argsort(res[idx], kind="stable")]
+    starts = np.searchsorted(res[by_res], res[rows[:, 0]], side="left")
+    ends = np.searchsorted(res[by_res], res[rows[:, 0]], side="right")
+    regions = [by_res[a:b] for a, b in zip(starts, ends)]
     work = model.copy()
     work.atoms.xyz = xyz
     # one contact search for every judge, wide enough for the flipped states
