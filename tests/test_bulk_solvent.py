@@ -86,3 +86,24 @@ def test_cell_mismatch_is_refused(data_dir):
     t = read_reflections(need(data_dir, "xray/5orl/5orl_phases.mtz"))
     with pytest.raises(InputError, match="cell"):
         compute_fmodel(m, t)
+
+
+def test_scale_model_jacobian_matches_finite_differences():
+    """The analytic Jacobian of the scale and solvent fit (ln k, B_aniso coefficients, k_sol, B_sol)."""
+    from drefine.density.bulk_solvent import _ScaleModel
+
+    rng = np.random.default_rng(0)
+    cell = gemmi.UnitCell(40, 50, 60, 90, 100, 90)
+    hkl = rng.integers(-8, 9, (400, 3))
+    hkl = hkl[np.abs(hkl).sum(1) > 0]
+    s_vec = hkl @ np.array(cell.frac.mat.tolist())
+    f_calc = rng.normal(size=len(hkl)) + 1j * rng.normal(size=len(hkl))
+    f_mask = rng.normal(size=len(hkl)) + 1j * rng.normal(size=len(hkl))
+    basis = aniso_basis(cell, gemmi.SpaceGroup("P 1 21 1"))
+    model = _ScaleModel(s_vec, (s_vec ** 2).sum(1), f_calc, f_mask, np.abs(f_calc) + 0.1, basis, True)
+    x = np.concatenate([[0.2], rng.normal(size=len(basis)) * 3, [0.35, 45.0]])
+    jac = model.jacobian(x)
+    h = 1e-6
+    numeric = np.array([(model.residuals(x + e) - model.residuals(x - e)) / (2 * h)
+                        for e in np.eye(len(x)) * h]).T
+    assert np.abs(jac - numeric).max() < 1e-6 * np.abs(jac).max()

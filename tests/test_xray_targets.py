@@ -62,6 +62,52 @@ def test_derivative_matches_finite_differences(kind):
     assert np.all(d[~work] == 0)  # the test set never enters the target
 
 
+@pytest.mark.parametrize("kind", ["ls", "ml"])
+def test_curvature_matches_finite_differences_along_the_phase(kind):
+    """The per-reflection curvature the Fisher step uses is ∂²T/∂|F_calc|² (k_total folded in):
+    the second difference of T when F_calc moves along its own phase."""
+    fo, sg, fm, eps, centric = _simulated(n=300, seed=4)
+    sg = np.full(len(fo), 0.5)
+    work = np.ones(len(fo), bool)
+    work[::7] = False
+    k_total = np.full(len(fo), 1.3)
+    if kind == "ls":
+        t = LeastSquaresTarget(fo, sg, work)
+    else:
+        t = MaximumLikelihoodTarget(fo, sg, eps, centric, np.zeros(len(fo), int), work, ~work)
+        t.update(k_total * fm)
+    c = t.curvature(k_total * fm, k_total)
+    # (least squares re-solves its scale k at every call; one reflection of 300 hardly moves it)
+    h = 1e-3
+    unit = fm / np.abs(fm)
+    t0 = t.value_and_derivative(k_total * fm, k_total)[0]
+    for i in (1, 5, 17, 42):
+        p, q = fm.copy(), fm.copy()
+        p[i] += h * unit[i]
+        q[i] -= h * unit[i]
+        fd = (t.value_and_derivative(k_total * p, k_total)[0] - 2 * t0
+              + t.value_and_derivative(k_total * q, k_total)[0]) / h ** 2
+        assert fd == pytest.approx(c[i], rel=2e-2, abs=1e-6)
+    assert np.all(c[~work] == 0)
+    if kind == "ml":
+        assert np.any(c[work] < 0)  # observed, not expected, information: negative for some reflections
+
+
+def test_ml_bin_gradient_matches_finite_differences():
+    from drefine.targets.xray_targets import _ml_bin_nll
+
+    fo, _, fm, eps, centric = _simulated(n=200, seed=5)
+    sig = np.full(len(fo), 0.7)
+    eps = np.where(np.arange(len(fo)) % 5 == 0, 2.0, 1.0)
+    d, ln_s, h = 0.7, np.log(35.0), 1e-6
+    _, g = _ml_bin_nll(fo, sig, np.abs(fm), eps, centric, d, np.exp(ln_s))
+    fd_d = (_ml_bin_nll(fo, sig, np.abs(fm), eps, centric, d + h, np.exp(ln_s))[0]
+            - _ml_bin_nll(fo, sig, np.abs(fm), eps, centric, d - h, np.exp(ln_s))[0]) / (2 * h)
+    fd_s = (_ml_bin_nll(fo, sig, np.abs(fm), eps, centric, d, np.exp(ln_s + h))[0]
+            - _ml_bin_nll(fo, sig, np.abs(fm), eps, centric, d, np.exp(ln_s - h))[0]) / (2 * h)
+    assert g == pytest.approx([fd_d, fd_s], rel=1e-5)
+
+
 def test_chain_to_coordinates(example_model_path):
     """dT/dxyz through the structure factors equals finite differences of T(xyz)."""
     m = read_model(example_model_path)

@@ -31,6 +31,7 @@ from ..density.direct import _operator_terms, _s2, _type_form_factors, scatterer
 from ..errors import DrefineError
 from ..io.reflections import ReflectionTable
 from ..model.arrays import Model
+from ..targets.curvature import diagonal_curvature
 
 FULL_MATRIX_PARAMETERS = 1500
 REFLECTION_BLOCK = 2048
@@ -206,17 +207,6 @@ def _origin_shifts(table: ReflectionTable, atoms: np.ndarray, cols: np.ndarray) 
 def _diagonal_esd(model: Model, table: ReflectionTable, atoms, work, w, k_total_work, source: str = "xray",
                   n_bins: int = 100):
     """Diagonal normal-matrix elements per atom for a coordinate and for B (module docstring)."""
-    sc = scatterers_of_model(model, source=source, cell=table.cell, spacegroup=table.spacegroup)
-    s2 = 1.0 / table.d[work] ** 2
-    edges = np.linspace(0, s2.max() * (1 + 1e-9), n_bins + 1)
-    which = np.clip(np.digitize(s2, edges) - 1, 0, n_bins - 1)
-    wk = w * k_total_work ** 2
-    centre = np.bincount(which, weights=s2, minlength=n_bins) / np.maximum(np.bincount(which, minlength=n_bins), 1)
-    sum_x = np.bincount(which, weights=wk * 4 * np.pi ** 2 * s2 / 3.0, minlength=n_bins)
-    sum_b = np.bincount(which, weights=wk * s2 ** 2 / 16.0, minlength=n_bins)
-    t = sc.types.type_of_atom
-    f = (sc.types.a[t][:, :, None] * np.exp(-sc.types.b[t][:, :, None] * centre[None, None, :] / 4.0)).sum(1)
-    b_iso = model.atoms.b_iso[atoms]
-    amp2 = (sc.occ[:, None] * f) ** 2 * np.exp(-b_iso[:, None] * centre[None, :] / 2.0)
-    half_ops = 0.5 * len(sc.rot)
-    return half_ops * amp2 @ sum_x, half_ops * amp2 @ sum_b
+    sc = scatterers_of_model(model, atoms=atoms, source=source, cell=table.cell, spacegroup=table.spacegroup)
+    h_x, h_b, _ = diagonal_curvature(sc, 1.0 / table.d[work] ** 2, w * k_total_work ** 2, n_bins)
+    return h_x, h_b

@@ -58,6 +58,13 @@ class LeastSquaresTarget:
         d = -2.0 * w * r * k * k_total * phase
         return t, d
 
+    def curvature(self, f_model: np.ndarray, k_total: np.ndarray) -> np.ndarray:
+        """∂²T/∂|F_calc|² per reflection along F's phase: 2 w k² k_total² (zero outside the work set)."""
+        a = np.abs(f_model)
+        w = self.weights() * self.work
+        k = float((w * self.f_obs * a).sum() / max((w * a * a).sum(), 1e-300))
+        return 2.0 * w * k * k * k_total ** 2
+
     def statistics(self, f_model: np.ndarray) -> dict:
         return {"target": "least squares", "weighting": self.weighting}
 
@@ -88,6 +95,36 @@ def _ml_terms(fo, sig, fm, eps, centric, d, s):
     return nll, dfm
 
 
+def _ml_bin_nll(fo, sig, fm, eps, centric, d, s) -> tuple[float, np.ndarray]:
+    """Σ −ln L over a bin's reflections and its gradient with respect to (D, ln S): with c = 2
+    (acentric) or 1 (centric) and r = I₁/I₀(X) or tanh(X),
+    ∂/∂D = c(DFm² − r FoFm)/Σ,  ∂/∂Σ = ½c(1/Σ − (Fo² + D²Fm²)/Σ²) + rX/Σ,  ∂Σ/∂ln S = εS."""
+    nll, _ = _ml_terms(fo, sig, fm, eps, centric, d, s)
+    sig2 = np.where(centric, sig * sig, 2.0 * sig * sig)
+    var = eps * s + sig2
+    c = np.where(centric, 1.0, 2.0)
+    x = c * fo * d * fm / var
+    r = np.where(centric, np.tanh(x), i1e(x) / i0e(x))
+    d_d = c * (d * fm * fm - r * fo * fm) / var
+    d_var = 0.5 * c * (1.0 / var - (fo * fo + d * d * fm * fm) / var ** 2) + r * x / var
+    return float(nll.sum()), np.array([float(d_d.sum()), float((d_var * eps * s).sum())])
+
+
+def _ml_curvature(fo, sig, fm, eps, centric, d, s):
+    """∂²(−ln L)/∂|Fm|² per reflection (observed; negative where the data pull two ways):
+    acentric 2D²/Σ − (2FoD/Σ)² m′(X) with m = I₁/I₀, m′ = 1 − m/X − m²; centric
+    D²/Σ − (FoD/Σ)² (1 − tanh² X)."""
+    sig2 = np.where(centric, sig * sig, 2.0 * sig * sig)
+    var = eps * s + sig2
+    x = np.where(centric, fo * d * fm / var, 2.0 * fo * d * fm / var)
+    m = i1e(x) / i0e(x)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        m_over_x = np.where(x > 1e-8, m / x, 0.5)
+    acentric = 2.0 * d * d / var - (2.0 * fo * d / var) ** 2 * (1.0 - m_over_x - m * m)
+    centric_c = d * d / var - (fo * d / var) ** 2 * (1.0 - np.tanh(x) ** 2)
+    return np.where(centric, centric_c, acentric)
+
+
 def estimate_ml_parameters(f_obs, sigma, f_model_abs, epsilon, centric, bins, work, test) -> MLParameters:
     """D and S per bin by maximum likelihood (test set when large enough, else work set)."""
     n_bins = int(bins.max()) + 1
@@ -102,9 +139,10 @@ def estimate_ml_parameters(f_obs, sigma, f_model_abs, epsilon, centric, bins, wo
 
         def nll(p, fo=fo, sg=sg, fm=fm, ep=ep, ce=ce):
             d, ln_s = p
-            return float(_ml_terms(fo, sg, fm, ep, ce, d, np.exp(ln_s))[0].sum())
+            return _ml_bin_nll(fo, sg, fm, ep, ce, d, np.exp(ln_s))
 
-        res = minimize(nll, [d0, np.log(s0)], method="L-BFGS-B", bounds=[(1e-4, 10 * max(d0, 1e-3)), (None, None)])
+        res = minimize(nll, [d0, np.log(s0)], jac=True, method="L-BFGS-B",
+                       bounds=[(1e-4, 10 * max(d0, 1e-3)), (None, None)])
         d_out[b], s_out[b] = res.x[0], np.exp(res.x[1])
         rows.append({"bin": b, "n": int(sel.sum()), "D": float(d_out[b]), "S": float(s_out[b])})
     return MLParameters(d_out, s_out, use_test, rows)
@@ -140,6 +178,17 @@ class MaximumLikelihoodTarget:
         with np.errstate(invalid="ignore", divide="ignore"):
             phase = np.where(a > 0, f_model / a, 0.0)
         return float(nll[w].sum()), np.where(w, dfm, 0.0) * k_total * phase
+
+    def curvature(self, f_model: np.ndarray, k_total: np.ndarray) -> np.ndarray:
+        """∂²(−ln L)/∂|F_calc|² per reflection along F's phase (observed, see `_ml_curvature`),
+        times k_total²; zero outside the work set."""
+        if self.params is None:
+            self.update(f_model)
+        w = self.work & np.isfinite(self.f_obs)
+        fo = np.where(w, self.f_obs, 0.0)
+        c = _ml_curvature(fo, self.sigma, np.abs(f_model), self.epsilon, self.centric,
+                          self.params.d[self.bins], self.params.s[self.bins])
+        return np.where(w, c, 0.0) * k_total ** 2
 
     def statistics(self, f_model: np.ndarray) -> dict:
         p = self.params
