@@ -13,6 +13,7 @@ tools/metrics.py (bond/angle RMSD on the CCP4 library, RMSD to the start or trut
 the whole process; peak RSS of the largest process.
 
 Usage: python benchmarks/bench_xray.py [--parts deposited,shaken,ml_vs_ls,esd] [--work DIR]
+       [--drefine-args "..."] [--no-servalcat]
 Needs the peers' venv (tools/peers_setup.sh) for servalcat and cctbx.
 """
 import argparse
@@ -92,9 +93,12 @@ def geometry(model: Path, ref: Path) -> dict:
     return dict(kv.split("=") for kv in line.split() if "=" in kv)
 
 
+DREFINE_ARGS: list[str] = []  # extra arguments for every drefine xray run (--drefine-args)
+
+
 def run_drefine(start: Path, data: Path, out: Path, extra=()) -> dict:
     wall, peak, code = timed(["drefine", "xray", start, data, "--monlib", MONLIB, "--unknown-residues", "skip",
-                              "-o", out, *extra], out.with_suffix(".txt"), out.parent)
+                              "-o", out, *extra, *DREFINE_ARGS], out.with_suffix(".txt"), out.parent)
     if code:
         return {"failed": str(out.with_suffix(".txt"))}
     rep = json.loads(out.with_suffix(".json").read_text())
@@ -121,7 +125,7 @@ def row(case, tool, res, start_r, ref):
             f"{rw:.4f}/{rf:.4f} | {rf - rw:.4f} | {g.get('bond_rmsd')} | {g.get('angle_rmsd')} | {g.get('rmsd')} |")
 
 
-def part_deposited(work: Path, shaken: bool):
+def part_deposited(work: Path, shaken: bool, servalcat: bool = True):
     for case, (model, data, labin) in CASES.items():
         d = work / case
         d.mkdir(parents=True, exist_ok=True)
@@ -134,7 +138,9 @@ def part_deposited(work: Path, shaken: bool):
             print(row(f"{case} shaken 0.3 Å", "drefine", res, model_vs_data(d / "shaken.pdb", data), start), flush=True)
             continue
         print(row(case, "drefine", run_drefine(start, data, d / "drefine"), start_r, start), flush=True)
-        print(row(case, "servalcat", run_servalcat(start, data, labin, d / "servalcat"), start_r, start), flush=True)
+        if servalcat:
+            print(row(case, "servalcat", run_servalcat(start, data, labin, d / "servalcat"), start_r, start),
+                  flush=True)
 
 
 def part_ml_vs_ls(work: Path):
@@ -198,14 +204,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--parts", default="deposited,shaken,ml_vs_ls,esd")
     ap.add_argument("--work", default="/tmp/drefine_bench_xray")
+    ap.add_argument("--drefine-args", default="", help="extra arguments for every drefine xray run")
+    ap.add_argument("--no-servalcat", action="store_true", help="drefine only (deposited part)")
     args = ap.parse_args()
+    DREFINE_ARGS.extend(args.drefine_args.split())
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
     print("| case | tool | wall s | peak MB | start R-work/R-free | final R-work/R-free | gap | bonds Å | angles ° "
           "| RMSD to start Å |")
     if "deposited" in parts:
-        part_deposited(work, shaken=False)
+        part_deposited(work, shaken=False, servalcat=not args.no_servalcat)
     if "shaken" in parts:
         part_deposited(work, shaken=True)
     if "ml_vs_ls" in parts:

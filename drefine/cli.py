@@ -195,7 +195,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="test-set fraction when the data have no free flags (default 0.05)")
     x.add_argument("--seed", type=int, default=0, help="seed of a new free set (default 0)")
     x.add_argument("--cycles", type=int, default=10, help="macro-cycles (default 10)")
-    x.add_argument("--iterations", type=int, default=10, help="L-BFGS iterations per macro-cycle (default 10)")
+    x.add_argument("--minimiser", choices=["fisher", "lbfgs"], default="fisher",
+                   help="per macro-cycle: one Fisher-scoring step (default: L-BFGS on the diagonal quadratic "
+                        "model of the data term plus the exact restraints, then one F_calc to accept it) or "
+                        "L-BFGS on the whole target (an F_calc and its gradient at every iteration)")
+    x.add_argument("--fisher-coupling", type=float, default=0.0, metavar="Å",
+                   help="Fisher step: also couple atoms closer than this (e.g. 6; slower, converges further on "
+                        "high signal-to-noise data; default 0: the diagonal alone)")
+    x.add_argument("--iterations", type=int, default=None,
+                   help="L-BFGS iterations per macro-cycle (default 30 on the scoring step's model, 10 with "
+                        "--minimiser lbfgs)")
     x.add_argument("--weight", type=_positive_float, metavar="W",
                    help="fix the data weight (default: automatic, see README)")
     x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
@@ -643,6 +652,13 @@ def cmd_rsr(args) -> int:
     return 0
 
 
+def _iteration_options(minimiser: str, iterations: int | None) -> dict:
+    """`--iterations` goes to the minimiser in use (None: its default)."""
+    if iterations is None:
+        return {}
+    return {"inner_iterations": iterations} if minimiser == "fisher" else {"iterations": iterations}
+
+
 def cmd_xray(args) -> int:
     from .io.atomic import atomic_write, write_json
     from .io.maps import write_coefficient_map
@@ -656,8 +672,10 @@ def cmd_xray(args) -> int:
     clock = Stopwatch()
     log = _Log()
 
-    if args.cycles < 1 or args.iterations < 1:
+    if args.cycles < 1 or (args.iterations is not None and args.iterations < 1):
         raise DrefineError("--cycles and --iterations must be at least 1")
+    if not args.fisher_coupling >= 0:
+        raise DrefineError(f"--fisher-coupling must be 0 or a distance in Å, not {args.fisher_coupling}")
     if args.chunks < 0:
         raise DrefineError("--chunks must be 0 or more")
     model = read_model(args.model)
@@ -688,7 +706,9 @@ def cmd_xray(args) -> int:
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = XrayOptions(target=args.target, cycles=args.cycles, weight=args.weight, adp=args.adp,
                       occupancies=not args.no_occupancies, bulk_solvent=not args.no_bulk_solvent,
-                      ls_weighting=ls_weighting, iterations=args.iterations, source=args.scattering,
+                      ls_weighting=ls_weighting, source=args.scattering,
+                      minimiser=args.minimiser, coupling_cutoff=args.fisher_coupling,
+                      **_iteration_options(args.minimiser, args.iterations),
                       chunks=args.chunks)
     log(f"drefine xray {args.model} against {args.data}: {len(idx0)} atoms, {len(table)} reflections "
         f"({table.d_max:.2f}-{table.d_min:.2f} Å, {int(table.test.sum())} free), {table.spacegroup.hm}")
@@ -891,7 +911,8 @@ def cmd_untangle(args) -> int:
         from .refine.xray import XrayOptions, refine_xray
 
         res = refine_xray(refined, table, restraints, XrayOptions(target="ml", cycles=args.adp_cycles, adp="iso",
-                                                                  occupancies=True, coordinates=False), log=log)
+                                                                  occupancies=True, coordinates=False,
+                                                                  minimiser="lbfgs"), log=log)
         refined.atoms.b_iso, refined.atoms.occupancy = res.b_iso, res.occupancy
         refined.atoms.u_aniso, refined.atoms.has_aniso = res.u_aniso, res.has_aniso
         final_r = u.r_factors(refined.atoms.xyz, refined)

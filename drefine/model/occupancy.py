@@ -82,6 +82,14 @@ class OccupancyGroups:
         dep_of_group = self._group_sums(per_conf, dep)
         return (per_conf - dep_of_group[self.group_of_conformer])[~dep]
 
+    def curvature_chain_rule(self, h_occ: np.ndarray) -> np.ndarray:
+        """Diagonal ∂²T/∂(free q)² from a diagonal curvature per atom occupancy (of Model.atoms):
+        a free conformer's own plus its group's dependent one (off-diagonal terms left out)."""
+        per_conf = np.bincount(self.conformer_of_atom, weights=h_occ[self.atom], minlength=self.n_conformers)
+        dep = self.is_dependent()
+        dep_of_group = self._group_sums(per_conf, dep)
+        return (per_conf + dep_of_group[self.group_of_conformer])[~dep]
+
     def project(self, free: np.ndarray) -> np.ndarray:
         """Nearest admissible values: every q ≥ Q_MIN and each group's sum ≤ 1 (sum-to-one groups:
         the dependent conformer ≥ Q_MIN as well); groups over the limit are scaled down."""

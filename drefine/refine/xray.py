@@ -8,11 +8,28 @@ One macro-cycle:
      R-free of this model are recorded here.
   2. For the ML target, σA parameters D and S per resolution bin (from the test set when it
      has ≥ 30 reflections per bin, else the work set: `targets.xray_targets`).
-  3. L-BFGS-B (scipy) on all refined parameters together, scale and solvent held fixed:
+  3. Minimise, scale and solvent held fixed, all refined parameters together:
        T = w · T_data + T_geometry(xyz) + (w / w_n) · T_ADP(B or U),
      with B (U) and occupancies rescaled so their curvatures are comparable with the
      coordinates' (a diagonal preconditioner: see `ParameterLayout`), bounds on B ≥ 1 Å²
-     and on occupancies (Σ over a residue's conformers = 1, or ≤ 1).
+     and on occupancies (Σ over a residue's conformers = 1, or ≤ 1). Two minimisers:
+     - "fisher" (default): Fisher scoring, as REFMAC and servalcat do, but with the restraints
+       exact. T_data is replaced by its quadratic model at the cycle's start, g₀·δ + ½λ δᵀHδ
+       with H the diagonal Fisher curvature per atom parameter (`targets.curvature`), and
+       model + restraints are minimised by L-BFGS-B (30 iterations; restraint evaluations cost
+       ~1 ms, an F_calc ~60 ms). One F_calc at the result accepts the step if the true
+       objective fell; otherwise it is solved again with λ × 4. λ (≥ 1) follows the ratio of
+       actual to predicted decrease like a trust region. A cycle takes up to 4 such steps, a
+       next one only while the last moved the atoms by more than 0.05 Å RMS (a far start:
+       the quadratic model holds only near its centre). Cost: 2 structure-factor
+       evaluations a step (the gradient, and F at the new point, which the next step and the
+       next cycle's scaling reuse) instead of ~14 for 10 L-BFGS iterations on the exact T.
+       `coupling_cutoff` > 0 (`--fisher-coupling`) adds the curvature between coordinates and
+       B of atoms closer than that (`targets.curvature.pair_coupling`, tapered so that the
+       model stays positive semi-definite): on 3 %-noise synthetic data from a 0.3 Å shake it
+       converges like L-BFGS (RMSD to the truth 0.017 Å against 0.031 Å with the diagonal
+       alone), on real data (5orl) it changed nothing at 10–90 % more time, hence off.
+     - "lbfgs": L-BFGS-B on the exact T, `iterations` (10) a cycle. Anisotropic U always use it.
   4. Geometry statistics; the automatic weight is adjusted (below).
 
 Weights. Both restraint terms are Σ z² = −2 ln(prior), so the data term's natural weight w_n
@@ -33,6 +50,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+import scipy.sparse
 from scipy.optimize import minimize
 
 from ..density.bulk_solvent import (
@@ -57,6 +75,7 @@ from ..model.occupancy import Q_MIN, OccupancyGroups, occupancy_groups
 from ..restraints.adp import ADPPairs, adp_pairs, b_similarity_term, u_similarity_term
 from ..restraints.target import GeometryTarget
 from ..restraints.topology import Restraints
+from ..targets.curvature import diagonal_curvature, pair_coupling
 from ..targets.xray_targets import (
     LeastSquaresTarget,
     MaximumLikelihoodTarget,
@@ -73,6 +92,11 @@ ANGLE_MAX = 1.4  # °
 FINAL_LIMITS = (0.015, 1.5)  # Å, °
 ANISO_REFLECTIONS_PER_PARAMETER = 4.0
 MASK_REUSE_SHIFT = 0.2  # Å: the solvent mask is rebuilt when an atom has moved further
+INNER_MEMORY = 10  # L-BFGS corrections kept on the scoring step's model (20 gave the same steps, slower)
+DAMPING_MIN = 1.0  # the diagonal curvature underestimates the true one (~10 %, more far from convergence)
+DAMPING_MAX = 1e6
+FISHER_MAX_STEPS = 4  # scoring steps a macro-cycle at most ...
+FISHER_REPEAT_SHIFT = 0.05  # Å: ... another while the last one moved the atoms by more (RMS)
 
 
 @dataclass
@@ -87,11 +111,14 @@ class XrayOptions:
     coordinates: bool = True  # False: B factors (and occupancies) only, every atom where it is
     bulk_solvent: bool = True
     ls_weighting: str = "sigma"  # least squares: "sigma" (1/σ²) or "unit"
-    iterations: int = 10  # L-BFGS iterations per macro-cycle
+    iterations: int = 10  # L-BFGS iterations per macro-cycle (minimiser "lbfgs")
     source: str = "xray"
     threads: int | None = None
     chunks: int = 0  # > 0: structure factors as this many atom-chunk tasks (on `client` when given)
     geometry_rescue: bool = True  # one more cycle at half the weight when the geometry ends beyond the limits
+    minimiser: str = "fisher"  # "fisher" (one scoring step a cycle) or "lbfgs" (see the module docstring)
+    inner_iterations: int = 30  # Fisher: L-BFGS iterations on the quadratic data model + restraints
+    coupling_cutoff: float = 0.0  # Å; > 0: the Fisher model couples atoms closer than this (off: diagonal)
 
 
 @dataclass
@@ -182,10 +209,12 @@ class XrayData:
     def f_calc(self, report: bool = False) -> np.ndarray:
         return (self.report_calc if report else self.calc).structure_factors(self.sc)
 
-    def rescale(self, model: Model, report: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """New mask, bulk solvent and scale for the current state; returns (F_calc, F_model)."""
+    def rescale(self, model: Model, report: bool = False, f_calc: np.ndarray | None = None
+                ) -> tuple[np.ndarray, np.ndarray]:
+        """New mask, bulk solvent and scale for the current state; returns (F_calc, F_model).
+        `f_calc`: the current state's F_calc when the caller has it already."""
         t = self.table
-        f_calc = self.f_calc(report)
+        f_calc = self.f_calc(report) if f_calc is None else f_calc
         if not self.options.bulk_solvent:
             f_mask = np.zeros_like(f_calc)
         elif (self._mask_xyz is None or report
@@ -228,13 +257,69 @@ class XrayData:
         n = int(self.target.work.sum())
         return n / value if value > 0 else 1.0
 
-    def value_and_gradient(self, need_adp: bool, need_occ: bool):
-        """T_data and its gradient (per scatterer: xyz Å⁻¹, B, occupancy, U)."""
+    def value_and_gradient(self, need_adp: bool, need_occ: bool, f_calc: np.ndarray | None = None):
+        """T_data and its gradient (per scatterer: xyz Å⁻¹, B, occupancy, U); `f_calc`: the
+        current state's F_calc when the caller has it already."""
         self.evaluations += 1
-        f_model = self.k_total * (self.f_calc() + self.f_bulk)
+        if f_calc is None:
+            f_calc = self.f_calc()
+        f_model = self.k_total * (f_calc + self.f_bulk)
         value, d = self.target.value_and_derivative(f_model, self.k_total)
         g = self.calc.gradient(self.sc, d, positions_only=not (need_adp or need_occ), with_adp=need_adp)
         return value, g
+
+    def value(self) -> tuple[float, np.ndarray]:
+        """T_data of the current state and its F_calc (no gradient)."""
+        self.evaluations += 1
+        f_calc = self.f_calc()
+        value, _ = self.target.value_and_derivative(self.k_total * (f_calc + self.f_bulk), self.k_total)
+        return value, f_calc
+
+    def coupling(self, f_calc: np.ndarray, layout: ParameterLayout, cutoff: float) -> scipy.sparse.csr_matrix:
+        """The data curvature between the parameters (coordinates, B) of different atoms closer
+        than `cutoff` Å (`targets.curvature.pair_coupling`), as a sparse symmetric matrix over
+        `layout`'s packed parameters; pairs with a fixed atom are left out."""
+        f_model = self.k_total * (f_calc + self.f_bulk)
+        c = self.target.curvature(f_model, self.k_total)
+        xyz = self.sc.frac @ self.sc.orth_matrix.T
+        i, j, xx, bb, xb = pair_coupling(self.sc, xyz, self.s2, c, cutoff)
+        ai, aj = self.sc.atom_index[i], self.sc.atom_index[j]
+        n_atoms = len(self.model.atoms)
+        px = np.full(n_atoms, -1, dtype=np.int64)
+        px[layout.xyz_atoms] = 3 * np.arange(len(layout.xyz_atoms))
+        pb = np.full(n_atoms, -1, dtype=np.int64)
+        pb[layout.b_atoms] = layout.sizes[0] + np.arange(len(layout.b_atoms))
+        rows, cols, vals = [], [], []
+
+        def put(r, c, v):  # both triangles
+            ok = (r >= 0) & (c >= 0)
+            rows.extend([r[ok], c[ok]])
+            cols.extend([c[ok], r[ok]])
+            vals.extend([v[ok], v[ok]])
+
+        three = range(3)
+        # coordinate blocks (packed coordinates are Å)
+        ri = np.where(px[ai] >= 0, px[ai], -1)
+        rj = np.where(px[aj] >= 0, px[aj], -1)
+        for a in three:
+            for b in three:
+                put(np.where(ri >= 0, ri + a, -1), np.where(rj >= 0, rj + b, -1), xx[:, a, b])
+        # B–B and coordinate–B (packed B is B / s_b)
+        put(pb[ai], pb[aj], bb * layout.s_b ** 2)
+        for a in three:
+            put(np.where(ri >= 0, ri + a, -1), pb[aj], xb[:, a] * layout.s_b)  # x_i, B_j: −γ r̂
+            put(pb[ai], np.where(rj >= 0, rj + a, -1), -xb[:, a] * layout.s_b)  # B_i, x_j: +γ r̂
+        n = int(sum(layout.sizes))
+        if not rows:
+            return scipy.sparse.csr_matrix((n, n))
+        return scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
+                                       shape=(n, n))
+
+    def curvature(self, f_calc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Diagonal data curvature per scatterer (coordinate, B, occupancy) at F_calc
+        (`targets.curvature`)."""
+        f_model = self.k_total * (f_calc + self.f_bulk)
+        return diagonal_curvature(self.sc, self.s2, self.target.curvature(f_model, self.k_total))
 
 
 class ParameterLayout:
@@ -288,6 +373,15 @@ class ParameterLayout:
         g_l = cholesky_gradient(x[b:c].reshape(-1, 6) * self.s_l, g_u[self.u_atoms]) * self.s_l
         return np.concatenate([g_xyz[self.xyz_atoms].ravel(), g_b[self.b_atoms] * self.s_b,
                                g_l.ravel(), g_q * self.s_q if len(self.s_q) else []])
+
+    def curvature(self, h_xyz: np.ndarray, h_b: np.ndarray, h_q: np.ndarray) -> np.ndarray:
+        """The packed diagonal curvature from per-atom curvatures of a coordinate (Å⁻²) and of B
+        (Å⁻⁴), both over Model.atoms, and of each free occupancy. Not for anisotropic U (the
+        Fisher minimiser leaves those to L-BFGS: `refine_xray`)."""
+        if self.sizes[2]:
+            raise ValueError("no diagonal curvature for anisotropic U")
+        return np.concatenate([np.repeat(h_xyz[self.xyz_atoms], 3), h_b[self.b_atoms] * self.s_b ** 2,
+                               h_q * self.s_q ** 2 if len(self.s_q) else []])
 
     def bounds(self) -> list[tuple]:
         l_min = np.sqrt(U_MIN) / self.s_l[:, 0]
@@ -418,7 +512,8 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         f"{layout.sizes[0]} coordinates, {layout.sizes[1]} B, {layout.sizes[2]} U, {layout.sizes[3]} occupancies; "
         f"{n_work} work and {int(table.test.sum())} test reflections to {table.d_min:.2f} Å")
 
-    def objective(x, weight, adp_weight, stats):
+    def unpack(x):
+        """Put the packed parameters `x` into the state (xyz, b_iso, u_aniso, occ) and `data`."""
         nonlocal xyz, b_iso, u_aniso, occ
         pxyz, pb, pu, pq = layout.split(x)
         xyz = xyz.copy()
@@ -432,32 +527,109 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         if need_occ:
             occ = layout.groups.expand(pq, occ)
         data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
-        t_data, g = data.value_and_gradient(need_adp, need_occ)
-        t_geom, g_geom = geometry.value_and_gradient(xyz)
+
+    def data_part(x, f_calc=None):
+        """T_data at the state `x` was unpacked to, and its packed gradient."""
+        t_data, g = data.value_and_gradient(need_adp, need_occ, f_calc)
         g_xyz = np.zeros((len(a), 3))
-        g_xyz[atoms] = weight * g.xyz
-        g_xyz += g_geom
+        g_xyz[atoms] = g.xyz
+        g_b = np.zeros(len(a))
+        g_u = np.zeros((len(a), 6))
+        if len(b_atoms):
+            g_b[atoms] = g.b_iso
+        if len(u_atoms):
+            g_u[atoms] = g.u
+        g_q = np.zeros(0)
+        if need_occ:
+            g_occ = np.zeros(len(a))
+            g_occ[atoms] = g.occ
+            g_q = layout.groups.chain_rule(g_occ)
+        return t_data, layout.gradient(x, g_xyz, g_b, g_u, g_q)
+
+    def restraint_part(x, adp_weight):
+        """(T_geometry, T_ADP, packed gradient of their sum) at the state `x` was unpacked to."""
+        t_geom, g_xyz = geometry.value_and_gradient(xyz)
         g_b = np.zeros(len(a))
         g_u = np.zeros((len(a), 6))
         t_adp = 0.0
         if len(b_atoms):
-            g_b[atoms] = weight * g.b_iso
-            g_adp = np.zeros(len(a))
-            t_adp = adp_weight * b_similarity_term(b_iso, pairs, g_adp)
-            g_b += adp_weight * g_adp
+            t_adp = adp_weight * b_similarity_term(b_iso, pairs, g_b)
+            g_b *= adp_weight
         if len(u_atoms):
-            g_u[atoms] = weight * g.u
-            g_adp = np.zeros((len(a), 6))
-            t_adp = adp_weight * u_similarity_term(u_aniso, pairs, g_adp, has_aniso)
-            g_u += adp_weight * g_adp
-        g_q = np.zeros(0)
-        if need_occ:
-            g_occ = np.zeros(len(a))
-            g_occ[atoms] = weight * g.occ
-            g_q = layout.groups.chain_rule(g_occ)
-        stats.update(data=t_data, geometry=t_geom, adp=t_adp)
-        return weight * t_data + t_geom + t_adp, layout.gradient(x, g_xyz, g_b, g_u, g_q)
+            t_adp = adp_weight * u_similarity_term(u_aniso, pairs, g_u, has_aniso)
+            g_u *= adp_weight
+        g_q = np.zeros(len(layout.s_q))
+        return t_geom, t_adp, layout.gradient(x, g_xyz, g_b, g_u, g_q)
 
+    def objective(x, weight, adp_weight, stats):
+        unpack(x)
+        t_data, g_data = data_part(x)
+        t_geom, t_adp, g_rest = restraint_part(x, adp_weight)
+        stats.update(data=t_data, geometry=t_geom, adp=t_adp)
+        return weight * t_data + t_geom + t_adp, weight * g_data + g_rest
+
+    damping = 1.0  # Fisher: factor on the diagonal data curvature, adapted like a trust region
+
+    def fisher_step(x0, weight, adp_weight, stats, f_calc0):
+        """One scoring step from `x0`: minimise w·(T₀ + g₀·δ + ½ λ δᵀHδ) + restraints(x₀ + δ)
+        (H the diagonal data curvature, restraints exact) by L-BFGS, then evaluate T_data there
+        once; accept if the true objective fell, else retry with a stiffer model (λ × 4).
+        Returns the accepted point and its F_calc."""
+        nonlocal damping
+        unpack(x0)
+        if f_calc0 is None:
+            data.evaluations += 1
+            f_calc0 = data.f_calc()
+        t0, g0 = data_part(x0, f_calc0)
+        h_x, h_b, h_o = data.curvature(f_calc0)
+        per_atom = [np.zeros(len(a)) for _ in range(3)]
+        for full, part in zip(per_atom, (h_x, h_b, h_o)):
+            full[data.sc.atom_index] = part
+        h_q = layout.groups.curvature_chain_rule(per_atom[2]) if need_occ else np.zeros(0)
+        diag = layout.curvature(per_atom[0], per_atom[1], h_q)
+        coupling = data.coupling(f_calc0, layout, options.coupling_cutoff) if options.coupling_cutoff > 0 else None
+        tg0, ta0, _ = restraint_part(x0, adp_weight)
+        f0 = weight * t0 + tg0 + ta0
+        bounds = layout.bounds()
+        for _attempt in range(4):
+            lam = damping
+
+            def model_fn(x, lam=lam):
+                unpack(x)
+                dx = x - x0
+                tg, ta, g_rest = restraint_part(x, adp_weight)
+                hdx = diag * dx if coupling is None else diag * dx + coupling @ dx
+                q = float(g0 @ dx + 0.5 * lam * (dx @ hdx))
+                return weight * q + tg + ta, weight * (g0 + lam * hdx) + g_rest
+
+            res = minimize(model_fn, x0, jac=True, method="L-BFGS-B", bounds=bounds,
+                           options={"maxiter": options.inner_iterations, "maxcor": INNER_MEMORY, "ftol": 1e-12,
+                                    "gtol": 1e-8})
+            predicted = (tg0 + ta0) - float(res.fun)
+            unpack(res.x)
+            t1, f_calc1 = data.value()
+            tg1, ta1, _ = restraint_part(res.x, adp_weight)
+            actual = f0 - (weight * t1 + tg1 + ta1)
+            if actual > 0:
+                # Levenberg-Marquardt update of the damping (Nielsen 1999): smooth, so that a
+                # good step is not followed by an overshoot and a rejection
+                ratio = actual / max(predicted, 1e-300)
+                damping = float(np.clip(damping * max(1 / 3, 1 - (2 * min(ratio, 1.0) - 1) ** 3), DAMPING_MIN, DAMPING_MAX))
+                stats.update(data=t1, geometry=tg1, adp=ta1)
+                return res.x, f_calc1
+            damping = min(damping * 4.0, DAMPING_MAX)
+        unpack(x0)
+        stats.update(data=t0, geometry=tg0, adp=ta0)
+        return x0, f_calc0
+
+    use_fisher = options.minimiser == "fisher" and not len(u_atoms)
+    if options.minimiser == "fisher" and len(u_atoms):
+        # from a 0.3 Å shake the diagonal model of U (6 per atom, far from quadratic) overshot
+        # and the refinement lagged L-BFGS's (RMSD to the truth 0.022 against 0.014 Å)
+        log("anisotropic U: L-BFGS on the whole target (the Fisher step models B, not U)")
+    if options.minimiser not in ("lbfgs", "fisher"):
+        raise DrefineError(f"unknown minimiser {options.minimiser!r} (lbfgs or fisher)")
+    f_calc_now = None
     data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
     weight = options.weight
     w_natural = None
@@ -469,11 +641,15 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         c += 1
         t0 = time.perf_counter()
         data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
-        _, f_model = data.rescale(_with_state(model, xyz, b_iso, u_aniso, has_aniso, occ))
+        f_calc_now, f_model = data.rescale(_with_state(model, xyz, b_iso, u_aniso, has_aniso, occ), f_calc=f_calc_now)
         r_work, r_free = data.scale.r_work, data.scale.r_free
         if need_adp:
+            delta = data.scale.b_iso
+            clipped = bool(np.any(b_iso[atoms] + delta < B_MIN))
             b_iso, u_aniso = data.move_overall_b_to_atoms(b_iso, u_aniso, has_aniso, atoms)
             data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
+            # every atom's B went up by Δ: F_calc is the old one times e^{−Δs²/4} (unless B_MIN clipped one)
+            f_calc_now = None if clipped else f_calc_now * np.exp(-delta * data.s2 / 4.0)
         geometry.update(xyz)
         if w_natural is None:
             w_natural = data.natural_weight()
@@ -483,12 +659,28 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         x0 = layout.pack(xyz, b_iso, u_aniso, q_free)
         stats: dict = {}
         evals0 = data.evaluations
-        res = minimize(objective, x0, args=(weight, weight / w_natural, stats), jac=True, method="L-BFGS-B", bounds=layout.bounds(),
-                       options={"maxiter": options.iterations, "maxcor": 20, "ftol": 1e-12, "gtol": 1e-8})
-        objective(res.x, weight, weight / w_natural, stats)
+        if use_fisher:
+            x_end = x0
+            for _step in range(FISHER_MAX_STEPS):
+                x_prev = x_end
+                x_end, f_calc_now = fisher_step(x_end, weight, weight / w_natural, stats, f_calc_now)
+                dxyz = (x_end[:layout.sizes[0]] - x_prev[:layout.sizes[0]]).reshape(-1, 3)
+                shift = float(np.sqrt((dxyz ** 2).sum(1).mean())) if len(dxyz) else 0.0
+                if shift < FISHER_REPEAT_SHIFT:
+                    break
+        else:
+            res = minimize(objective, x0, args=(weight, weight / w_natural, stats), jac=True, method="L-BFGS-B",
+                           bounds=layout.bounds(),
+                           options={"maxiter": options.iterations, "maxcor": 20, "ftol": 1e-12, "gtol": 1e-8})
+            x_end = res.x
+            objective(x_end, weight, weight / w_natural, stats)
+            f_calc_now = None
         if need_occ:
-            q_free = layout.groups.project(layout.split(res.x)[3])
+            q_end = layout.split(x_end)[3]
+            q_free = layout.groups.project(q_end)
             occ = layout.groups.expand(q_free, occ)
+            if not np.array_equal(q_free, q_end):
+                f_calc_now = None  # the projection moved them
         bonds, angles = geometry_rmsd(xyz, restraints, is_h)
         rec = XrayCycle(cycle=c, r_work=r_work, r_free=r_free, target=float(stats["data"]), weight=float(weight),
                         bonds_rmsd=bonds, angles_rmsd=angles, k_sol=data.scale.k_sol, b_sol=data.scale.b_sol,

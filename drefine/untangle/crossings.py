@@ -225,11 +225,13 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
 
     report = CrossingReport()
     # the weight of a short automatic-weight refinement
+    # (L-BFGS throughout: the verdicts compare local L-BFGS refinements, measured that way)
     weight = refine_xray(model, table, restraints, XrayOptions(target=target, cycles=2, adp="fixed",
-                                                               occupancies=False), log=_quiet).weight
+                                                               occupancies=False, minimiser="lbfgs"),
+                         log=_quiet).weight
     # one fixed weight and no geometry rescue cycle: the objectives must be comparable
     opt = XrayOptions(target=target, cycles=cycles, weight=weight, adp="fixed", occupancies=False,
-                      geometry_rescue=False, iterations=LOCAL_ITERATIONS)
+                      geometry_rescue=False, iterations=LOCAL_ITERATIONS, minimiser="lbfgs")
     current = model.copy()
     judged: set[tuple] = set()  # swaps already refined and rejected: not judged again in later rounds
     done: set[tuple] = set()  # swaps made: never made twice (the second would undo the first)
@@ -283,7 +285,7 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
             current.atoms.xyz[masks[k]] = results[k].xyz[masks[k]]
         report.accepted.extend(cands[k].label for k in taken)
     if report.accepted:  # the whole model once more with the swaps made: drefine xray's ML target and weight
-        final = XrayOptions(target="ml", cycles=FINAL_CYCLES, adp="fixed", occupancies=False)
+        final = XrayOptions(target="ml", cycles=FINAL_CYCLES, adp="fixed", occupancies=False, minimiser="lbfgs")
         current = _with_xyz(current, refine_xray(current, table, restraints, final, log=_quiet).xyz)
     return current, report
 
