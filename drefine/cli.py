@@ -177,7 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Refine coordinates, B factors (isotropic or anisotropic) and the occupancies of "
                                    "alternate conformers against amplitudes or intensities (French-Wilson): bulk "
                                    "solvent and scale re-fitted every cycle, maximum-likelihood (default) or "
-                                   "least-squares target plus geometry and ADP restraints, automatic weight. Writes "
+                                   "least-squares target plus geometry and ADP restraints, automatic weight, minimised by "
+                                   "Fisher-scoring steps (default) or L-BFGS. Writes "
                                    "PREFIX.cif (and .pdb when it fits), PREFIX.mtz (FWT/PHWT 2mFo-DFc, DELFWT/PHDELWT "
                                    "mFo-DFc, FC/PHIC, FOM, the data and free flags), PREFIX_2mFo-DFc.ccp4, "
                                    "PREFIX_mFo-DFc.ccp4, PREFIX.json and PREFIX.log.")
