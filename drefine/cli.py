@@ -144,6 +144,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "map-model cycle comes on top (default 2)")
     r.add_argument("--final-target", choices=("ls", "atom"), default="ls",
                    help="target of the last cycle: map-model least squares (default) or atom-centred")
+    r.add_argument("--final-minimiser", choices=("fisher", "lbfgs"), default="fisher",
+                   help="the final map-model cycle by Fisher-scoring steps (default: up to 8, each one model map "
+                        "and its gradient plus one model map) or by 40 L-BFGS iterations")
     r.add_argument("--sharpen", metavar="B|auto", default=None,
                    help="sharpen (B < 0) or blur (B > 0) the map by B Å² first, or 'auto' to choose B")
     r.add_argument("--rigid-body", action="store_true", help="rigid-body fit of each chain before the cycles")
@@ -603,7 +606,8 @@ def cmd_rsr(args) -> int:
     prefix = args.output or (Path(args.model).name.split(".")[0] + "_rsr")
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = RSROptions(resolution=args.resolution, weight=args.weight, macro_cycles=args.macro_cycles,
-                     final_target=args.final_target, sharpen=sharpen, rigid_body=args.rigid_body,
+                     final_target=args.final_target, final_minimiser=args.final_minimiser, sharpen=sharpen,
+                     rigid_body=args.rigid_body,
                      rigid_groups=tuple(g.strip() for g in (args.rigid_groups or "").split(";") if g.strip()),
                      refine_b=args.refine_b, source=args.scattering, seed=args.seed,
                      rama_restraints=not args.no_rama_restraints, rama_dir=args.rama_data,

@@ -1,6 +1,10 @@
 """Real-space refinement of coordinates against a map: macro-cycles of L-BFGS on
 w · T_map + T_geometry, with the atom-centred map target for the routine cycles and, optionally,
-the map-model least-squares target for the final cycles.
+the map-model least-squares target for the final cycle, by default minimised by Fisher-scoring
+steps (`refine.scoring`; the target's diagonal Gauss-Newton curvature is
+`MapModelLSTarget.curvature`): each step costs one model map and its gradient plus one model map,
+where L-BFGS on the target needs ~1.3 of each per iteration (5fuu at 2 Å: 6.6 s against 19 s for
+the cycle, RMSD to the truth 0.055 against 0.056 Å).
 
 The data/restraint weight w multiplies a map target that is a sum over atoms (in units of the
 map's σ per carbon-equivalent atom) against a restraint target that is a sum of squared
@@ -32,7 +36,10 @@ class RealSpaceSettings:
     macro_cycles: int = 5
     iterations: int = 50  # L-BFGS iterations per atom-centred macro-cycle
     final_target: str = "atom"  # "atom" or "ls" (map-model least squares) for the last cycle
-    final_iterations: int = 40
+    final_iterations: int = 40  # L-BFGS iterations of the final map-model cycle (final_minimiser "lbfgs")
+    final_minimiser: str = "fisher"  # "fisher": scoring steps for the final map-model cycle, or "lbfgs"
+    final_steps: int = 8  # scoring steps of the final cycle at most (and final_steps // 3 per weight halving)
+    final_inner_iterations: int = 15  # L-BFGS iterations on each step's model (restraints exact)
     source: str = "electron"
     periodic: bool = False
     refine_hydrogens: bool = True
@@ -94,6 +101,42 @@ def minimise(data, geom: GeometryTarget, weight: float, xyz: np.ndarray, movable
     return out, {"iterations": int(res.nit), "map": terms["map"], "geometry": terms["geometry"]}
 
 
+def scoring_minimise(target, geom: GeometryTarget, weight: float, xyz: np.ndarray, movable: np.ndarray,
+                     steps: int, iterations: int = 15, converged_shift: float = 0.005) -> tuple[np.ndarray, dict]:
+    """Fisher-scoring steps (`refine.scoring`) on the coordinates of `movable` atoms for a target
+    with `value`, `value_and_gradient` and a diagonal `curvature` (the map-model LS target): up to
+    `steps` steps, fewer once one moves the atoms less than `converged_shift` Å RMS. Each step
+    costs one model map and its gradient plus one model map, against ~1.3 of each per L-BFGS
+    iteration on the target itself."""
+    from .scoring import Damping, scoring_step
+
+    base = xyz.copy()
+
+    def full(x):
+        out = base.copy()
+        out[movable] = x.reshape(-1, 3)
+        return out
+
+    def restraints(x):
+        v, g = geom.value_and_gradient(full(x))
+        return v, g[movable].ravel()
+
+    damping = Damping()
+    x = base[movable].ravel()
+    done, t, r = 0, float("nan"), float("nan")
+    for done in range(1, steps + 1):
+        here = full(x)
+        t0, g0 = target.value_and_gradient(here)
+        h = np.repeat(target.curvature(here)[movable], 3)
+        step = scoring_step(x, t0, g0[movable].ravel(), h, restraints, lambda v: (target.value(full(v)), None),
+                            weight, damping, None, iterations)
+        shift = float(np.sqrt(((step.x - x).reshape(-1, 3) ** 2).sum(1).mean()))
+        x, t, r = step.x, step.data, step.restraints
+        if not step.accepted or shift < converged_shift:
+            break
+    return full(x), {"iterations": done, "map": t, "geometry": r}
+
+
 def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, settings: RealSpaceSettings,
                        movable: np.ndarray | None = None, progress: Callable[[CycleStats], None] | None = None,
                        map_target: AtomCentredMapTarget | None = None, rama=None) -> tuple[np.ndarray, list[CycleStats]]:
@@ -120,8 +163,13 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
                   if final_ls else data)
         scale = _ls_weight_scale(model, dmap, idx, target, data, xyz) if final_ls else 1.0
         weight = settings.weight * scale
-        new, info = minimise(target, geom, weight, xyz, movable,
-                             settings.final_iterations if final_ls else settings.iterations)
+        scoring = final_ls and settings.final_minimiser == "fisher"
+        if scoring:
+            new, info = scoring_minimise(target, geom, weight, xyz, movable, settings.final_steps,
+                                         settings.final_inner_iterations)
+        else:
+            new, info = minimise(target, geom, weight, xyz, movable,
+                                 settings.final_iterations if final_ls else settings.iterations)
         b, a = geometry_rmsd(new, restraints, is_h)
         if final_ls:
             # The final target has no geometry of its own in the weight scan: keep it honest.
@@ -134,7 +182,11 @@ def refine_coordinates(model: Model, dmap: DensityMap, restraints: Restraints, s
                 # (a restart from the cycle's start costs the whole cycle again)
                 weight *= 0.5
                 tries += 1
-                new, info = minimise(target, geom, weight, new, movable, settings.retry_iterations)
+                if scoring:
+                    new, info = scoring_minimise(target, geom, weight, new, movable, max(settings.final_steps // 3, 1),
+                                                 settings.final_inner_iterations)
+                else:
+                    new, info = minimise(target, geom, weight, new, movable, settings.retry_iterations)
                 b, a = geometry_rmsd(new, restraints, is_h)
             info["weight_halvings"] = tries
         xyz = new

@@ -48,6 +48,7 @@ class RSROptions:
     weight: float | None = None  # None: automatic
     macro_cycles: int = 2  # atom-centred cycles, cycle 1 included; the final LS cycle comes on top
     final_target: str = "ls"
+    final_minimiser: str = "fisher"  # the final map-model cycle: Fisher-scoring steps or "lbfgs"
     sharpen: float | str | None = None  # B in Å², "auto" or None
     rigid_body: bool = False  # each chain, unless rigid_groups are given
     rigid_groups: tuple[str, ...] = ()  # gemmi selections (e.g. "A/1-50"), one rigid group each
@@ -255,7 +256,7 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         log(f"weight scan: {result.kept} of {len(result.per_segment)} segments kept, weight {weight:.2f} "
             f"({timing['weight_scan_s']:.1f} s)")
     settings = RealSpaceSettings(opt.resolution, weight=weight, macro_cycles=max(remaining, 0), final_target="atom",
-                                 periodic=periodic, source=opt.source)
+                                 periodic=periodic, source=opt.source, final_minimiser=opt.final_minimiser)
     xyz, _ = refine_coordinates(work, box, restraints, settings, progress=report, rama=rama)
     work.atoms.xyz = xyz
     mirror = None

@@ -83,6 +83,7 @@ from ..targets.xray_targets import (
     estimate_ml_parameters,
 )
 from .realspace import geometry_rmsd
+from .scoring import Damping, scoring_step
 
 B_MIN, B_MAX = 1.0, 500.0  # Å²
 U_MIN = B_MIN / (8 * np.pi ** 2)  # Å², the smallest eigenvalue an anisotropic U may take
@@ -92,9 +93,6 @@ ANGLE_MAX = 1.4  # °
 FINAL_LIMITS = (0.015, 1.5)  # Å, °
 ANISO_REFLECTIONS_PER_PARAMETER = 4.0
 MASK_REUSE_SHIFT = 0.2  # Å: the solvent mask is rebuilt when an atom has moved further
-INNER_MEMORY = 10  # L-BFGS corrections kept on the scoring step's model (20 gave the same steps, slower)
-DAMPING_MIN = 1.0  # the diagonal curvature underestimates the true one (~10 %, more far from convergence)
-DAMPING_MAX = 1e6
 FISHER_MAX_STEPS = 4  # scoring steps a macro-cycle at most ...
 FISHER_REPEAT_SHIFT = 0.05  # Å: ... another while the last one moved the atoms by more (RMS)
 
@@ -568,14 +566,10 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         stats.update(data=t_data, geometry=t_geom, adp=t_adp)
         return weight * t_data + t_geom + t_adp, weight * g_data + g_rest
 
-    damping = 1.0  # Fisher: factor on the diagonal data curvature, adapted like a trust region
+    damping = Damping()
 
     def fisher_step(x0, weight, adp_weight, stats, f_calc0):
-        """One scoring step from `x0`: minimise w·(T₀ + g₀·δ + ½ λ δᵀHδ) + restraints(x₀ + δ)
-        (H the diagonal data curvature, restraints exact) by L-BFGS, then evaluate T_data there
-        once; accept if the true objective fell, else retry with a stiffer model (λ × 4).
-        Returns the accepted point and its F_calc."""
-        nonlocal damping
+        """One scoring step from `x0` (`refine.scoring`): returns the point it ends at and its F_calc."""
         unpack(x0)
         if f_calc0 is None:
             data.evaluations += 1
@@ -586,41 +580,23 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         for full, part in zip(per_atom, (h_x, h_b, h_o)):
             full[data.sc.atom_index] = part
         h_q = layout.groups.curvature_chain_rule(per_atom[2]) if need_occ else np.zeros(0)
-        diag = layout.curvature(per_atom[0], per_atom[1], h_q)
-        coupling = data.coupling(f_calc0, layout, options.coupling_cutoff) if options.coupling_cutoff > 0 else None
-        tg0, ta0, _ = restraint_part(x0, adp_weight)
-        f0 = weight * t0 + tg0 + ta0
-        bounds = layout.bounds()
-        for _attempt in range(4):
-            lam = damping
 
-            def model_fn(x, lam=lam):
-                unpack(x)
-                dx = x - x0
-                tg, ta, g_rest = restraint_part(x, adp_weight)
-                hdx = diag * dx if coupling is None else diag * dx + coupling @ dx
-                q = float(g0 @ dx + 0.5 * lam * (dx @ hdx))
-                return weight * q + tg + ta, weight * (g0 + lam * hdx) + g_rest
+        def restraints_at(x):
+            unpack(x)
+            tg, ta, g = restraint_part(x, adp_weight)
+            return tg + ta, g
 
-            res = minimize(model_fn, x0, jac=True, method="L-BFGS-B", bounds=bounds,
-                           options={"maxiter": options.inner_iterations, "maxcor": INNER_MEMORY, "ftol": 1e-12,
-                                    "gtol": 1e-8})
-            predicted = (tg0 + ta0) - float(res.fun)
-            unpack(res.x)
-            t1, f_calc1 = data.value()
-            tg1, ta1, _ = restraint_part(res.x, adp_weight)
-            actual = f0 - (weight * t1 + tg1 + ta1)
-            if actual > 0:
-                # Levenberg-Marquardt update of the damping (Nielsen 1999): smooth, so that a
-                # good step is not followed by an overshoot and a rejection
-                ratio = actual / max(predicted, 1e-300)
-                damping = float(np.clip(damping * max(1 / 3, 1 - (2 * min(ratio, 1.0) - 1) ** 3), DAMPING_MIN, DAMPING_MAX))
-                stats.update(data=t1, geometry=tg1, adp=ta1)
-                return res.x, f_calc1
-            damping = min(damping * 4.0, DAMPING_MAX)
-        unpack(x0)
-        stats.update(data=t0, geometry=tg0, adp=ta0)
-        return x0, f_calc0
+        def data_at(x):
+            unpack(x)
+            return data.value()
+
+        step = scoring_step(x0, t0, g0, layout.curvature(per_atom[0], per_atom[1], h_q), restraints_at, data_at,
+                            weight, damping, layout.bounds(), options.inner_iterations,
+                            data.coupling(f_calc0, layout, options.coupling_cutoff) if options.coupling_cutoff > 0
+                            else None)
+        tg, ta, _ = restraint_part(step.x, adp_weight)
+        stats.update(data=step.data, geometry=tg, adp=ta)
+        return step.x, (step.extra if step.accepted else f_calc0)
 
     use_fisher = options.minimiser == "fisher" and not len(u_atoms)
     if options.minimiser == "fisher" and len(u_atoms):

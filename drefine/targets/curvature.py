@@ -21,6 +21,14 @@ import numpy as np
 from ..density.direct import Scatterers
 
 
+def _amplitudes(sc: Scatterers, s2: np.ndarray) -> np.ndarray:
+    """f_j(s) e^{−B_j s²/4} of every atom (without occupancy) at the given s² (Å⁻²): form
+    factors per scattering type, then one exponential per atom and s² (B_eq for anisotropic)."""
+    f_type = sc.types.f0(s2)  # (types, len(s2))
+    b_eq = 8.0 * np.pi ** 2 * sc.u_cart[:, :3].mean(axis=1)
+    return f_type[sc.types.type_of_atom] * np.exp(-b_eq[:, None] * s2[None, :] / 4.0)
+
+
 def diagonal_curvature(sc: Scatterers, s2: np.ndarray, c: np.ndarray, n_bins: int = 100
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H_x, H_B, H_occ) per scatterer: the curvature for one coordinate (the same for x, y, z;
@@ -35,10 +43,7 @@ def diagonal_curvature(sc: Scatterers, s2: np.ndarray, c: np.ndarray, n_bins: in
     # observed curvatures (ML) can be negative one by one; their sums per bin estimate the
     # expected information, which is not
     c_bin = np.maximum(np.bincount(which, weights=c, minlength=n_bins), 0.0)
-    t = sc.types.type_of_atom
-    f = (sc.types.a[t][:, :, None] * np.exp(-sc.types.b[t][:, :, None] * centre[None, None, :] / 4.0)).sum(1)
-    b_eq = 8.0 * np.pi ** 2 * sc.u_cart[:, :3].mean(axis=1)
-    f2 = f ** 2 * np.exp(-b_eq[:, None] * centre[None, :] / 2.0) * (0.5 * len(sc.rot))
+    f2 = _amplitudes(sc, centre) ** 2 * (0.5 * len(sc.rot))
     h_occ = f2 @ c_bin
     h_x = (sc.occ ** 2) * (f2 @ (c_bin * 4.0 * np.pi ** 2 * centre / 3.0))
     h_b = (sc.occ ** 2) * (f2 @ (c_bin * centre ** 2 / 16.0))
@@ -68,10 +73,7 @@ def pair_coupling(sc: Scatterers, xyz: np.ndarray, s2: np.ndarray, c: np.ndarray
     counts = np.bincount(which, minlength=n_bins)
     centre = np.bincount(which, weights=s2, minlength=n_bins) / np.maximum(counts, 1)
     c_bin = np.maximum(np.bincount(which, weights=c, minlength=n_bins), 0.0)
-    t = sc.types.type_of_atom
-    f = (sc.types.a[t][:, :, None] * np.exp(-sc.types.b[t][:, :, None] * centre[None, None, :] / 4.0)).sum(1)
-    b_eq = 8.0 * np.pi ** 2 * sc.u_cart[:, :3].mean(axis=1)
-    amp = sc.occ[:, None] * f * np.exp(-b_eq[:, None] * centre[None, :] / 4.0)  # (atoms, bins)
+    amp = sc.occ[:, None] * _amplitudes(sc, centre)  # (atoms, bins)
     r = xyz[j] - xyz[i]
     dist = np.linalg.norm(r, axis=1)
     s = np.sqrt(centre)

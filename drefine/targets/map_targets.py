@@ -112,6 +112,7 @@ class MapModelLSTarget:
             cell = gemmi.UnitCell(c.a * stretch[0], c.b * stretch[1], c.c * stretch[2], c.alpha, c.beta, c.gamma)
             points = np.nonzero(mask)
         self.grid = grid
+        self.cell = cell
         self.points = np.ravel_multi_index(points, grid)  # masked map points, flat in the model-map grid
         sg = self.map.spacegroup if (periodic and self.map.is_full_cell) else None
         self.calculator = ModelMapCalculator(model, cell, grid, d_min, source, sg, self.map.origin, self.atoms,
@@ -121,17 +122,68 @@ class MapModelLSTarget:
         pass
 
     def _calc(self, xyz) -> np.ndarray:
-        """The model map on the masked points."""
+        """The model map on the masked points (the last one is kept: a scoring step asks for the
+        value at a point and then for the gradient there)."""
+        last = getattr(self, "_last", None)
+        if last is not None and np.array_equal(last[0], xyz[self.atoms]):
+            return last[1]
         self.calculator.set_positions(xyz)
-        return self.calculator.map().reshape(-1)[self.points].astype(np.float64)
+        c = self.calculator.map().reshape(-1)[self.points].astype(np.float64)
+        self._last = (xyz[self.atoms].copy(), c)
+        return c
 
-    def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        c = self._calc(xyz)
+    def _scale_and_value(self, c: np.ndarray) -> tuple[float, np.ndarray, float]:
         # numpy sums, not BLAS dot products: those depend on BLAS's thread count, and a member
         # must give the same numbers on a dask worker and in-process
         k = float((c * self.obs).sum() / (c * c).sum())
         diff = k * c - self.obs
-        f = float((diff * diff).sum()) / self.norm
+        self.k = k
+        return k, diff, float((diff * diff).sum()) / self.norm
+
+    def value(self, xyz: np.ndarray) -> float:
+        """T alone (one model map, no gradient)."""
+        return self._scale_and_value(self._calc(xyz))[2]
+
+    def curvature(self, xyz: np.ndarray, n_bins: int = 100) -> np.ndarray:
+        """Gauss-Newton curvature of T for one coordinate of each atom (Å⁻², over Model.atoms;
+        zero for atoms not in the target), at the scale k of the last evaluation:
+            H_i = (2k²/Σρ_obs²) Σ_points (∂ρ_i/∂x)² = (2k²/Σρ_obs²) (N/V²) Σ_h |F_i(h)|² 4π²s²/3
+        by Parseval over the model map's grid (N points, cell volume V; h within 1/d_min, where
+        the map is cut), with the random-phase average of `targets.curvature`."""
+        from ..density.model_map import reciprocal_s2
+        from .curvature import diagonal_curvature
+
+        if getattr(self, "_radial", None) is None:
+            s2 = reciprocal_s2(self.cell, self.grid)
+            # an rfft entry with 0 < l < N/2 stands for h and −h
+            mult = np.full(s2.shape[2], 2.0)
+            mult[0] = 1.0
+            if self.grid[2] % 2 == 0:
+                mult[-1] = 1.0
+            inside = s2 <= 1.0 / self.d_min ** 2
+            edges = np.linspace(0.0, 1.0 / self.d_min ** 2 * (1 + 1e-9), n_bins + 1)
+            which = np.digitize(s2[inside], edges) - 1
+            weight = np.broadcast_to(mult, s2.shape)[inside]
+            count = np.bincount(which, weights=weight, minlength=n_bins)
+            centre = np.bincount(which, weights=weight * s2[inside], minlength=n_bins) / np.maximum(count, 1e-300)
+            self._radial = (centre[count > 0], count[count > 0])
+        centre, count = self._radial
+        k = getattr(self, "k", None)
+        if k is None:
+            self.value(xyz)
+            k = self.k
+        n = float(np.prod(self.grid))
+        # diagonal_curvature sums c ½ n_ops a² 4π²s²/3: c carries the factor 2 back
+        c = 2.0 * (2.0 * k * k / self.norm) * (n / self.cell.volume ** 2) * count
+        self.calculator.set_positions(xyz)
+        h_x, _, _ = diagonal_curvature(self.calculator.sc, centre, c, n_bins=len(centre))
+        out = np.zeros(len(xyz))
+        out[self.calculator.sc.atom_index] = h_x
+        return out
+
+    def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
+        c = self._calc(xyz)
+        k, diff, f = self._scale_and_value(c)
         # ∂T/∂ρ_calc, placed on the grid the model map is made on
         g_grid = np.zeros(self.grid, dtype=self.calculator.dtype)
         g_grid.reshape(-1)[self.points] = (2.0 * k / self.norm) * diff
