@@ -128,8 +128,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "macro-cycles of L-BFGS on the atom-centred map target plus geometry restraints, "
                                    "mirror flips of either-handed chiral centres (Val CB, Leu CG) and proline "
                                    "puckers taken where the map prefers them, "
-                                   "peptide flips tried for residues that became Ramachandran outliers, a final "
-                                   "cycle on the map-model least-squares target; the data/restraint weight found by "
+                                   "peptide flips (then strong-Ramachandran escapes) tried for residues that became "
+                                   "Ramachandran outliers, a final cycle on the map-model least-squares target by "
+                                   "Fisher-scoring steps; the data/restraint weight found by "
                                    "a segment scan (a batch of tasks: in-process, or on a dask cluster with "
                                    "--scheduler). Writes PREFIX.cif (and .pdb when it fits), PREFIX.json (per-cycle "
                                    "statistics and validation) and PREFIX.log.")
@@ -167,9 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-rama-restraints", action="store_true",
                    help="do not restrain φ/ψ to the Top500 distributions (on by default when tables are found)")
     r.add_argument("--no-peptide-flips", action="store_true",
-                   help="do not try flipping the peptides next to residues that became Ramachandran outliers "
-                        "(tried by default before the final cycle; a flip is kept when the local map fit plus "
-                        "restraints prefer it)")
+                   help="do not try flipping the peptides next to residues that became Ramachandran outliers, "
+                        "nor the strong-Ramachandran escapes after them (tried by default before the final cycle; "
+                        "kept when the local map fit plus restraints prefer them and the outlier is cured)")
     r.add_argument("--no-mirror-flips", action="store_true",
                    help="do not judge mirror images: by default, before the final cycle, each either-handed "
                         "chiral centre (Val CB, Leu CG: the library allows both hands) is mirrored through its "

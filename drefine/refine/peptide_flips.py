@@ -11,13 +11,21 @@ Each candidate flip is judged like a weight-scan trial: the residue and its neig
 each side) are refined alone, from the model as it is and from the flipped model, against the
 same objective (w · atom-centred map target + restraints, Ramachandran restraints included);
 the flip is kept when its refined objective is lower and the residue is then no outlier.
+
+Where no flip helps, two more candidates ("escapes"): the same region refined first with the
+Ramachandran term five times as strong, from the model as it is and from the input's
+coordinates of the region, then judged like the flips (refined with the normal objective; kept
+when that is lower and the outlier is cured). The strong term carries the backbone over the
+ridge that held it; the normal objective then decides. 3j6b's LYS 63 (input φ 80°, ψ −46°,
+refined to 124°, −50°, an outlier) returns from its input coordinates to 87°, −63° (allowed)
+with a local objective 27 lower.
 Only residues that are outliers now and were not in the input are tried, so a deposited
 model's own outliers are left to the user. Written here because no library offers it for
 this package's arrays (phenix's flip search lives inside cctbx).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -33,13 +41,17 @@ FLIP_ITERATIONS = 100
 FLIP_SEARCH_BUFFER = 4.0  # Å added to the repulsion cutoff when listing contacts
 
 
+RAMA_ESCAPE_FACTOR = 5.0  # the Ramachandran term's strength in an escape's first refinement
+
+
 @dataclass
 class FlipReport:
     tried: list[str] = field(default_factory=list)
     flipped: list[str] = field(default_factory=list)
+    escaped: list[str] = field(default_factory=list)  # cured by an escape (module docstring), not a flip
 
     def as_dict(self) -> dict:
-        return {"tried": self.tried, "flipped": self.flipped}
+        return {"tried": self.tried, "flipped": self.flipped, "escaped": self.escaped}
 
 
 def _atom_in(model: Model, residue: int, name: str, like: int) -> int:
@@ -112,13 +124,23 @@ def flip_new_outliers(model: Model, xyz: np.ndarray, dmap: DensityMap, restraint
         # the model as it is, refined alike: a flip must beat that, not the unrefined start
         _, f_best = judge.refined(xyz)
         best = None
+        this_row = rama.subset(np.arange(len(rama)) == r)
         for moving, ca_a, ca_b in peptide_units(model, row):
             full, f_cand = judge.refined(flipped(xyz, moving, ca_a, ca_b))
-            cured = not outlier_rows(full, rama.subset(np.arange(len(rama)) == r))[0]
-            if f_cand < f_best and cured:
+            if f_cand < f_best and not outlier_rows(full, this_row)[0]:
                 best, f_best = full, f_cand
+        kind = "flipped"
+        if best is None:
+            strong = LocalJudge(work, dmap, restraints, replace(rama, potential=rama.potential * RAMA_ESCAPE_FACTOR),
+                                weight, periodic, segment, FLIP_SEARCH_BUFFER, FLIP_ITERATIONS, pairs=pairs)
+            from_input = xyz.copy()
+            from_input[segment] = start_xyz[segment]
+            for origin in (xyz, from_input):
+                full, f_cand = judge.refined(strong.refined(origin)[0])
+                if f_cand < f_best and not outlier_rows(full, this_row)[0]:
+                    best, f_best, kind = full, f_cand, "escaped"
         if best is not None:
             xyz = best
-            report.flipped.append(label)
+            getattr(report, kind).append(label)
             pairs = None
     return xyz, report

@@ -276,7 +276,9 @@ def run_rsr(model: Model, dmap: DensityMap, restraints: Restraints, opt: RSROpti
         work.atoms.xyz = xyz
         if flips.tried:
             notes.append(f"peptide flips: {len(flips.flipped)} of {len(flips.tried)} new Ramachandran outlier(s) "
-                         f"flipped ({', '.join(flips.flipped) or 'none'}; tried {', '.join(flips.tried)})")
+                         f"flipped ({', '.join(flips.flipped) or 'none'}; tried {', '.join(flips.tried)})"
+                         + (f", {len(flips.escaped)} cured by a strong-Ramachandran escape ({', '.join(flips.escaped)})"
+                            if flips.escaped else ""))
             log(notes[-1])
         timing["peptide_flips_s"] = time.perf_counter() - tf
     if opt.final_target == "ls":
