@@ -36,9 +36,10 @@ def test_ml_recovers_d_and_s():
     assert not q.from_test_set and q.d[0] == pytest.approx(0.8, rel=0.03) and q.s[0] == pytest.approx(40.0, rel=0.06)
 
 
-@pytest.mark.parametrize("kind", ["ls", "ml"])
-def test_derivative_matches_finite_differences(kind):
-    fo, sg, fm, eps, centric = _simulated(n=300, seed=3)
+def _target(kind: str, seed: int):
+    """A target on 300 simulated reflections (every 7th in the test set), k_total 1.3: (target,
+    F_model/k_total, k_total, work)."""
+    fo, sg, fm, eps, centric = _simulated(n=300, seed=seed)
     sg = np.full(len(fo), 0.5)
     work = np.ones(len(fo), bool)
     work[::7] = False
@@ -48,6 +49,12 @@ def test_derivative_matches_finite_differences(kind):
     else:
         t = MaximumLikelihoodTarget(fo, sg, eps, centric, np.zeros(len(fo), int), work, ~work)
         t.update(k_total * fm)
+    return t, fm, k_total, work
+
+
+@pytest.mark.parametrize("kind", ["ls", "ml"])
+def test_derivative_matches_finite_differences(kind):
+    t, fm, k_total, work = _target(kind, 3)
     fc = fm.copy()
     _, d = t.value_and_derivative(k_total * fc, k_total)
     h = 1e-6
@@ -66,16 +73,7 @@ def test_derivative_matches_finite_differences(kind):
 def test_curvature_matches_finite_differences_along_the_phase(kind):
     """The per-reflection curvature the Fisher step uses is ∂²T/∂|F_calc|² (k_total folded in):
     the second difference of T when F_calc moves along its own phase."""
-    fo, sg, fm, eps, centric = _simulated(n=300, seed=4)
-    sg = np.full(len(fo), 0.5)
-    work = np.ones(len(fo), bool)
-    work[::7] = False
-    k_total = np.full(len(fo), 1.3)
-    if kind == "ls":
-        t = LeastSquaresTarget(fo, sg, work)
-    else:
-        t = MaximumLikelihoodTarget(fo, sg, eps, centric, np.zeros(len(fo), int), work, ~work)
-        t.update(k_total * fm)
+    t, fm, k_total, work = _target(kind, 4)
     c = t.curvature(k_total * fm, k_total)
     # (least squares re-solves its scale k at every call; one reflection of 300 hardly moves it)
     h = 1e-3
