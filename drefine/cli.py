@@ -201,15 +201,15 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--seed", type=int, default=0, help="seed of a new free set (default 0)")
     x.add_argument("--cycles", type=int, default=10, help="macro-cycles (default 10)")
     x.add_argument("--minimiser", choices=["fisher", "lbfgs"], default="fisher",
-                   help="per macro-cycle: one Fisher-scoring step (default: L-BFGS on the diagonal quadratic "
-                        "model of the data term plus the exact restraints, then one F_calc to accept it) or "
-                        "L-BFGS on the whole target (an F_calc and its gradient at every iteration)")
+                   help="per macro-cycle: Fisher-scoring steps (default; 1-4 a cycle, each L-BFGS on the "
+                        "diagonal quadratic model of the data term plus the exact restraints, then one F_calc to "
+                        "accept it) or L-BFGS on the whole target (an F_calc and its gradient at every iteration)")
     x.add_argument("--fisher-coupling", type=float, default=0.0, metavar="Å",
                    help="Fisher step: also couple atoms closer than this (e.g. 6; slower, converges further on "
                         "high signal-to-noise data; default 0: the diagonal alone)")
     x.add_argument("--iterations", type=int, default=None,
-                   help="L-BFGS iterations per macro-cycle (default 30 on the scoring step's model, 10 with "
-                        "--minimiser lbfgs)")
+                   help="L-BFGS iterations on each scoring step's model (default 30), or per macro-cycle with "
+                        "--minimiser lbfgs (default 10)")
     x.add_argument("--weight", type=_positive_float, metavar="W",
                    help="fix the data weight (default: automatic, see README)")
     x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
