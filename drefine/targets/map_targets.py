@@ -153,7 +153,7 @@ class MapModelLSTarget:
         from ..density.model_map import reciprocal_s2
         from .curvature import diagonal_curvature
 
-        if getattr(self, "_radial", None) is None:
+        if getattr(self, "_unit_curvature", None) is None:
             s2 = reciprocal_s2(self.cell, self.grid)
             # an rfft entry with 0 < l < N/2 stands for h and −h
             mult = np.full(s2.shape[2], 2.0)
@@ -166,20 +166,18 @@ class MapModelLSTarget:
             weight = np.broadcast_to(mult, s2.shape)[inside]
             count = np.bincount(which, weights=weight, minlength=n_bins)
             centre = np.bincount(which, weights=weight * s2[inside], minlength=n_bins) / np.maximum(count, 1e-300)
-            self._radial = (centre[count > 0], count[count > 0])
-        centre, count = self._radial
-        k = getattr(self, "k", None)
-        if k is None:
+            centre, count = centre[count > 0], count[count > 0]
+            # per atom at k = 1: positions do not enter (random phases), and B, U and occupancies
+            # are fixed for the calculator's life, so only k² changes between calls
+            n = float(np.prod(self.grid))
+            # diagonal_curvature sums c ½ n_ops a² 4π²s²/3: c carries the factor 2 back
+            c = 2.0 * (2.0 / self.norm) * (n / self.cell.volume ** 2) * count
+            self._unit_curvature = np.zeros(len(self.model.atoms))
+            self._unit_curvature[self.calculator.sc.atom_index] = diagonal_curvature(
+                self.calculator.sc, centre, c, n_bins=len(centre))[0]
+        if getattr(self, "k", None) is None:
             self.value(xyz)
-            k = self.k
-        n = float(np.prod(self.grid))
-        # diagonal_curvature sums c ½ n_ops a² 4π²s²/3: c carries the factor 2 back
-        c = 2.0 * (2.0 * k * k / self.norm) * (n / self.cell.volume ** 2) * count
-        self.calculator.set_positions(xyz)
-        h_x, _, _ = diagonal_curvature(self.calculator.sc, centre, c, n_bins=len(centre))
-        out = np.zeros(len(xyz))
-        out[self.calculator.sc.atom_index] = h_x
-        return out
+        return self.k ** 2 * self._unit_curvature
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
         c = self._calc(xyz)
