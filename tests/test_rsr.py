@@ -404,9 +404,8 @@ def test_automatic_sharpening_leaves_a_model_map_alone(synthetic_case):
     assert abs(b) <= 20 and len(scores) == 11
 
 
-def test_crystallographic_map_with_symmetry(data_dir, tmp_path):
-    """A unit-cell map with space-group symmetry is periodic: a crystal model lying partly outside
-    the cell is covered, and refinement against it (symmetry in the model maps) improves the fit."""
+def _crystal_truth(data_dir, tmp_path):
+    """1AHO's best model in its P2₁2₁2₁ cell: one conformer, no hydrogens, waters or ligands."""
     import gemmi as gm
 
     st = gm.read_structure(str(need(data_dir, "untangle/best.pdb")))
@@ -416,6 +415,13 @@ def test_crystallographic_map_with_symmetry(data_dir, tmp_path):
     st.remove_ligands_and_waters()
     st.make_mmcif_document().write_file(str(tmp_path / "truth.cif"))
     truth = read_model(tmp_path / "truth.cif")
+    return truth
+
+
+def test_crystallographic_map_with_symmetry(data_dir, tmp_path):
+    """A unit-cell map with space-group symmetry is periodic: a crystal model lying partly outside
+    the cell is covered, and refinement against it (symmetry in the model maps) improves the fit."""
+    truth = _crystal_truth(data_dir, tmp_path)
     dmap = model_density_map(truth, 2.5, source="xray")
     assert dmap.is_full_cell and dmap.spacegroup.number == 19
     assert dmap.covers(truth.atoms.xyz) < 1.0  # the model leaves the cell: only periodicity covers it
@@ -492,17 +498,9 @@ def test_map_model_ls_curvature_on_a_crystal_map_counts_one_image(data_dir, tmp_
     """A unit-cell map with P2₁2₁2₁ symmetry: the mask around the model holds one image of each
     atom (more only at crystal contacts), so the curvature is one image's, not the four
     operators' (second differences 0.27–0.53 of that)."""
-    import gemmi as gm
-
     from drefine.targets.map_targets import MapModelLSTarget
 
-    st = gm.read_structure(str(need(data_dir, "untangle/best.pdb")))
-    st.setup_entities()
-    st.remove_hydrogens()
-    st.remove_alternative_conformations()
-    st.remove_ligands_and_waters()
-    st.make_mmcif_document().write_file(str(tmp_path / "truth.cif"))
-    truth = read_model(tmp_path / "truth.cif")
+    truth = _crystal_truth(data_dir, tmp_path)
     target = MapModelLSTarget(truth, normalised_map(model_density_map(truth, 2.5, source="xray")), 2.5,
                               np.arange(len(truth.atoms)), source="xray", periodic=True)
     x = truth.atoms.xyz.copy()
