@@ -74,21 +74,23 @@ class OccupancyGroups:
         occ[self.atom] = self.conformers_from_free(free)[self.conformer_of_atom]
         return occ
 
+    def _to_free(self, per_atom: np.ndarray, dependent_sign: float) -> np.ndarray:
+        """Per free conformer: the sum over its atoms plus `dependent_sign` times its group's
+        dependent conformer's sum."""
+        per_conf = np.bincount(self.conformer_of_atom, weights=per_atom[self.atom], minlength=self.n_conformers)
+        dep = self.is_dependent()
+        dep_of_group = self._group_sums(per_conf, dep)
+        return (per_conf + dependent_sign * dep_of_group[self.group_of_conformer])[~dep]
+
     def chain_rule(self, d_occ: np.ndarray) -> np.ndarray:
         """∂T/∂(free q) from ∂T/∂occupancy per atom (of Model.atoms): a free conformer's own
         derivative minus its group's dependent one (which moves by −1 when it moves by +1)."""
-        per_conf = np.bincount(self.conformer_of_atom, weights=d_occ[self.atom], minlength=self.n_conformers)
-        dep = self.is_dependent()
-        dep_of_group = self._group_sums(per_conf, dep)
-        return (per_conf - dep_of_group[self.group_of_conformer])[~dep]
+        return self._to_free(d_occ, -1.0)
 
     def curvature_chain_rule(self, h_occ: np.ndarray) -> np.ndarray:
         """Diagonal ∂²T/∂(free q)² from a diagonal curvature per atom occupancy (of Model.atoms):
-        a free conformer's own plus its group's dependent one (off-diagonal terms left out)."""
-        per_conf = np.bincount(self.conformer_of_atom, weights=h_occ[self.atom], minlength=self.n_conformers)
-        dep = self.is_dependent()
-        dep_of_group = self._group_sums(per_conf, dep)
-        return (per_conf + dep_of_group[self.group_of_conformer])[~dep]
+        a free conformer's own plus its group's dependent one ((−1)² = 1; off-diagonal terms left out)."""
+        return self._to_free(h_occ, 1.0)
 
     def project(self, free: np.ndarray) -> np.ndarray:
         """Nearest admissible values: every q ≥ Q_MIN and each group's sum ≤ 1 (sum-to-one groups:

@@ -115,7 +115,7 @@ class XrayOptions:
     threads: int | None = None
     chunks: int = 0  # > 0: structure factors as this many atom-chunk tasks (on `client` when given)
     geometry_rescue: bool = True  # one more cycle at half the weight when the geometry ends beyond the limits
-    minimiser: str = "fisher"  # "fisher" (one scoring step a cycle) or "lbfgs" (see the module docstring)
+    minimiser: str = "fisher"  # "fisher" (1–4 scoring steps a cycle) or "lbfgs" (see the module docstring)
     inner_iterations: int = 30  # Fisher: L-BFGS iterations on the quadratic data model + restraints
     coupling_cutoff: float = 0.0  # Å; > 0: the Fisher model couples atoms closer than this (off: diagonal)
 
@@ -278,10 +278,8 @@ class XrayData:
         """The data curvature between the parameters (coordinates, B) of different atoms closer
         than `cutoff` Å (`targets.curvature.pair_coupling`), as a sparse symmetric matrix over
         `layout`'s packed parameters; pairs with a fixed atom are left out."""
-        f_model = self.k_total * (f_calc + self.f_bulk)
-        c = self.target.curvature(f_model, self.k_total)
         xyz = self.sc.frac @ self.sc.orth_matrix.T
-        i, j, xx, bb, xb = pair_coupling(self.sc, xyz, self.s2, c, cutoff)
+        i, j, xx, bb, xb = pair_coupling(self.sc, xyz, self.s2, self._reflection_curvature(f_calc), cutoff)
         ai, aj = self.sc.atom_index[i], self.sc.atom_index[j]
         n_atoms = len(self.model.atoms)
         px = np.full(n_atoms, -1, dtype=np.int64)
@@ -296,29 +294,34 @@ class XrayData:
             cols.extend([c[ok], r[ok]])
             vals.extend([v[ok], v[ok]])
 
-        three = range(3)
+        ri, rj = px[ai], px[aj]
+
+        def coordinate(r, a):  # packed index of coordinate a, −1 for a fixed atom
+            return np.where(r >= 0, r + a, -1)
+
         # coordinate blocks (packed coordinates are Å)
-        ri = np.where(px[ai] >= 0, px[ai], -1)
-        rj = np.where(px[aj] >= 0, px[aj], -1)
-        for a in three:
-            for b in three:
-                put(np.where(ri >= 0, ri + a, -1), np.where(rj >= 0, rj + b, -1), xx[:, a, b])
+        for a in range(3):
+            for b in range(3):
+                put(coordinate(ri, a), coordinate(rj, b), xx[:, a, b])
         # B–B and coordinate–B (packed B is B / s_b)
         put(pb[ai], pb[aj], bb * layout.s_b ** 2)
-        for a in three:
-            put(np.where(ri >= 0, ri + a, -1), pb[aj], xb[:, a] * layout.s_b)  # x_i, B_j: −γ r̂
-            put(pb[ai], np.where(rj >= 0, rj + a, -1), -xb[:, a] * layout.s_b)  # B_i, x_j: +γ r̂
+        for a in range(3):
+            put(coordinate(ri, a), pb[aj], xb[:, a] * layout.s_b)  # x_i, B_j: −γ r̂
+            put(pb[ai], coordinate(rj, a), -xb[:, a] * layout.s_b)  # B_i, x_j: +γ r̂
         n = int(sum(layout.sizes))
         if not rows:
             return scipy.sparse.csr_matrix((n, n))
         return scipy.sparse.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))),
                                        shape=(n, n))
 
+    def _reflection_curvature(self, f_calc: np.ndarray) -> np.ndarray:
+        """The target's curvature per reflection along F's phase at F_calc."""
+        return self.target.curvature(self.k_total * (f_calc + self.f_bulk), self.k_total)
+
     def curvature(self, f_calc: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Diagonal data curvature per scatterer (coordinate, B, occupancy) at F_calc
         (`targets.curvature`)."""
-        f_model = self.k_total * (f_calc + self.f_bulk)
-        return diagonal_curvature(self.sc, self.s2, self.target.curvature(f_model, self.k_total))
+        return diagonal_curvature(self.sc, self.s2, self._reflection_curvature(f_calc))
 
 
 class ParameterLayout:
@@ -599,13 +602,13 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         stats.update(data=step.data, geometry=tg, adp=ta)
         return step.x, (step.extra if step.accepted else f_calc0)
 
+    if options.minimiser not in ("lbfgs", "fisher"):
+        raise DrefineError(f"unknown minimiser {options.minimiser!r} (lbfgs or fisher)")
     use_fisher = options.minimiser == "fisher" and not len(u_atoms)
     if options.minimiser == "fisher" and len(u_atoms):
         # from a 0.3 Å shake the diagonal model of U (6 per atom, far from quadratic) overshot
         # and the refinement lagged L-BFGS's (RMSD to the truth 0.022 against 0.014 Å)
         log("anisotropic U: L-BFGS on the whole target (the Fisher step models B, not U)")
-    if options.minimiser not in ("lbfgs", "fisher"):
-        raise DrefineError(f"unknown minimiser {options.minimiser!r} (lbfgs or fisher)")
     f_calc_now = None
     data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
     weight = options.weight

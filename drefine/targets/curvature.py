@@ -29,20 +29,23 @@ def _amplitudes(sc: Scatterers, s2: np.ndarray) -> np.ndarray:
     return f_type[sc.types.type_of_atom] * np.exp(-b_eq[:, None] * s2[None, :] / 4.0)
 
 
+def _binned(s2: np.ndarray, c: np.ndarray, n_bins: int) -> tuple[np.ndarray, np.ndarray]:
+    """Reflections' curvatures summed in n_bins equal bins of s² (Å⁻²): (mean s² per bin, sum).
+    Observed curvatures (ML) can be negative one by one; their sums per bin estimate the
+    expected information, which is not (a negative sum is set to 0)."""
+    s2 = np.asarray(s2, dtype=np.float64)
+    edges = np.linspace(0.0, s2.max() * (1 + 1e-9) if len(s2) else 1.0, n_bins + 1)
+    which = np.clip(np.digitize(s2, edges) - 1, 0, n_bins - 1)
+    centre = np.bincount(which, weights=s2, minlength=n_bins) / np.maximum(np.bincount(which, minlength=n_bins), 1)
+    return centre, np.maximum(np.bincount(which, weights=np.asarray(c, dtype=np.float64), minlength=n_bins), 0.0)
+
+
 def diagonal_curvature(sc: Scatterers, s2: np.ndarray, c: np.ndarray, n_bins: int = 100
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(H_x, H_B, H_occ) per scatterer: the curvature for one coordinate (the same for x, y, z;
     Å⁻² per unit of T), for B (Å⁻⁴) and for the occupancy, given each reflection's s² (Å⁻²)
     and curvature c (zero for reflections outside the target). Anisotropic atoms use B_eq."""
-    s2 = np.asarray(s2, dtype=np.float64)
-    c = np.asarray(c, dtype=np.float64)
-    edges = np.linspace(0.0, s2.max() * (1 + 1e-9) if len(s2) else 1.0, n_bins + 1)
-    which = np.clip(np.digitize(s2, edges) - 1, 0, n_bins - 1)
-    counts = np.bincount(which, minlength=n_bins)
-    centre = np.bincount(which, weights=s2, minlength=n_bins) / np.maximum(counts, 1)
-    # observed curvatures (ML) can be negative one by one; their sums per bin estimate the
-    # expected information, which is not
-    c_bin = np.maximum(np.bincount(which, weights=c, minlength=n_bins), 0.0)
+    centre, c_bin = _binned(s2, c, n_bins)
     f2 = _amplitudes(sc, centre) ** 2 * (0.5 * len(sc.rot))
     h_occ = f2 @ c_bin
     h_x = (sc.occ ** 2) * (f2 @ (c_bin * 4.0 * np.pi ** 2 * centre / 3.0))
@@ -67,12 +70,7 @@ def pair_coupling(sc: Scatterers, xyz: np.ndarray, s2: np.ndarray, c: np.ndarray
     if not len(pairs):
         return (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros((0, 3, 3)), np.zeros(0), np.zeros((0, 3)))
     i, j = pairs[:, 0], pairs[:, 1]
-    s2 = np.asarray(s2, dtype=np.float64)
-    edges = np.linspace(0.0, s2.max() * (1 + 1e-9), n_bins + 1)
-    which = np.clip(np.digitize(s2, edges) - 1, 0, n_bins - 1)
-    counts = np.bincount(which, minlength=n_bins)
-    centre = np.bincount(which, weights=s2, minlength=n_bins) / np.maximum(counts, 1)
-    c_bin = np.maximum(np.bincount(which, weights=c, minlength=n_bins), 0.0)
+    centre, c_bin = _binned(s2, c, n_bins)
     amp = sc.occ[:, None] * _amplitudes(sc, centre)  # (atoms, bins)
     r = xyz[j] - xyz[i]
     dist = np.linalg.norm(r, axis=1)

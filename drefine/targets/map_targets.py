@@ -117,6 +117,9 @@ class MapModelLSTarget:
         sg = self.map.spacegroup if (periodic and self.map.is_full_cell) else None
         self.calculator = ModelMapCalculator(model, cell, grid, d_min, source, sg, self.map.origin, self.atoms,
                                              accuracy=REFINEMENT_ACCURACY)
+        self.k: float | None = None  # the LS scale of the last evaluation
+        self._last: tuple[np.ndarray, np.ndarray] | None = None  # (positions, model map on the mask)
+        self._unit_curvature: np.ndarray | None = None  # `curvature` at k = 1, made on first use
 
     def update(self, xyz: np.ndarray) -> None:
         pass
@@ -124,9 +127,8 @@ class MapModelLSTarget:
     def _calc(self, xyz) -> np.ndarray:
         """The model map on the masked points (the last one is kept: a scoring step asks for the
         value at a point and then for the gradient there)."""
-        last = getattr(self, "_last", None)
-        if last is not None and np.array_equal(last[0], xyz[self.atoms]):
-            return last[1]
+        if self._last is not None and np.array_equal(self._last[0], xyz[self.atoms]):
+            return self._last[1]
         self.calculator.set_positions(xyz)
         c = self.calculator.map().reshape(-1)[self.points].astype(np.float64)
         self._last = (xyz[self.atoms].copy(), c)
@@ -153,7 +155,7 @@ class MapModelLSTarget:
         from ..density.model_map import reciprocal_s2
         from .curvature import diagonal_curvature
 
-        if getattr(self, "_unit_curvature", None) is None:
+        if self._unit_curvature is None:
             s2 = reciprocal_s2(self.cell, self.grid)
             # an rfft entry with 0 < l < N/2 stands for h and −h
             mult = np.full(s2.shape[2], 2.0)
@@ -178,7 +180,7 @@ class MapModelLSTarget:
             self._unit_curvature = np.zeros(len(self.model.atoms))
             self._unit_curvature[self.calculator.sc.atom_index] = diagonal_curvature(
                 self.calculator.sc, centre, c, n_bins=len(centre))[0]
-        if getattr(self, "k", None) is None:
+        if self.k is None:
             self.value(xyz)
         return self.k ** 2 * self._unit_curvature
 
