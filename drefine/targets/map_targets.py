@@ -120,6 +120,7 @@ class MapModelLSTarget:
         self.k: float | None = None  # the LS scale of the last evaluation
         self._last: tuple[np.ndarray, np.ndarray] | None = None  # (positions, model map on the mask)
         self._unit_curvature: np.ndarray | None = None  # `curvature` at k = 1, made on first use
+        self._last_gradient: tuple | None = None  # (positions, T, gradient, k) of the last gradient
 
     def update(self, xyz: np.ndarray) -> None:
         pass
@@ -185,6 +186,12 @@ class MapModelLSTarget:
         return self.k ** 2 * self._unit_curvature
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
+        # the last gradient is kept too: the final cycle asks for it at its start twice (the
+        # weight's gradient-matching scale, then the minimiser)
+        if self._last_gradient is not None and np.array_equal(self._last_gradient[0], xyz[self.atoms]) \
+                and self._last_gradient[2].shape == xyz.shape:
+            self.k = self._last_gradient[3]  # (the scale `curvature` uses is that of this point)
+            return self._last_gradient[1], self._last_gradient[2].copy()
         c = self._calc(xyz)
         k, diff, f = self._scale_and_value(c)
         # ∂T/∂ρ_calc, placed on the grid the model map is made on
@@ -193,6 +200,7 @@ class MapModelLSTarget:
         gr = self.calculator.gradient(g_grid, positions_only=True)
         g = np.zeros_like(xyz)
         g[self.atoms] = gr.xyz
+        self._last_gradient = (xyz[self.atoms].copy(), f, g.copy(), k)
         return f, g
 
     def statistics(self, xyz: np.ndarray) -> dict:
