@@ -1087,14 +1087,27 @@ def _batch_setup(args, log) -> tuple[dict, Path]:
 
 
 def _batch_client(args):
-    from .parallel.cluster import batch_client, task_client
+    """The batch's cluster, started in the background (the caller reads its inputs meanwhile):
+    `with session as client:` (client None for in-process runs), then `session.wait_closed()`."""
+    from .parallel.cluster import IN_PROCESS, BackgroundClient, batch_client, task_client
 
     if args.cluster:
-        return batch_client(args.cluster, args.jobs, args.job_cores, args.job_memory, args.job_walltime, args.queue)
-    return task_client(None if args.scheduler in (None, "local") else args.scheduler, args.workers)
+        return BackgroundClient(batch_client(args.cluster, args.jobs, args.job_cores, args.job_memory,
+                                             args.job_walltime, args.queue))
+    if args.scheduler is not None and args.scheduler.lower() in IN_PROCESS:
+        return BackgroundClient(None)
+    return BackgroundClient(task_client(None if args.scheduler in (None, "local") else args.scheduler, args.workers))
 
 
 def cmd_ensemble(args) -> int:
+    session = _batch_client(args)
+    try:
+        return _ensemble(args, session)
+    finally:
+        session.wait_closed()  # the cluster closes while the reports are written
+
+
+def _ensemble(args, session) -> int:
     from .io.atomic import atomic_write, write_json
     from .parallel.batch import ensemble_members, ensemble_statistics, member_paths, run_batch
     from .parallel.batch_report import plot_along_chain, write_html, write_multimodel
@@ -1111,9 +1124,9 @@ def cmd_ensemble(args) -> int:
         args.n = len(seeds)
     if not args.n or args.n < 1:
         raise DrefineError("give --n (at least 1) or --shake-seeds")
-    payload, out_dir = _batch_setup(args, log)
     weight = args.weight
-    with _batch_client(args) as client:
+    with session as client:
+        payload, out_dir = _batch_setup(args, log)
         if payload["mode"] == "rsr" and weight is None:
             import dataclasses
 
@@ -1172,6 +1185,14 @@ def cmd_ensemble(args) -> int:
 
 
 def cmd_weight_scan(args) -> int:
+    session = _batch_client(args)
+    try:
+        return _weight_scan(args, session)
+    finally:
+        session.wait_closed()  # the cluster closes while the reports are written
+
+
+def _weight_scan(args, session) -> int:
     from .io.atomic import atomic_write, write_json
     from .parallel.batch import grid_members, run_batch
     from .parallel.batch_report import plot_weight_scan, write_html
@@ -1186,11 +1207,11 @@ def cmd_weight_scan(args) -> int:
         raise DrefineError("--weights and --sharpen-b take comma-separated numbers") from None
     if not weights or any(w <= 0 for w in weights):
         raise DrefineError("--weights must be positive numbers")
-    payload, out_dir = _batch_setup(args, log)
-    if payload["mode"] == "xray" and args.sharpen_b:
-        raise DrefineError("--sharpen-b applies to maps (rsr) only")
-    members = grid_members(weights, sharpen)
-    with _batch_client(args) as client:
+    with session as client:
+        payload, out_dir = _batch_setup(args, log)
+        if payload["mode"] == "xray" and args.sharpen_b:
+            raise DrefineError("--sharpen-b applies to maps (rsr) only")
+        members = grid_members(weights, sharpen)
         result = run_batch(payload, members, out_dir, client=client, resume=args.resume, retries=args.retries, log=log)
     rsr = payload["mode"] == "rsr"
     fit_key = "cc_mask" if rsr else "r_free"

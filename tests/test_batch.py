@@ -182,3 +182,30 @@ def test_ensemble_model_map_matches_the_data_it_came_from(example_model_path, ex
     same = cc([xyz, xyz])
     shifted = cc([xyz, xyz + np.array([1.0, 0, 0])])
     assert same > 0.99 and shifted < same - 0.02
+
+
+def test_ensemble_model_map_pools_members_exactly(example_model_path, example_map):
+    """Members pooled into one spread (in pools of two here) give the average of the members' own
+    model maps, each computed alone."""
+    from drefine.density.map_fit import model_map_on_grid
+    from drefine.io.maps import read_map
+    from drefine.model.perturb import shake_coordinates
+    from drefine.parallel.batch import ensemble_model_map
+    from drefine.refine.rsr import RSROptions, map_box_around
+    from drefine.restraints.topology import build_restraints
+
+    model = read_model(example_model_path)
+    atoms = build_restraints(model).atom_indices
+    data = read_map(example_map).load()
+    opt = RSROptions(resolution=3.0)
+    payload = {"model": model, "data": data, "options": opt, "mode": "rsr"}
+    xyz = np.stack([shake_coordinates(model, 0.4, seed)[0].atoms.xyz[atoms] for seed in range(5)])
+    pooled = ensemble_model_map(payload, xyz, atoms, atoms_per_map=2 * len(atoms))
+    box = map_box_around(data, xyz.reshape(-1, 3), opt.box_margin + opt.resolution)
+    member = model.copy()
+    alone = []
+    for x in xyz:
+        member.atoms.xyz[atoms] = x
+        alone.append(model_map_on_grid(member, box, opt.resolution, opt.source, atoms))
+    expected = np.mean(alone, axis=0)
+    assert np.abs(np.asarray(pooled.data) - expected).max() < 1e-5 * np.abs(expected).max()

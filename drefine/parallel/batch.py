@@ -237,17 +237,26 @@ def ensemble_statistics(model: Model, restraints, out_dir: Path, done: list[dict
     return {"summary": out, "rmsf": rmsf, "xyz": xyz, "atoms": idx}
 
 
-def ensemble_model_map(payload: dict, xyz: np.ndarray, atoms: np.ndarray):
+def ensemble_model_map(payload: dict, xyz: np.ndarray, atoms: np.ndarray, atoms_per_map: int = 200_000):
     """The members' model maps averaged (a DensityMap on the map box around all members): the
-    density the ensemble as a whole predicts. `xyz` (members, atoms, 3) Å for the rows `atoms`."""
+    density the ensemble as a whole predicts. `xyz` (members, atoms, 3) Å for the rows `atoms`.
+    The map is linear in the atoms, so members are pooled into one model and spread together:
+    one FFT pair per pool of up to `atoms_per_map` atoms instead of one per member (32 members of
+    744 atoms: 0.30 → 0.14 s). Occupancies stay as they are (the density cutoff of each atom's
+    sphere is absolute) and the sum is divided by N at the end."""
     from ..density.map_fit import model_map_on_grid
     from ..refine.rsr import map_box_around
 
     model, opt = payload["model"], payload["options"]
     box = map_box_around(payload["data"], xyz.reshape(-1, 3), opt.box_margin + opt.resolution)
-    member = model.copy()
+    n_members = len(xyz)
+    per_pool = max(1, atoms_per_map // max(len(atoms), 1))
     total = np.zeros(box.data.shape)
-    for member_xyz in xyz:  # one model map per member (a few per second), summed
-        member.atoms.xyz[atoms] = member_xyz
-        total += model_map_on_grid(member, box, opt.resolution, opt.source, atoms)
-    return replace(box, data=(total / len(xyz)).astype(np.float32))
+    for first in range(0, n_members, per_pool):
+        part = xyz[first:first + per_pool]
+        pooled = model.copy()
+        pooled.atoms = model.atoms.take(np.tile(atoms, len(part)))
+        pooled.atoms.xyz = part.reshape(-1, 3).astype(pooled.atoms.xyz.dtype)
+        pooled.atoms.model_index[:] = 0
+        total += model_map_on_grid(pooled, box, opt.resolution, opt.source)
+    return replace(box, data=(total / n_members).astype(np.float32))

@@ -75,26 +75,31 @@ def _dihedral_and_gradient(p0, p1, p2, p3, g0, g1, g2, g3):
     With F = p0−p1, G = p1−p2, H = p3−p2, A = F×G, B = H×G: φ = atan2((B×A)·G/|G|, A·B), and
     the gradient is the closed form of Blondel & Karplus (1996), J. Comput. Chem. 17, 1132.
     """
-    F = p0 - p1
-    G = p1 - p2
-    H = p3 - p2
-    A = np.cross(F, G)
-    B = np.cross(H, G)
-    lg = math.sqrt(G @ G)
-    aa = A @ A
-    bb = B @ B
+    # written out in scalars: numpy temporaries (differences, cross products) cost more than the
+    # arithmetic here, and the torsion and Ramachandran terms call this for every dihedral
+    fx, fy, fz = p0[0] - p1[0], p0[1] - p1[1], p0[2] - p1[2]
+    gx, gy, gz = p1[0] - p2[0], p1[1] - p2[1], p1[2] - p2[2]
+    hx, hy, hz = p3[0] - p2[0], p3[1] - p2[1], p3[2] - p2[2]
+    ax, ay, az = fy * gz - fz * gy, fz * gx - fx * gz, fx * gy - fy * gx  # A = F × G
+    bx, by, bz = hy * gz - hz * gy, hz * gx - hx * gz, hx * gy - hy * gx  # B = H × G
+    lg = math.sqrt(gx * gx + gy * gy + gz * gz)
+    aa = ax * ax + ay * ay + az * az
+    bb = bx * bx + by * by + bz * bz
     if aa < 1e-20 or bb < 1e-20 or lg == 0.0:
         g0[:] = 0.0
         g1[:] = 0.0
         g2[:] = 0.0
         g3[:] = 0.0
         return 0.0
-    phi = math.atan2((np.cross(B, A) @ G) / lg, A @ B)
-    fg = F @ G
-    hg = H @ G
+    bax, bay, baz = by * az - bz * ay, bz * ax - bx * az, bx * ay - by * ax  # B × A
+    phi = math.atan2((bax * gx + bay * gy + baz * gz) / lg, ax * bx + ay * by + az * bz)
+    fg = fx * gx + fy * gy + fz * gz
+    hg = hx * gx + hy * gy + hz * gz
+    a_ = (ax, ay, az)
+    b_ = (bx, by, bz)
     for c in range(3):
-        ga = A[c] / aa
-        gb = B[c] / bb
+        ga = a_[c] / aa
+        gb = b_[c] / bb
         g0[c] = -lg * ga
         g3[c] = lg * gb
         g1[c] = lg * ga + fg / lg * ga - hg / lg * gb
