@@ -273,3 +273,25 @@ def test_float32_data_and_serial_kernel_agree(field):
     b = interpolate(m32, xyz, parallel=False)
     assert np.array_equal(a.values, b.values) and np.array_equal(a.gradient, b.gradient)
     assert np.abs(a.values - interpolate(field, xyz).values).max() < 1e-6
+
+
+@pytest.mark.parametrize("periodic", [True, False])
+def test_prepared_interpolator_gives_interpolate_s_numbers(field, periodic):
+    """TricubicInterpolator (prepared once for a minimiser's many calls) returns exactly what
+    `interpolate` does: on a full cell with wrapping, and on a box with positions outside it."""
+    from drefine.density.interpolate import TricubicInterpolator
+
+    if periodic:
+        m = field
+        xyz = random_points(field, 300, seed=11, lo=-0.5, hi=1.5)  # across the cell's edges
+    else:
+        m = sampled_map(cell=gemmi.UnitCell(20, 22, 24, 90, 90, 90), spacing=0.5, start=(4, 6, 8),
+                        shape=(20, 22, 24), origin=(1.5, -2.0, 0.25), periodic=False)
+        xyz = m.xyz_of_index(np.random.default_rng(12).uniform(-2, 25, size=(300, 3)))
+    expected = interpolate(m, xyz, periodic=periodic)
+    for parallel in (True, False):
+        got = TricubicInterpolator(m, periodic, parallel)(xyz)
+        assert np.array_equal(got.values, expected.values, equal_nan=True)
+        assert np.array_equal(got.gradient, expected.gradient, equal_nan=True)
+    if not periodic:
+        assert 0 < got.n_outside < len(xyz)

@@ -21,7 +21,7 @@ import gemmi
 import numpy as np
 import scipy.fft
 
-from ..density.interpolate import interpolate
+from ..density.interpolate import TricubicInterpolator, interpolate
 from ..density.map_fit import _pearson
 from ..density.model_map import REFINEMENT_ACCURACY, ModelMapCalculator
 from ..errors import DrefineError
@@ -53,15 +53,19 @@ class AtomCentredMapTarget:
             z = model.atoms.atomic_number[self.atoms].astype(np.float64)
             weights = np.where(model.atoms.is_hydrogen[self.atoms], 0.0, z / 6.0)
         self.weights = np.asarray(weights, dtype=np.float64)
+        self._interpolator = None  # made at the first evaluation
 
     def update(self, xyz: np.ndarray) -> None:
         pass
 
     def value_and_gradient(self, xyz: np.ndarray) -> tuple[float, np.ndarray]:
-        # numba's thread pool costs milliseconds per call: worth it only for many atoms
-        res = interpolate(self.map, xyz[self.atoms], periodic=self.periodic, on_outside="nan",
-                          parallel=len(self.atoms) > PARALLEL_MIN_ATOMS)
-        vals, grad = res.values, res.gradient
+        if self._interpolator is None:
+            # numba's thread pool costs milliseconds per call: worth it only for many atoms
+            parallel = len(self.atoms) > PARALLEL_MIN_ATOMS
+            self._interpolator = (TricubicInterpolator(self.map, self.periodic, parallel) if
+                                  not getattr(self.map, "is_chunked", False) else
+                                  lambda p: interpolate(self.map, p, periodic=self.periodic, on_outside="nan"))
+        vals, grad = self._interpolator(xyz[self.atoms])
         out = ~np.isfinite(vals)
         if out.any():
             # an atom that wandered off the box: no density pull (restraints hold it)
