@@ -57,19 +57,26 @@ def _renumber(rows: str, model: int, first_id: int) -> tuple[str, int]:
     return out, counter[0]
 
 
-def _figure():
-    import matplotlib
+def new_figure(figsize: tuple[float, float]):
+    """A matplotlib Figure on the Agg canvas, without pyplot: pyplot's import and its global
+    figure registry cost ~0.1 s more, and nothing here is shown on screen."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    return Figure(figsize=figsize)
 
-    return plt
+
+def save_png(fig, out: Path, dpi: int = 110) -> Path:
+    """The figure as a PNG, written atomically."""
+    with atomic_path(out) as tmp:
+        fig.savefig(tmp, dpi=dpi, format="png")
+    return out
 
 
 def plot_along_chain(rows: list[dict], keys: list[tuple[str, str]], out: Path, title: str) -> Path:
     """One panel per (key, label) of per-residue rows, against the residue's position in the chain."""
-    plt = _figure()
-    fig, axes = plt.subplots(len(keys), 1, figsize=(10, 2.6 * len(keys)), sharex=True, squeeze=False)
+    height = 2.6 * len(keys)
+    fig = new_figure((10, height))
+    axes = fig.subplots(len(keys), 1, sharex=True, squeeze=False)
     x = np.arange(len(rows))
     for ax, (key, label) in zip(axes[:, 0], keys):
         ax.plot(x, [r.get(key, np.nan) for r in rows], lw=1)
@@ -78,17 +85,16 @@ def plot_along_chain(rows: list[dict], keys: list[tuple[str, str]], out: Path, t
     step = max(1, len(rows) // 15)
     axes[-1, 0].set_xticks(x[::step], [r["residue"] for r in rows][::step], rotation=60, fontsize=7)
     axes[0, 0].set_title(title)
-    fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    # fixed margins in inches (room for the rotated residue labels and the title): tight_layout
+    # measured every text and doubled the plot's time
+    fig.subplots_adjust(left=0.9 / 10, right=1 - 0.2 / 10, bottom=1.0 / height, top=1 - 0.4 / height, hspace=0.08)
+    return save_png(fig, out)
 
 
 def plot_weight_scan(done: list[dict], fit_key: str, out: Path, recommended: str | None) -> Path:
     """Map fit (or R-free) against bond RMSD, one point per run, labelled by its name."""
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(6, 4.5))
+    fig = new_figure((6, 4.5))
+    ax = fig.subplots()
     for s in done:
         ax.scatter(s["bonds_rmsd"], s[fit_key], color="C3" if s["name"] == recommended else "C0")
         ax.annotate(s["name"], (s["bonds_rmsd"], s[fit_key]), fontsize=7, xytext=(3, 3), textcoords="offset points")
@@ -97,10 +103,7 @@ def plot_weight_scan(done: list[dict], fit_key: str, out: Path, recommended: str
     ax.grid(alpha=0.3)
     ax.set_title("weight scan" + (f": recommended {recommended}" if recommended else ""))
     fig.tight_layout()
-    with atomic_path(out) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return out
+    return save_png(fig, out)
 
 
 def write_html(out: Path, title: str, summary: dict, table: list[dict], images: list[str]) -> Path:

@@ -7,14 +7,11 @@ from pathlib import Path
 
 def plot_trajectory(history: list[dict], path: str | os.PathLike) -> Path:
     """PNG of the gap (log scale, Å) and R_used per iteration, stages marked; written atomically."""
-    import matplotlib
+    from ..parallel.batch_report import new_figure, save_png
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
     x = list(range(1, len(history) + 1))
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(7, 5.5), sharex=True)
+    fig = new_figure((7, 5.5))
+    ax1, ax2 = fig.subplots(2, 1, sharex=True)
     ax1.semilogy(x, [max(h["gap"], 1e-12) for h in history], lw=1.2, label="gap")
     ax1.semilogy(x, [max(h["gap_geometry"], 1e-12) for h in history], lw=0.8, alpha=0.7, label="geometry part")
     ax1.semilogy(x, [max(h["gap_density"], 1e-12) for h in history], lw=0.8, alpha=0.7, label="density part")
@@ -28,8 +25,4 @@ def plot_trajectory(history: list[dict], path: str | os.PathLike) -> Path:
             for ax in (ax1, ax2):
                 ax.axvline(k + 0.5, color="grey", ls="--", lw=0.8)
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".part.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return save_png(fig, Path(path))
