@@ -209,3 +209,28 @@ def test_ensemble_model_map_pools_members_exactly(example_model_path, example_ma
         alone.append(model_map_on_grid(member, box, opt.resolution, opt.source, atoms))
     expected = np.mean(alone, axis=0)
     assert np.abs(np.asarray(pooled.data) - expected).max() < 1e-5 * np.abs(expected).max()
+
+
+def test_workers_keep_glibc_malloc_thresholds():
+    """dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_ set (every large array then
+    faulted in anew); the local cluster's workers have it unset, and the line batch jobs export
+    makes dask's nanny drop it too (read back through dask's own config in a fresh process)."""
+    import os
+    import subprocess
+    import sys
+
+    from drefine.parallel.cluster import batch_job_prologue, task_client
+
+    with task_client(None, 1) as client:
+        seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+    assert list(seen.values()) == [None]
+    line = next(ln for ln in batch_job_prologue() if "PRE_SPAWN_ENVIRON" in ln)
+    name, value = line.removeprefix("export ").split("=", 1)
+    code = ("from distributed.nanny import _get_env_variables; "
+            "print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')))")
+    env = dict(os.environ, **{name: value.strip('"')})
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "OMP_NUM_THREADS" in out and "MALLOC_TRIM_THRESHOLD_" not in out
+    plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                           env={k: v for k, v in os.environ.items() if k != name}).stdout
+    assert "MALLOC_TRIM_THRESHOLD_" in plain  # dask's default, which the line removes

@@ -13,6 +13,14 @@ from concurrent.futures import ThreadPoolExecutor
 from ..errors import DrefineError
 
 IN_PROCESS = ("inprocess", "in-process", "sync", "none")
+#: dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (memory handed back to the OS at
+#: once, for long-lived workers holding data). That also fixes glibc's mmap threshold, so every
+#: array over 128 KiB (a member's map grids, many per evaluation) is mapped and faulted in anew:
+#: measured 40 ms of system time per 4hg7 member, and the 32-member ensemble 10 % slower. Our
+#: tasks are whole refinements whose memory is freed when they end: glibc's own (dynamic)
+#: thresholds suit them. This environment variable (dask config) unsets it for workers started
+#: elsewhere (batch jobs here; deploy/ for containers and `dask worker`).
+KEEP_MALLOC_DEFAULTS = ("DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON", "{'MALLOC_TRIM_THRESHOLD_': None}")
 _THREAD_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
 
 
@@ -58,11 +66,7 @@ def task_client(scheduler: str | None = None, workers: int | None = None):
 
     n = workers or default_workers()
     env = {v: "1" for v in _THREAD_VARS}
-    # dask's nanny starts workers with MALLOC_TRIM_THRESHOLD_=65536 (memory handed back to the OS
-    # at once, for long-lived workers holding data). That also fixes glibc's mmap threshold, so
-    # every array over 128 KiB (a member's map grids, many per evaluation) is mapped and faulted
-    # in anew: measured 40 ms of system time per 4hg7 member, ~10 % of it. Our tasks are whole
-    # refinements whose memory is freed when they end: glibc's own (dynamic) thresholds suit them.
+    # glibc's own malloc thresholds in the workers (KEEP_MALLOC_DEFAULTS)
     dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
     with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
                       silence_logs=40, env=env) as cluster, Client(cluster) as client:
@@ -129,6 +133,12 @@ class BackgroundClient:
             self._pool.shutdown()
 
 
+def batch_job_prologue() -> list[str]:
+    """Shell lines run before a batch job's workers start: one thread per worker process, and
+    glibc's malloc thresholds kept (KEEP_MALLOC_DEFAULTS)."""
+    return [f"export {v}=1" for v in _THREAD_VARS] + ['export {}="{}"'.format(*KEEP_MALLOC_DEFAULTS)]
+
+
 @contextlib.contextmanager
 def batch_client(kind: str, jobs: int, cores: int = 2, memory: str = "8GB", walltime: str = "02:00:00",
                  queue: str | None = None, account: str | None = None):
@@ -143,9 +153,8 @@ def batch_client(kind: str, jobs: int, cores: int = 2, memory: str = "8GB", wall
     cls = {"slurm": dask_jobqueue.SLURMCluster, "pbs": dask_jobqueue.PBSCluster}.get(kind)
     if cls is None:
         raise DrefineError(f"unknown --cluster {kind!r} (slurm or pbs)")
-    env = [f"export {v}=1" for v in _THREAD_VARS]
     cluster = cls(cores=cores, processes=cores, memory=memory, walltime=walltime, queue=queue, account=account,
-                  job_script_prologue=env)
+                  job_script_prologue=batch_job_prologue())
     cluster.scale(jobs=jobs)
     try:
         with Client(cluster) as client:
