@@ -101,23 +101,24 @@ def run_servalcat(d: Path, case: str, res: str) -> str:
 
 
 def scan_workers(work: Path) -> list[str]:
-    """The weight scan alone (5fuu, 3 Å, 16 segments) on 1 and 2 local workers: median time of five
-    scans after warm-up, and the chosen weight."""
+    """The weight scan alone (5fuu, 3 Å, 16 segments) on 1 and 2 local workers (drefine's own local
+    cluster, as `drefine rsr --scheduler local` starts it): median time of five scans after
+    warm-up, and the chosen weight."""
     code = (
-        "import sys,time;from distributed import Client,LocalCluster;"
+        "import sys,time;from drefine.parallel.cluster import task_client;"
         "from drefine.io.models import read_model;from drefine.io.maps import read_map;"
         "from drefine.restraints.topology import build_restraints;from drefine.refine.weight import weight_scan;"
         "from drefine.refine.rsr import map_box_around;from drefine.targets.map_targets import normalised_map;"
         f"d='{work / '5fuu_3.0'}';m=read_model(d+'/start.pdb');r=build_restraints(m,'{MONLIB}',unknown_residues='skip');"
         "b=normalised_map(map_box_around(read_map(d+'/map.mrc'),m.atoms.xyz,9.0));n=int(sys.argv[1]);"
-        "c=LocalCluster(n_workers=n,threads_per_worker=1,dashboard_address=None);cl=Client(c);"
+        "ctx=task_client(None,n);cl=ctx.__enter__();"
         # warm every worker up (numba's cache loads on a worker's first task): a few small scans
         "[weight_scan(m,b,r,client=cl,n_segments=4*n,iterations=20) for _ in range(3)];"
         "from drefine.refine.rsr import SCAN_ITERATIONS as it;"
         "ts=[]\nfor _ in range(5):\n t=time.perf_counter();w=weight_scan(m,b,r,client=cl,n_segments=16,iterations=it);"
         "ts.append(time.perf_counter()-t)\n"
         "ts.sort();print(f'scan workers={n} wall_s={ts[2]:.2f} (median of 5; all {[round(x, 2) for x in ts]}) weight={w.weight:.3f}');"
-        "cl.close();c.close()"
+        "ctx.__exit__(None,None,None)"
     )
     lines = []
     for n in (1, 2):
