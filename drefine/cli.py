@@ -1099,12 +1099,18 @@ def _batch_client(args):
     return BackgroundClient(task_client(None if args.scheduler in (None, "local") else args.scheduler, args.workers))
 
 
-def cmd_ensemble(args) -> int:
+def _with_batch_cluster(body, args) -> int:
+    """body(args, session) with the batch's cluster (`_batch_client`); the cluster closes while
+    the body writes its reports, and that close is awaited here."""
     session = _batch_client(args)
     try:
-        return _ensemble(args, session)
+        return body(args, session)
     finally:
-        session.wait_closed()  # the cluster closes while the reports are written
+        session.wait_closed()
+
+
+def cmd_ensemble(args) -> int:
+    return _with_batch_cluster(_ensemble, args)
 
 
 def _ensemble(args, session) -> int:
@@ -1188,11 +1194,7 @@ def _ensemble(args, session) -> int:
 
 
 def cmd_weight_scan(args) -> int:
-    session = _batch_client(args)
-    try:
-        return _weight_scan(args, session)
-    finally:
-        session.wait_closed()  # the cluster closes while the reports are written
+    return _with_batch_cluster(_weight_scan, args)
 
 
 def _weight_scan(args, session) -> int:
