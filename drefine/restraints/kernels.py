@@ -39,32 +39,37 @@ def bond_term(xyz, atoms, ideal, sigma, grad):
 @njit(cache=True, nogil=True)
 def angle_term(xyz, atoms, ideal, sigma, grad):
     f = 0.0
-    u = np.empty(3)
-    v = np.empty(3)
     for k in range(atoms.shape[0]):
         i, j, m = atoms[k, 0], atoms[k, 1], atoms[k, 2]
-        for c in range(3):
-            u[c] = xyz[i, c] - xyz[j, c]
-            v[c] = xyz[m, c] - xyz[j, c]
-        lu = math.sqrt(u[0] * u[0] + u[1] * u[1] + u[2] * u[2])
-        lv = math.sqrt(v[0] * v[0] + v[1] * v[1] + v[2] * v[2])
-        if lu == 0.0 or lv == 0.0:
+        ux, uy, uz = xyz[i, 0] - xyz[j, 0], xyz[i, 1] - xyz[j, 1], xyz[i, 2] - xyz[j, 2]
+        vx, vy, vz = xyz[m, 0] - xyz[j, 0], xyz[m, 1] - xyz[j, 1], xyz[m, 2] - xyz[j, 2]
+        uu = ux * ux + uy * uy + uz * uz
+        vv = vx * vx + vy * vy + vz * vz
+        if uu == 0.0 or vv == 0.0:
             continue
-        cos_t = (u[0] * v[0] + u[1] * v[1] + u[2] * v[2]) / (lu * lv)
+        inv_uv = 1.0 / math.sqrt(uu * vv)
+        cos_t = (ux * vx + uy * vy + uz * vz) * inv_uv
         cos_t = min(1.0, max(-1.0, cos_t))
         theta = math.acos(cos_t)
         w = 1.0 / (sigma[k] * sigma[k])
         diff = theta - ideal[k]
         f += w * diff * diff
         sin_t = math.sqrt(max(1e-12, 1.0 - cos_t * cos_t))
-        # dθ/du = -(v/|v| - cosθ u/|u|) / (|u| sinθ), likewise for v
+        # dθ/du = -(v/|v| - cosθ u/|u|) / (|u| sinθ) = -(v/(|u||v|) - cosθ u/|u|²) / sinθ, likewise
+        # for v; the divisions are taken once per angle (they were half of the term's time)
         g = 2.0 * w * diff * (-1.0 / sin_t)
-        for c in range(3):
-            du = (v[c] / lv - cos_t * u[c] / lu) / lu
-            dv = (u[c] / lu - cos_t * v[c] / lv) / lv
-            grad[i, c] += g * du
-            grad[m, c] += g * dv
-            grad[j, c] -= g * (du + dv)
+        cu, cv = cos_t / uu, cos_t / vv
+        dux, duy, duz = vx * inv_uv - cu * ux, vy * inv_uv - cu * uy, vz * inv_uv - cu * uz
+        dvx, dvy, dvz = ux * inv_uv - cv * vx, uy * inv_uv - cv * vy, uz * inv_uv - cv * vz
+        grad[i, 0] += g * dux
+        grad[i, 1] += g * duy
+        grad[i, 2] += g * duz
+        grad[m, 0] += g * dvx
+        grad[m, 1] += g * dvy
+        grad[m, 2] += g * dvz
+        grad[j, 0] -= g * (dux + dvx)
+        grad[j, 1] -= g * (duy + dvy)
+        grad[j, 2] -= g * (duz + dvz)
     return f
 
 
