@@ -209,17 +209,22 @@ def smallest_eigenvector_sym3(a00, a01, a02, a11, a12, a22):
 
 @njit(cache=True, nogil=True)
 def plane_normal(xyz, atoms, start, stop):
-    """Centroid and unit normal of the least-squares plane through atoms[start:stop]."""
+    """Centroid (cx, cy, cz) and unit normal (nx, ny, nz) of the least-squares plane through
+    atoms[start:stop], as scalars (two small arrays per plane were half of the plane term's time)."""
     n = stop - start
-    cen = np.zeros(3)
+    cx = cy = cz = 0.0
     for k in range(start, stop):
-        for q in range(3):
-            cen[q] += xyz[atoms[k], q]
-    cen /= n
+        i = atoms[k]
+        cx += xyz[i, 0]
+        cy += xyz[i, 1]
+        cz += xyz[i, 2]
+    cx /= n
+    cy /= n
+    cz /= n
     c00 = c01 = c02 = c11 = c12 = c22 = 0.0
     for k in range(start, stop):
         i = atoms[k]
-        dx, dy, dz = xyz[i, 0] - cen[0], xyz[i, 1] - cen[1], xyz[i, 2] - cen[2]
+        dx, dy, dz = xyz[i, 0] - cx, xyz[i, 1] - cy, xyz[i, 2] - cz
         c00 += dx * dx
         c01 += dx * dy
         c02 += dx * dz
@@ -227,14 +232,11 @@ def plane_normal(xyz, atoms, start, stop):
         c12 += dy * dz
         c22 += dz * dz
     nx, ny, nz = smallest_eigenvector_sym3(c00, c01, c02, c11, c12, c22)
-    nrm = np.empty(3)
     if nx == 0.0 and ny == 0.0 and nz == 0.0:
         cov = np.array([[c00, c01, c02], [c01, c11, c12], [c02, c12, c22]])
         _, vecs = np.linalg.eigh(cov)
-        nrm[:] = vecs[:, 0]
-    else:
-        nrm[0], nrm[1], nrm[2] = nx, ny, nz
-    return cen, nrm
+        nx, ny, nz = vecs[0, 0], vecs[1, 0], vecs[2, 0]
+    return cx, cy, cz, nx, ny, nz
 
 
 @njit(cache=True, nogil=True)
@@ -249,12 +251,14 @@ def plane_term(xyz, atoms, start, sigma, grad):
         s, e = start[p], start[p + 1]
         if e - s < 3:
             continue
-        cen, nrm = plane_normal(xyz, atoms, s, e)
+        cx, cy, cz, nx, ny, nz = plane_normal(xyz, atoms, s, e)
         w = 1.0 / (sigma[p] * sigma[p])
         for k in range(s, e):
             i = atoms[k]
-            d = (xyz[i, 0] - cen[0]) * nrm[0] + (xyz[i, 1] - cen[1]) * nrm[1] + (xyz[i, 2] - cen[2]) * nrm[2]
+            d = (xyz[i, 0] - cx) * nx + (xyz[i, 1] - cy) * ny + (xyz[i, 2] - cz) * nz
             f += w * d * d
-            for q in range(3):
-                grad[i, q] += 2.0 * w * d * nrm[q]
+            gd = 2.0 * w * d
+            grad[i, 0] += gd * nx
+            grad[i, 1] += gd * ny
+            grad[i, 2] += gd * nz
     return f
