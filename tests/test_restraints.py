@@ -179,10 +179,12 @@ def test_closed_form_plane_normal_matches_eigh():
             pts = rng.normal(size=(7, 3)) * [elongation, 1.0, flatness]
             rot, _ = np.linalg.qr(rng.normal(size=(3, 3)))
             pts = pts @ rot.T + rng.normal(size=3) * 40.0
-            _, nrm = plane_normal(pts, np.arange(7), 0, 7)
+            *cen, nx, ny, nz = plane_normal(pts, np.arange(7), 0, 7)
+            nrm = np.array([nx, ny, nz])
+            assert np.allclose(cen, pts.mean(0), rtol=0, atol=1e-12)
             d = pts - pts.mean(0)
             ref = np.linalg.eigh(d.T @ d)[1][:, 0]
             assert abs(abs(nrm @ ref) - 1.0) < 1e-10
     flat = np.c_[rng.normal(size=(6, 2)), np.zeros(6)]
-    _, nrm = plane_normal(flat, np.arange(6), 0, 6)
-    assert abs(abs(nrm[2]) - 1.0) < 1e-12
+    *_, nz = plane_normal(flat, np.arange(6), 0, 6)
+    assert abs(abs(nz) - 1.0) < 1e-12
