@@ -36,6 +36,14 @@ def bond_term(xyz, atoms, ideal, sigma, grad):
     return f
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _add3(grad, i, s, x, y, z):
+    """grad[i] += s · (x, y, z), in scalars (the kernels below accumulate this way)."""
+    grad[i, 0] += s * x
+    grad[i, 1] += s * y
+    grad[i, 2] += s * z
+
+
 @njit(cache=True, nogil=True)
 def angle_term(xyz, atoms, ideal, sigma, grad):
     f = 0.0
@@ -61,15 +69,9 @@ def angle_term(xyz, atoms, ideal, sigma, grad):
         cu, cv = cos_t / uu, cos_t / vv
         dux, duy, duz = vx * inv_uv - cu * ux, vy * inv_uv - cu * uy, vz * inv_uv - cu * uz
         dvx, dvy, dvz = ux * inv_uv - cv * vx, uy * inv_uv - cv * vy, uz * inv_uv - cv * vz
-        grad[i, 0] += g * dux
-        grad[i, 1] += g * duy
-        grad[i, 2] += g * duz
-        grad[m, 0] += g * dvx
-        grad[m, 1] += g * dvy
-        grad[m, 2] += g * dvz
-        grad[j, 0] -= g * (dux + dvx)
-        grad[j, 1] -= g * (duy + dvy)
-        grad[j, 2] -= g * (duz + dvz)
+        _add3(grad, i, g, dux, duy, duz)
+        _add3(grad, m, g, dvx, dvy, dvz)
+        _add3(grad, j, -g, dux + dvx, duy + dvy, duz + dvz)
     return f
 
 
@@ -155,18 +157,10 @@ def chiral_term(xyz, atoms, ideal, sigma, both, grad):
         diff = vol - target
         f += w * diff * diff
         g = 2.0 * w * diff
-        grad[i, 0] += g * bcx
-        grad[i, 1] += g * bcy
-        grad[i, 2] += g * bcz
-        grad[j, 0] += g * cax
-        grad[j, 1] += g * cay
-        grad[j, 2] += g * caz
-        grad[m, 0] += g * abx
-        grad[m, 1] += g * aby
-        grad[m, 2] += g * abz
-        grad[o, 0] -= g * (bcx + cax + abx)
-        grad[o, 1] -= g * (bcy + cay + aby)
-        grad[o, 2] -= g * (bcz + caz + abz)
+        _add3(grad, i, g, bcx, bcy, bcz)
+        _add3(grad, j, g, cax, cay, caz)
+        _add3(grad, m, g, abx, aby, abz)
+        _add3(grad, o, -g, bcx + cax + abx, bcy + cay + aby, bcz + caz + abz)
     return f
 
 
@@ -257,8 +251,5 @@ def plane_term(xyz, atoms, start, sigma, grad):
             i = atoms[k]
             d = (xyz[i, 0] - cx) * nx + (xyz[i, 1] - cy) * ny + (xyz[i, 2] - cz) * nz
             f += w * d * d
-            gd = 2.0 * w * d
-            grad[i, 0] += gd * nx
-            grad[i, 1] += gd * ny
-            grad[i, 2] += gd * nz
+            _add3(grad, i, 2.0 * w * d, nx, ny, nz)
     return f
