@@ -66,10 +66,12 @@ def task_client(scheduler: str | None = None, workers: int | None = None):
 
     n = workers or default_workers()
     env = {v: "1" for v in _THREAD_VARS}
-    # glibc's own malloc thresholds in the workers (KEEP_MALLOC_DEFAULTS)
-    dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None})
-    with LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
-                      silence_logs=40, env=env) as cluster, Client(cluster) as client:
+    # glibc's own malloc thresholds in the workers (KEEP_MALLOC_DEFAULTS); each nanny reads the
+    # setting once, when it is made, and keeps it for the workers it restarts
+    with dask.config.set({"distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, processes=True, dashboard_address=None,
+                               silence_logs=40, env=env)
+    with cluster, Client(cluster) as client:
         yield client
 
 
