@@ -6,7 +6,10 @@ makes them itself; the same starts are written for servalcat with drefine's shak
 Quality of every member by the shared tools/metrics.py (RMSD to truth, bond/angle RMSD).
 Also (--big): 100 members of 5fuu (protein part) against its 3 Å map, peak memory recorded.
 
-Usage: python benchmarks/bench_ensemble.py [--work DIR] [--members 32] [--big | --only-big] [--no-servalcat]
+Usage: python benchmarks/bench_ensemble.py [--work DIR] [--members 32] [--rounds 3] [--big | --only-big]
+       [--no-servalcat]
+Rounds: 1 worker, 2 workers and servalcat one after the other, the ratios taken within each round
+and their median reported (this machine's speed drifts by ±20 % over minutes).
 """
 import argparse
 import json
@@ -24,6 +27,9 @@ HERE = Path(__file__).resolve()
 DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
 TOOLS = DATA.parent / "tools"
 MONLIB = DATA / "monlib"
+# the installed command next to this interpreter (a version manager's shim in front of it, such as
+# pyenv's, adds ~0.1 s to every run), else the one on PATH
+DREFINE = next((str(p) for p in [Path(sys.executable).with_name("drefine")] if p.exists()), "drefine")
 SERVALCAT = Path(os.environ.get("PEERS_DIR", "/tmp/peers")) / "venv" / "bin" / "servalcat"
 
 
@@ -53,7 +59,7 @@ def _num(v: str) -> bool:
 def run_drefine(d: Path, n: int, workers: int, tag: str) -> dict:
     out = d / f"ens_{tag}"
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, not a resume of the last benchmark's
-    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", "drefine", "ensemble", d / "truth.pdb", d / "map.mrc", "--resolution",
+    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", DREFINE, "ensemble", d / "truth.pdb", d / "map.mrc", "--resolution",
            "3", "--n", str(n), "--rmsd", "0.5", "--seed", "100", "--monlib", MONLIB, "--unknown-residues", "skip",
            "--workers", str(workers), "-o", out]
     t0 = time.perf_counter()
@@ -107,6 +113,9 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", default="/tmp/drefine_bench_ensemble")
     ap.add_argument("--members", type=int, default=32)
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of (1 worker, 2 workers, servalcat) run one after the other: the ratios are "
+                         "taken within a round, so that the machine's drifting speed cancels")
     ap.add_argument("--big", action="store_true")
     ap.add_argument("--no-servalcat", action="store_true")
     ap.add_argument("--only-big", action="store_true", help="skip the 4hg7 throughput runs")
@@ -117,28 +126,49 @@ def main():
         args.big = True
     d = make_case(work, "4hg7_3.0", DATA / "xray/4hg7/4hg7.pdb")
     n = 0 if args.only_big else args.members
-    print("| run | members | wall s | batch s | members/min | peak MB | RMSD to truth Å | bonds Å | angles ° |")
-    res = {}
-    for workers in (1, 2) if n else ():
-        r = run_drefine(d, n, workers, f"w{workers}")
-        q = quality(sorted((r["out"] / "members").glob("*.cif")), d / "truth.pdb")
-        res[workers] = r
-        print(f"| drefine, {workers} worker(s) | {n} | {r['wall_s']:.1f} | {r['batch_s']:.1f} | {r['per_min']:.1f} | "
-              f"{r['peak_mb']:.0f} | {q['rmsd']:.3f} | {q['bond_rmsd']:.4f} | {q['angle_rmsd']:.2f} |", flush=True)
-    if n:
-        print(f"speed-up 2 vs 1 worker (members/min): {res[2]['per_min'] / res[1]['per_min']:.2f}x")
-    if n and not args.no_servalcat and SERVALCAT.exists():
-        s = run_servalcat(d, n)
-        q = quality(s["outs"], d / "truth.pdb")
-        print(f"| servalcat, 2 at a time | {len(s['outs'])} | {s['wall_s']:.1f} | {s['wall_s']:.1f} | {s['per_min']:.1f} "
-              f"| | {q['rmsd']:.3f} | {q['bond_rmsd']:.4f} | {q['angle_rmsd']:.2f} |", flush=True)
-        print(f"drefine (2 workers, whole command) / servalcat throughput: "
-              f"{(60 * n / res[2]['wall_s']) / s['per_min']:.2f}x")
+    servalcat = n and not args.no_servalcat and SERVALCAT.exists()
+    rows = []
+    for k in range(args.rounds if n else 0):
+        row = {w: run_drefine(d, n, w, f"w{w}") for w in (1, 2)}
+        if servalcat:
+            row["servalcat"] = run_servalcat(d, n)
+        rows.append(row)
+        if k == 0:  # the members are the same in every round (seeded): their quality once
+            for w in (1, 2):
+                q = quality(sorted((row[w]["out"] / "members").glob("*.cif")), d / "truth.pdb")
+                print(f"quality, drefine {w} worker(s): RMSD to truth {q['rmsd']:.3f} Å, bonds "
+                      f"{q['bond_rmsd']:.4f} Å, angles {q['angle_rmsd']:.2f}°, peak {row[w]['peak_mb']:.0f} MB")
+            if servalcat:
+                q = quality(row["servalcat"]["outs"], d / "truth.pdb")
+                print(f"quality, servalcat ({len(row['servalcat']['outs'])} of {n}): RMSD to truth {q['rmsd']:.3f} "
+                      f"Å, bonds {q['bond_rmsd']:.4f} Å, angles {q['angle_rmsd']:.2f}°")
+            print("| round | 2 workers: wall s | batch s | members/min | 1 worker: members/min | 2 vs 1 | "
+                  "servalcat wall s | whole command vs servalcat | batch vs servalcat |")
+        print(_round_row(k + 1, row, n), flush=True)
+    if len(rows) > 1:
+        ratios = [row[2]["per_min"] / row[1]["per_min"] for row in rows]
+        line = f"median of {len(rows)} rounds: 2 vs 1 worker {np.median(ratios):.2f}x"
+        if servalcat:
+            whole = [row["servalcat"]["wall_s"] / row[2]["wall_s"] for row in rows]
+            line += f", whole command vs servalcat {np.median(whole):.2f}x"
+        print(line)
     if args.big:
         b = make_case(work, "5fuu_3.0", DATA / "models/pdb5fuu.ent")
         r = run_drefine(b, 100, 2, "big")
         print(f"5fuu, 100 members, 2 workers: wall {r['wall_s']:.0f} s, {r['per_min']:.2f} members/min, peak "
               f"{r['peak_mb']:.0f} MB (largest process), mean RMSF {r['mean_rmsf']:.3f} Å")
+
+
+def _round_row(k: int, row: dict, n: int) -> str:
+    one, two = row[1], row[2]
+    cells = [f"{k}", f"{two['wall_s']:.1f}", f"{two['batch_s']:.1f}", f"{two['per_min']:.1f}", f"{one['per_min']:.1f}",
+             f"{two['per_min'] / one['per_min']:.2f}x"]
+    s = row.get("servalcat")
+    if s:  # throughput: members per minute, servalcat's whole run against drefine's whole command / batch
+        cells += [f"{s['wall_s']:.1f}", f"{s['wall_s'] / two['wall_s']:.2f}x", f"{s['wall_s'] / two['batch_s']:.2f}x"]
+    else:
+        cells += ["", "", ""]
+    return "| " + " | ".join(cells) + " |"
 
 
 if __name__ == "__main__":

@@ -1157,7 +1157,7 @@ def _ensemble(args, session) -> int:
     report["resumed"] = result.skipped
     images = []
     if result.done:
-        stats = ensemble_statistics(payload["model"], payload["restraints"], out_dir, result.done)
+        stats = ensemble_statistics(payload["model"], payload["restraints"], out_dir, result.done, result.xyz)
         report["final"] = {**stats["summary"], "weight": weight,
                            **{k: float(np.mean([s[k] for s in result.done])) for k in
                               ("bonds_rmsd", "angles_rmsd", "cc_mask", "r_free") if k in result.done[0]}}
@@ -1280,5 +1280,19 @@ def main(argv=None) -> int:
         return 3
 
 
+def console_main() -> None:
+    """The `drefine` command: main(), then leave without the interpreter's teardown.
+
+    Every output is written and closed by then (atomically renamed files, the cluster closed), so
+    the teardown only frees memory: with numba, scipy, gemmi and distributed loaded it took about
+    0.5 s of every run (measured on the ensemble command). Standard streams are flushed first."""
+    code = main()
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    finally:
+        os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    console_main()

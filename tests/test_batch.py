@@ -16,6 +16,8 @@ import pytest
 
 from drefine.cli import main
 from drefine.io.models import read_model
+from drefine.parallel.batch import ensemble_statistics
+from drefine.restraints.topology import build_restraints
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1", NUMBA_NUM_THREADS="1", MKL_NUM_THREADS="1")
 
@@ -95,6 +97,13 @@ def test_ensemble_survives_a_killed_worker_and_equals_a_serial_run(example_model
         assert np.array_equal(a[name], b[name]), name
     summary = json.loads((out / "summary.json").read_text())
     assert summary["final"]["n_members"] == 6 and summary["final"]["mean_rmsf"] > 0
+    # the statistics came from the coordinates the tasks returned: the same as from the files
+    # (what a resumed run reads for the members it did not run), to the files' precision
+    model = read_model(example_model_path)
+    from_files = ensemble_statistics(model, build_restraints(model), out, summary["members"])["summary"]
+    assert from_files["mean_rmsf"] == pytest.approx(summary["final"]["mean_rmsf"], rel=1e-5)
+    got = [row["rmsf"] for row in summary["details"]["per_residue"]]
+    assert [row["rmsf"] for row in from_files["per_residue"]] == pytest.approx(got, rel=1e-5, abs=1e-7)
     st = gemmi.read_structure(str(out / "ensemble.cif"))
     assert len(st) == 6
     for f in ("summary.html", "spread.png", "ensemble_map.mrc"):

@@ -44,6 +44,13 @@ class BatchResult:
     skipped: list[str] = field(default_factory=list)  # already in the output folder (resume)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
+    # refined coordinates (atoms, 3) Å of the members run now, by name: the ensemble statistics
+    # need not read their files back (members resumed from the folder are read from it)
+    xyz: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def add(self, summary: dict, xyz: np.ndarray) -> None:
+        self.done.append(summary)
+        self.xyz[summary["name"]] = xyz
 
 
 def member_paths(out_dir: Path, name: str) -> tuple[Path, Path]:
@@ -56,9 +63,9 @@ def _geometry(model: Model, restraints, xyz) -> tuple[float, float]:
     return geometry_rmsd(xyz, restraints, model.atoms.is_hydrogen)
 
 
-def run_member(payload: dict, member: Member, out_dir: str) -> dict:
-    """One task: perturb (seeded), refine, score, write PREFIX.cif and PREFIX.json; return the summary.
-    Single-threaded kernels: members run side by side, one per core, and give the same numbers
+def run_member(payload: dict, member: Member, out_dir: str) -> tuple[dict, np.ndarray]:
+    """One task: perturb (seeded), refine, score, write PREFIX.cif and PREFIX.json; return the
+    summary and the refined coordinates (atoms, 3) Å. Single-threaded kernels: members run side by side, one per core, and give the same numbers
     wherever they run."""
     from ..threads import single_threaded
 
@@ -66,7 +73,7 @@ def run_member(payload: dict, member: Member, out_dir: str) -> dict:
         return _run_member(payload, member, out_dir)
 
 
-def _run_member(payload: dict, member: Member, out_dir: str) -> dict:
+def _run_member(payload: dict, member: Member, out_dir: str) -> tuple[dict, np.ndarray]:
     t0 = time.perf_counter()
     model: Model = payload["model"]
     restraints = payload["restraints"]
@@ -111,7 +118,7 @@ def _run_member(payload: dict, member: Member, out_dir: str) -> dict:
     cif.parent.mkdir(parents=True, exist_ok=True)
     write_model(refined, cif)
     write_json(js, summary)  # written last: its presence marks the member done
-    return summary
+    return summary, refined.atoms.xyz
 
 
 def regularised(model: Model, restraints, iterations: int) -> Model:
@@ -161,7 +168,7 @@ def run_batch(payload: dict, members: list[Member], out_dir: Path, client=None, 
     if client is None:
         for m in todo:
             try:
-                out.done.append(run_member(payload, m, str(out_dir)))
+                out.add(*run_member(payload, m, str(out_dir)))
             except Exception as e:  # noqa: BLE001 - reported by name, the batch goes on
                 out.failed[m.name] = f"{type(e).__name__}: {e}"
             _progress(log, len(out.done) + len(out.failed), total, m.name, t0)
@@ -175,7 +182,7 @@ def run_batch(payload: dict, members: list[Member], out_dir: Path, client=None, 
             for fut in as_completed(futures):
                 m = futures[fut]
                 try:
-                    out.done.append(fut.result())
+                    out.add(*fut.result())
                 except Exception as e:  # noqa: BLE001 - reported by name, the batch goes on
                     out.failed[m.name] = f"{type(e).__name__}: {e}"
                 _progress(log, len(out.done) + len(out.failed), total, m.name, t0)
@@ -214,12 +221,21 @@ def grid_members(weights, sharpen_bs=(None,)) -> list[Member]:
     return out
 
 
-def ensemble_statistics(model: Model, restraints, out_dir: Path, done: list[dict]) -> dict:
-    """Per-atom RMSF (Å) about the ensemble mean, per-residue mean RMSF and CC spread."""
+def ensemble_statistics(model: Model, restraints, out_dir: Path, done: list[dict],
+                        coordinates: dict[str, np.ndarray] | None = None) -> dict:
+    """Per-atom RMSF (Å) about the ensemble mean, per-residue mean RMSF and CC spread.
+    `coordinates`: refined coordinates by member name (`BatchResult.xyz`); members without are
+    read from their files."""
     from ..io.models import read_model
 
     idx = restraints.atom_indices
-    xyz = np.stack([read_model(member_paths(out_dir, s["name"])[0]).atoms.xyz[idx] for s in done])
+    coordinates = coordinates or {}
+
+    def refined(name: str) -> np.ndarray:
+        xyz = coordinates.get(name)
+        return (xyz if xyz is not None else read_model(member_paths(out_dir, name)[0]).atoms.xyz)[idx]
+
+    xyz = np.stack([refined(s["name"]) for s in done])
     mean = xyz.mean(axis=0)
     rmsf = np.sqrt(((xyz - mean) ** 2).sum(axis=2).mean(axis=0))
     res = model.atoms.residue_index[idx]

@@ -107,6 +107,11 @@ class BackgroundClient:
     def __enter__(self):
         if self._context is None:
             return None
+        # distributed imported here, before the start thread: imported there it competed for the
+        # GIL with this thread's work (reading inputs, restraints) and took about 0.7 s instead of
+        # 0.3, which delayed the workers' spawn by as much (ensemble command, measured A/B)
+        import distributed  # noqa: F401
+
         self._started = self._pool.submit(self._context.__enter__)
         return _PendingClient(self._started)
 
