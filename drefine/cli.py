@@ -1102,6 +1102,10 @@ def _batch_client(args):
 def _with_batch_cluster(body, args) -> int:
     """body(args, session) with the batch's cluster (`_batch_client`); the cluster closes while
     the body writes its reports, and that close is awaited here."""
+    for what, path in (("model", args.model), ("data", args.data)):
+        # before the cluster starts: a missing file is reported at once, not after its start and close
+        if not Path(path).exists():
+            raise DrefineError(f"{what} file not found: {path}")
     session = _batch_client(args)
     try:
         return body(args, session)

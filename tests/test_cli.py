@@ -110,6 +110,15 @@ def test_missing_file():
     assert_one_line_error(*run_cli("validate", "no/such/model.pdb"), "not found", "no/such/model.pdb")
 
 
+@pytest.mark.parametrize("command", ["ensemble", "weight-scan"])
+def test_batch_command_missing_data(command, example_model_path, tmp_path):
+    extra = ["--n", "2"] if command == "ensemble" else ["--weights", "1,2"]
+    code, out, err = run_cli(command, example_model_path, tmp_path / "no.mrc", "--resolution", "3", *extra,
+                             "-o", tmp_path / "out")
+    assert_one_line_error(code, out, err, "data file not found", "no.mrc")
+    assert not (tmp_path / "out").exists()
+
+
 def test_truncated_pdb(tmp_path, example_model_path):
     st_text = read_model(example_model_path).structure.make_pdb_string()
     cut = st_text[: st_text.index("ATOM") + 81 * 20 + 40]
