@@ -220,10 +220,11 @@ def test_ensemble_model_map_pools_members_exactly(example_model_path, example_ma
     assert np.abs(np.asarray(pooled.data) - expected).max() < 1e-5 * np.abs(expected).max()
 
 
-def test_workers_keep_glibc_malloc_thresholds():
+def test_workers_keep_glibc_malloc_thresholds_and_run_no_stack_sampler():
     """dask's nanny would start workers with MALLOC_TRIM_THRESHOLD_ set (every large array then
-    faulted in anew); the local cluster's workers have it unset, and the line batch jobs export
-    makes dask's nanny drop it too (read back through dask's own config in a fresh process)."""
+    faulted in anew), and workers sample their task's stack every 10 ms; the local cluster's
+    workers have neither, and the lines batch jobs export do the same for dask's nanny and
+    workers there (read back through dask's own config in a fresh process)."""
     import os
     import subprocess
     import sys
@@ -232,14 +233,17 @@ def test_workers_keep_glibc_malloc_thresholds():
 
     with task_client(None, 1) as client:
         seen = client.run(lambda: os.environ.get("MALLOC_TRIM_THRESHOLD_"))
+        sampling = client.run(lambda dask_worker: "profile" in dask_worker.periodic_callbacks)
     assert list(seen.values()) == [None]
-    line = next(ln for ln in batch_job_prologue() if "PRE_SPAWN_ENVIRON" in ln)
-    name, value = line.removeprefix("export ").split("=", 1)
-    code = ("from distributed.nanny import _get_env_variables; "
-            "print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')))")
-    env = dict(os.environ, **{name: value.strip('"')})
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert "OMP_NUM_THREADS" in out and "MALLOC_TRIM_THRESHOLD_" not in out
+    assert list(sampling.values()) == [False]
+    exported = dict(ln.removeprefix("export ").split("=", 1) for ln in batch_job_prologue() if "DASK_" in ln)
+    exported = {k: v.strip('"') for k, v in exported.items()}
+    code = ("import dask; from distributed.nanny import _get_env_variables; "
+            "print(sorted(_get_env_variables('distributed.nanny.pre-spawn-environ')), "
+            "dask.config.get('distributed.worker.profile.enabled'))")
+    out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **exported), capture_output=True,
+                         text=True, check=True).stdout
+    assert "OMP_NUM_THREADS" in out and "MALLOC_TRIM_THRESHOLD_" not in out and out.strip().endswith("False")
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                           env={k: v for k, v in os.environ.items() if k != name}).stdout
-    assert "MALLOC_TRIM_THRESHOLD_" in plain  # dask's default, which the line removes
+                           env={k: v for k, v in os.environ.items() if k not in exported}).stdout
+    assert "MALLOC_TRIM_THRESHOLD_" in plain and plain.strip().endswith("True")  # dask's defaults
