@@ -15,11 +15,10 @@ import resource
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
+from common import DATA
 
-DATA = Path(os.environ.get("DREFINE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 MODEL = DATA / "models" / "pdb5fuu.ent"
 
 

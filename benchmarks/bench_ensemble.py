@@ -22,15 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-
-HERE = Path(__file__).resolve()
-DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
-TOOLS = DATA.parent / "tools"
-MONLIB = DATA / "monlib"
-# the installed command next to this interpreter (a version manager's shim in front of it, such as
-# pyenv's, adds ~0.1 s to every run), else the one on PATH
-DREFINE = next((str(p) for p in [Path(sys.executable).with_name("drefine")] if p.exists()), "drefine")
-SERVALCAT = Path(os.environ.get("PEERS_DIR", "/tmp/peers")) / "venv" / "bin" / "servalcat"
+from common import DATA, DREFINE, MONLIB, SERVALCAT, TOOLS
 
 
 def make_case(work: Path, name: str, model: Path) -> Path:

@@ -13,12 +13,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from common import DATA
 
 from drefine.io.models import read_model
 from drefine.restraints.target import GeometryTarget
 from drefine.restraints.topology import build_restraints
-
-DATA = Path(os.environ.get("DREFINE_TEST_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
 def main():

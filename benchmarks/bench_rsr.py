@@ -20,11 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
-DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
-TOOLS = DATA.parent / "tools"
-MONLIB = DATA / "monlib"
-SERVALCAT = Path(os.environ.get("PEERS_DIR", "/tmp/peers")) / "venv" / "bin" / "servalcat"
+from common import DATA, DREFINE, MONLIB, SERVALCAT, TOOLS
+
 MODELS = {"4hg7": DATA / "xray" / "4hg7" / "4hg7.pdb", "5fuu": DATA / "models" / "pdb5fuu.ent"}
 ALL_CASES = [f"{m}_{d}" for m in ("4hg7", "5fuu") for d in ("2.0", "3.0", "4.0")] + ["3j6b"]
 
@@ -62,7 +59,7 @@ def run_drefine(d: Path, case: str, res: str, extra=()) -> str:
     else:
         model, mp = d / "start.pdb", d / "map.mrc"
     out = d / "drefine"
-    wall, peak, code = timed(["drefine", "rsr", str(model), str(mp), "--resolution", res, "--monlib", str(MONLIB),
+    wall, peak, code = timed([DREFINE, "rsr", str(model), str(mp), "--resolution", res, "--monlib", str(MONLIB),
                               "--unknown-residues", "skip", "-o", str(out), *extra], d / "run_drefine.txt", d)
     if code:
         return f"{case:9s} drefine   FAILED (see {d / 'run_drefine.txt'})"
@@ -100,31 +97,36 @@ def run_servalcat(d: Path, case: str, res: str) -> str:
             f"bonds_lost_vs_truth={int(m.get('nbond_ref', 0)) - int(m.get('nbond', 0))}")
 
 
-def scan_workers(work: Path) -> list[str]:
+def scan_workers(work: Path, rounds: int = 7) -> list[str]:
     """The weight scan alone (5fuu, 3 Å, 16 segments) on 1 and 2 local workers (drefine's own local
-    cluster, as `drefine rsr --scheduler local` starts it): median time of five scans after
-    warm-up, and the chosen weight."""
+    clusters, as `drefine rsr --scheduler local` starts them, both up at once): after warm-up,
+    `rounds` rounds of one scan on each, one after the other, so that the machine's drifting
+    speed cancels in each round's ratio; medians, and the weights chosen."""
     code = (
-        "import sys,time;from drefine.parallel.cluster import task_client;"
+        "import sys,time;import numpy as np;from drefine.parallel.cluster import task_client;"
         "from drefine.io.models import read_model;from drefine.io.maps import read_map;"
         "from drefine.restraints.topology import build_restraints;from drefine.refine.weight import weight_scan;"
         "from drefine.refine.rsr import map_box_around;from drefine.targets.map_targets import normalised_map;"
-        f"d='{work / '5fuu_3.0'}';m=read_model(d+'/start.pdb');r=build_restraints(m,'{MONLIB}',unknown_residues='skip');"
-        "b=normalised_map(map_box_around(read_map(d+'/map.mrc'),m.atoms.xyz,9.0));n=int(sys.argv[1]);"
-        "ctx=task_client(None,n);cl=ctx.__enter__();"
+        "from drefine.refine.rsr import SCAN_ITERATIONS as it\n"
+        "if __name__=='__main__':\n"
+        f" d='{work / '5fuu_3.0'}';m=read_model(d+'/start.pdb');r=build_restraints(m,'{MONLIB}',unknown_residues='skip')\n"
+        " b=normalised_map(map_box_around(read_map(d+'/map.mrc'),m.atoms.xyz,9.0))\n"
+        " ctx={n:task_client(None,n) for n in (1,2)};cl={n:c.__enter__() for n,c in ctx.items()}\n"
         # warm every worker up (numba's cache loads on a worker's first task): a few small scans
-        "[weight_scan(m,b,r,client=cl,n_segments=4*n,iterations=20) for _ in range(3)];"
-        "from drefine.refine.rsr import SCAN_ITERATIONS as it;"
-        "ts=[]\nfor _ in range(5):\n t=time.perf_counter();w=weight_scan(m,b,r,client=cl,n_segments=16,iterations=it);"
-        "ts.append(time.perf_counter()-t)\n"
-        "ts.sort();print(f'scan workers={n} wall_s={ts[2]:.2f} (median of 5; all {[round(x, 2) for x in ts]}) weight={w.weight:.3f}');"
-        "ctx.__exit__(None,None,None)"
+        " [weight_scan(m,b,r,client=cl[n],n_segments=4*n,iterations=20) for n in (1,2) for _ in range(3)]\n"
+        " ts={1:[],2:[]};ws=set()\n"
+        f" for _ in range({rounds}):\n"
+        "  for n in (1,2):\n"
+        "   t=time.perf_counter();w=weight_scan(m,b,r,client=cl[n],n_segments=16,iterations=it)\n"
+        "   ts[n].append(time.perf_counter()-t);ws.add(round(w.weight,3))\n"
+        " q=[a/b_ for a,b_ in zip(ts[1],ts[2])]\n"
+        " print(f'scan 1 worker {np.median(ts[1]):.2f} s, 2 workers {np.median(ts[2]):.2f} s (medians of "
+        f"{rounds}); 2 vs 1: median of the rounds\\' ratios {{np.median(q):.2f}}x (all {{[round(x,2) for x in q]}}); "
+        "weights chosen {sorted(ws)}')\n"
+        " [c.__exit__(None,None,None) for c in ctx.values()]\n"
     )
-    lines = []
-    for n in (1, 2):
-        out = subprocess.run([sys.executable, "-c", code, str(n)], capture_output=True, text=True, check=False)
-        lines.append(out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"scan workers={n} FAILED")
-    return lines
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
+    return [out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"scan FAILED: {out.stderr[-2000:]}"]
 
 
 def main():

@@ -20,9 +20,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve()
-DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
-TOOLS = DATA.parent / "tools"
+from common import DATA, DREFINE, TOOLS
+
 CASE = DATA / "untangle"
 LABIN = "F=F,SIGF=SIGF,FREE=FreeR_flag"
 
@@ -60,7 +59,7 @@ def ala39_in_chain(model: Path) -> dict:
 
 def run(work: Path, name: str, extra: list[str], tag: str) -> dict:
     prefix = work / f"{name}_{tag}"
-    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", "drefine", "untangle", CASE / f"{name}.pdb", CASE / "refme.mtz",
+    cmd = ["/usr/bin/time", "-f", "PEAK_KB %M", DREFINE, "untangle", CASE / f"{name}.pdb", CASE / "refme.mtz",
            "--labin", LABIN, "--phases", "PHI", "--truth", CASE / "ground_truth.pdb", "-o", prefix, *extra]
     t0 = time.perf_counter()
     p = subprocess.run(list(map(str, cmd)), capture_output=True, text=True, check=False)

@@ -27,12 +27,8 @@ from pathlib import Path
 
 import gemmi
 import numpy as np
+from common import DATA, DREFINE, MONLIB, PEERS_BIN, TOOLS
 
-HERE = Path(__file__).resolve()
-DATA = Path(os.environ.get("DREFINE_TEST_DATA", HERE.parents[2] / "shared" / "data"))
-TOOLS = DATA.parent / "tools"
-MONLIB = DATA / "monlib"
-PEERS = Path(os.environ.get("PEERS_DIR", "/tmp/peers")) / "venv" / "bin"
 CASES = {
     "5orl": (DATA / "xray/5orl/5orl.pdb", DATA / "xray/5orl/5orl_phases.mtz", "FP,SIGFP,FREE"),
     "4hg7": (DATA / "xray/4hg7/4hg7.pdb", DATA / "xray/4hg7/4hg7.mtz", "FP,SIGFP,FREE"),
@@ -78,7 +74,7 @@ def model_vs_data(model: Path, data: Path) -> tuple[float, float]:
         if not plain.exists():
             plain.write_bytes(gzip.decompress(data.read_bytes()))
         data = plain
-    out = subprocess.run([PEERS / "mmtbx.model_vs_data", model, data], capture_output=True, text=True, check=False)
+    out = subprocess.run([PEERS_BIN / "mmtbx.model_vs_data", model, data], capture_output=True, text=True, check=False)
     rw = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("r_work:")]
     rf = [ln for ln in out.stdout.splitlines() if ln.strip().startswith("r_free:")]
     if not rw or not rf:
@@ -97,7 +93,7 @@ DREFINE_ARGS: list[str] = []  # extra arguments for every drefine xray run (--dr
 
 
 def run_drefine(start: Path, data: Path, out: Path, extra=()) -> dict:
-    wall, peak, code = timed(["drefine", "xray", start, data, "--monlib", MONLIB, "--unknown-residues", "skip",
+    wall, peak, code = timed([DREFINE, "xray", start, data, "--monlib", MONLIB, "--unknown-residues", "skip",
                               "-o", out, *extra, *DREFINE_ARGS], out.with_suffix(".txt"), out.parent)
     if code:
         return {"failed": str(out.with_suffix(".txt"))}
@@ -108,7 +104,7 @@ def run_drefine(start: Path, data: Path, out: Path, extra=()) -> dict:
 
 
 def run_servalcat(start: Path, data: Path, labin: str, out: Path) -> dict:
-    wall, peak, code = timed([PEERS / "servalcat", "refine_xtal_norefmac", "--hklin", data, "--model", start,
+    wall, peak, code = timed([PEERS_BIN / "servalcat", "refine_xtal_norefmac", "--hklin", data, "--model", start,
                               "--monlib", MONLIB, "--hydrogen", "no", "--ncycle", "10", "-s", "xray", "--labin",
                               labin, "-o", out.name], out.with_suffix(".txt"), out.parent)
     if code:
