@@ -159,6 +159,16 @@ def test_nonbonded_honours_symmetry(data_dir, tmp_path):
     assert f > 0 and g[0, 0] < 0 and abs(g[0, 1]) < 1e-12  # pushed away from the axis, along x only
 
 
+def test_membership_in_sorted_keys_equals_isin():
+    from drefine.restraints.nonbonded import _in_sorted
+
+    rng = np.random.default_rng(5)
+    keys = np.unique(rng.integers(0, 1000, 300))
+    values = rng.integers(-50, 1100, 2000)  # below, among and above the keys
+    np.testing.assert_array_equal(_in_sorted(values, keys), np.isin(values, keys))
+    assert not _in_sorted(values, keys[:0]).any()
+
+
 def test_nonbonded_different_altlocs_never_meet(data_dir, tmp_path):
     m = _two_atom_model(tmp_path, "P 1", [(5.0, 5.0, 5.0), (7.0, 5.0, 5.0)], altlocs=("A", "B"))
     r = build_restraints(m, need(data_dir, "monlib"))

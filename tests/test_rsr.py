@@ -101,6 +101,9 @@ def test_compacted_restraint_target_equals_the_subset_on_its_atoms(example_model
     small, atoms = shared.compacted(movable)
     assert len(atoms) < len(x) and np.isin(movable, atoms).all()
     assert len(small.pairs) == len(part.pairs) > 0
+    # the restrained atoms among the kept ones, renumbered (what the scan's geometry RMSD counts)
+    np.testing.assert_array_equal(small.restraints.atom_indices,
+                                  np.searchsorted(atoms, np.intersect1d(r.atom_indices, atoms)))
     f_part, g_part = part.value_and_gradient(x)
     f_small, g_small = small.value_and_gradient(x[atoms])
     assert f_small == pytest.approx(f_part, rel=1e-12)

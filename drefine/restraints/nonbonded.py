@@ -69,7 +69,8 @@ class NonbondedPairs:
 def atom_radii(model: Model, restraints: Restraints) -> tuple[np.ndarray, np.ndarray]:
     """Van der Waals radius (Å) and hydrogen-bond type ('D', 'A', 'B', 'H' or 'N') per atom."""
     n = len(model.atoms)
-    radius = np.array([ELEMENT_RADIUS.get(e.upper(), 1.7) for e in model.atoms.element], dtype=np.float64)
+    elements, which = np.unique(model.atoms.element, return_inverse=True)  # a few kinds: no per-atom Python
+    radius = np.array([ELEMENT_RADIUS.get(str(e).upper(), 1.7) for e in elements], dtype=np.float64)[which]
     hb = np.full(n, "N", dtype="<U1")
     known = ~np.isnan(restraints.type_vdw_radius)
     radius[known] = restraints.type_vdw_radius[known]
@@ -195,6 +196,15 @@ def _bond_graph_of(restraints: Restraints, n: int):
     return cached[1]
 
 
+def _in_sorted(values: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
+    """np.isin(values, sorted_keys) for sorted unique keys (the bond graph's), by binary search:
+    np.isin sorts the keys again on every call (the weight scan searches once per scan)."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(values), dtype=bool)
+    at = np.minimum(np.searchsorted(sorted_keys, values), len(sorted_keys) - 1)
+    return sorted_keys[at] == values
+
+
 def find_nonbonded_pairs(model: Model, restraints: Restraints, xyz: np.ndarray | None = None,
                          buffer: float = 0.0, near: np.ndarray | None = None) -> NonbondedPairs:
     """All repulsion candidates among the restrained model's atoms and their symmetry images.
@@ -249,13 +259,13 @@ def find_nonbonded_pairs(model: Model, restraints: Restraints, xyz: np.ndarray |
     near, one_four, one_five = _bond_graph_of(restraints, n)
     key = np.minimum(i, j) * n + np.maximum(i, j)
     same_image = op == 0
-    keep &= ~(same_image & np.isin(key, near))
+    keep &= ~(same_image & _in_sorted(key, near))
     # An atom never repels its own image through a special position it sits on.
     keep &= ~((i == j) & (np.linalg.norm(xyz[i] - (np.einsum("pab,pb->pa", rots[op], xyz[j]) + trans[op]),
                                          axis=1) < 0.5))
     i, j, op, key, same_image = i[keep], j[keep], op[keep], key[keep], same_image[keep]
     is_h = model.atoms.is_hydrogen
-    is_14 = same_image & (np.isin(key, one_four) | (np.isin(key, one_five) & (is_h[i] | is_h[j])))
+    is_14 = same_image & (_in_sorted(key, one_four) | (_in_sorted(key, one_five) & (is_h[i] | is_h[j])))
     d_min = radius[i] + radius[j]
     hi_, hj = hb[i], hb[j]
     heavy_hb = (np.isin(hi_, ("D", "B")) & np.isin(hj, ("A", "B"))) | (np.isin(hi_, ("A", "B")) & np.isin(hj, ("D", "B")))

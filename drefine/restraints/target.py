@@ -77,7 +77,7 @@ class GeometryTarget:
         out.restraints = out.full_restraints = replace(
             r, n_atoms=len(atoms), bond_atoms=loc[r.bond_atoms], angle_atoms=loc[r.angle_atoms],
             torsion_atoms=loc[r.torsion_atoms], chiral_atoms=loc[r.chiral_atoms], plane_atoms=loc[r.plane_atoms],
-            atom_indices=loc[np.intersect1d(r.atom_indices, atoms)], inferred_bonds=loc[inferred], **per_atom)
+            atom_indices=_kept(loc, r.atom_indices), inferred_bonds=loc[inferred], **per_atom)
         if self.use_nonbonded and self.pairs is not None:
             p = self.pairs
             out.pairs = replace(p, i=loc[p.i], j=loc[p.j], xyz_at_search=p.xyz_at_search[atoms])
@@ -169,3 +169,11 @@ def _pairs_touching(pairs: NonbondedPairs, sel: np.ndarray) -> NonbondedPairs:
     keep = sel[pairs.i] | sel[pairs.j]
     return replace(pairs, **{name: getattr(pairs, name)[keep]
                              for name in ("i", "j", "op", "d_min", "weight", "is_hbond", "is_14")})
+
+
+def _kept(loc: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """The new numbers (`loc`, −1 for atoms left out) of those `indices` that are kept, in
+    increasing order: np.intersect1d's answer without sorting the whole model's indices (each
+    weight-scan segment compacts against the whole model)."""
+    new = loc[indices]
+    return np.unique(new[new >= 0])
