@@ -212,6 +212,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "--minimiser lbfgs (default 10)")
     x.add_argument("--weight", type=_positive_float, metavar="W",
                    help="fix the data weight (default: automatic, see README)")
+    x.add_argument("--waters", action="store_true",
+                   help="update the ordered solvent once, after 40%% of the cycles: remove waters whose 2mFo-DFc "
+                        "density is below 1σ, whose B is above 80 Å² or that lost their hydrogen-bond partner, and "
+                        "add waters at mFo-DFc peaks of 3σ or more with 2mFo-DFc of 1σ or more, 2.45-3.4 Å from an "
+                        "N or O and no closer to any atom (symmetry included); needs 2 cycles or more")
     x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
                    help="B-factor refinement: auto (anisotropic when ≥ 4 reflections per parameter), iso, "
                         "aniso or fixed")
@@ -680,6 +685,8 @@ def cmd_xray(args) -> int:
 
     if args.cycles < 1 or (args.iterations is not None and args.iterations < 1):
         raise DrefineError("--cycles and --iterations must be at least 1")
+    if args.waters and args.cycles < 2:
+        raise DrefineError("--waters needs at least 2 cycles (the waters are refined after they are placed)")
     if not args.fisher_coupling >= 0:
         raise DrefineError(f"--fisher-coupling must be 0 or a distance in Å, not {args.fisher_coupling}")
     if args.chunks < 0:
@@ -718,20 +725,20 @@ def cmd_xray(args) -> int:
                       chunks=args.chunks)
     log(f"drefine xray {args.model} against {args.data}: {len(idx0)} atoms, {len(table)} reflections "
         f"({table.d_max:.2f}-{table.d_min:.2f} Å, {int(table.test.sum())} free), {table.spacegroup.hm}")
-    if args.scheduler is None:
-        result = refine_xray(model, table, restraints, opt, log=log)
-    else:
-        from .parallel.cluster import task_client
-
-        with task_client(None if args.scheduler == "local" else args.scheduler, args.workers) as client:
-            result = refine_xray(model, table, restraints, opt, log=log, client=client)
+    start_model, start_restraints = model, restraints
+    with (_no_client() if args.scheduler is None else _xray_client(args)) as client:
+        if args.waters:
+            model, restraints, result, waters = _refine_with_water_update(model, table, restraints, opt, args, log,
+                                                                          client)
+        else:
+            result, waters = refine_xray(model, table, restraints, opt, log=log, client=client), None
     refined = model.copy()
     a = refined.atoms
     a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,
                                                          result.has_aniso, result.occupancy)
     esd = standard_uncertainties(refined, table, result, mode=args.esd, source=args.scattering, log=log)
     coeffs = map_coefficients(table, result.f_model, result.ml)
-    start_val = validate_structure(model, restraints, rama_dir=args.rama_data)
+    start_val = validate_structure(start_model, start_restraints, rama_dir=args.rama_data)
     end_val = validate_structure(refined, restraints, rama_dir=args.rama_data)
     paths = write_model_outputs(refined, prefix, esd=esd.xyz if esd is not None else None)
     mtz_path = f"{prefix}.mtz"
@@ -760,7 +767,7 @@ def cmd_xray(args) -> int:
     report["cycles"] = [c.as_dict() for c in result.cycles]
     report["details"] = {**end_val["details"], "scale": result.scale.as_dict(), "sigmaa": result.ml.per_bin,
                          "notes": result.notes + table.notes, "free_set_made": new_free,
-                         "occupancy_groups": _occupancy_report(result),
+                         "occupancy_groups": _occupancy_report(result), "waters": waters,
                          "uncertainties": esd.as_dict() if esd is not None else None}
     report["outputs"] = {"model": [str(p) for p in paths], "mtz": mtz_path, "maps": maps, "log": f"{prefix}.log",
                          "json": args.json or f"{prefix}.json"}
@@ -774,6 +781,53 @@ def cmd_xray(args) -> int:
     write_json(report["outputs"]["json"], report)
     atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
     return 0
+
+
+def _xray_client(args):
+    from .parallel.cluster import task_client
+
+    return task_client(None if args.scheduler == "local" else args.scheduler, args.workers)
+
+
+def _refine_with_water_update(model, table, restraints, opt, args, log, client):
+    """`--waters`: the first 40 % of the cycles, one ordered-solvent update (waters failing the
+    rules removed, new ones placed at difference-map peaks: refine/waters.py), then the rest of
+    the cycles from the weight reached. Returns the new model, its restraints, the second
+    part's result (with the first part's cycles before its own) and what changed."""
+    import dataclasses
+
+    from .io.maps import coefficient_grid
+    from .refine.waters import WaterCriteria, pick_waters, waters_to_remove, with_waters, without_atoms
+    from .refine.xray import map_coefficients, refine_xray
+    from .restraints.topology import build_restraints
+
+    first_cycles = max(1, round(0.4 * opt.cycles))
+    first = refine_xray(model, table, restraints, dataclasses.replace(opt, cycles=first_cycles), log=log, client=client)
+    now = model.copy()
+    a = now.atoms
+    a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (first.xyz, first.b_iso, first.u_aniso, first.has_aniso,
+                                                         first.occupancy)
+    coeffs = map_coefficients(table, first.f_model, first.ml)
+    difference = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["DELFWT"], coeffs["PHDELWT"])
+    density = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["FWT"], coeffs["PHWT"])
+    criteria = WaterCriteria()
+    gone = waters_to_remove(now, density, criteria)
+    removed = [now.atom_label(int(i)) for i in gone]
+    now = without_atoms(now, gone)
+    sites, heights = pick_waters(now, difference, density, criteria)
+    polymer = now.model_atoms(0)
+    b_new = float(np.mean(now.atoms.b_iso[polymer])) if len(polymer) else 30.0
+    now = with_waters(now, sites, b_new)
+    log(f"waters after cycle {first_cycles}: {len(removed)} removed, {len(sites)} added at mFo-DFc peaks "
+        f"of {criteria.peak_sigma:g}σ or more (B {b_new:.1f} Å² to start)")
+    new_restraints = build_restraints(now, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    rest = dataclasses.replace(opt, cycles=opt.cycles - first_cycles, initial_weight=first.weight,
+                               first_cycle=first_cycles + 1)
+    result = refine_xray(now, table, new_restraints, rest, log=log, client=client)
+    result.cycles[:0] = first.cycles
+    report = {"after_cycle": first_cycles, "removed": removed, "added": len(sites),
+              "added_peak_sigma": [round(float(h), 2) for h in heights], "criteria": dataclasses.asdict(criteria)}
+    return now, new_restraints, result, report
 
 
 def _read_phased_reflections(args):

@@ -683,13 +683,11 @@ def correlation(a, b, mask=None) -> float:
     return float(x @ y) / den if den > 0 else float("nan")
 
 
-def write_coefficient_map(path: str | os.PathLike, cell: gemmi.UnitCell, spacegroup: gemmi.SpaceGroup,
-                          hkl: np.ndarray, amplitude: np.ndarray, phase_deg: np.ndarray,
-                          sample_rate: float = 3.0, normalise: bool = True) -> Path:
-    """The unit-cell map of Fourier coefficients (amplitude, phase in degrees), as CCP4, atomically.
-
-    gemmi expands the coefficients by symmetry and transforms them (spacing about d_min/3 with
-    `sample_rate` 3, what Coot uses); with `normalise` the map is in units of its own RMS (σ)."""
+def coefficient_grid(cell: gemmi.UnitCell, spacegroup: gemmi.SpaceGroup, hkl: np.ndarray, amplitude: np.ndarray,
+                     phase_deg: np.ndarray, sample_rate: float = 3.0, normalise: bool = True) -> gemmi.FloatGrid:
+    """The unit-cell map of Fourier coefficients (amplitude, phase in degrees): gemmi expands them
+    by symmetry and transforms them (spacing about d_min/3 with `sample_rate` 3, what Coot uses);
+    with `normalise` the map is in units of its own RMS (σ)."""
     mtz = gemmi.Mtz(with_base=True)
     mtz.spacegroup = spacegroup
     mtz.set_cell_for_all(cell)
@@ -701,8 +699,15 @@ def write_coefficient_map(path: str | os.PathLike, cell: gemmi.UnitCell, spacegr
     grid = mtz.transform_f_phi_to_map("F", "PHI", sample_rate=sample_rate)
     if normalise:
         grid.normalize()
+    return grid
+
+
+def write_coefficient_map(path: str | os.PathLike, cell: gemmi.UnitCell, spacegroup: gemmi.SpaceGroup,
+                          hkl: np.ndarray, amplitude: np.ndarray, phase_deg: np.ndarray,
+                          sample_rate: float = 3.0, normalise: bool = True) -> Path:
+    """`coefficient_grid` written as a CCP4 map, atomically."""
     ccp4 = gemmi.Ccp4Map()
-    ccp4.grid = grid
+    ccp4.grid = coefficient_grid(cell, spacegroup, hkl, amplitude, phase_deg, sample_rate, normalise)
     ccp4.update_ccp4_header(2, True)
     p = Path(path)
     with atomic_path(p) as tmp:

@@ -118,6 +118,8 @@ class XrayOptions:
     minimiser: str = "fisher"  # "fisher" (1–4 scoring steps a cycle) or "lbfgs" (see the module docstring)
     inner_iterations: int = 30  # Fisher: L-BFGS iterations on the quadratic data model + restraints
     coupling_cutoff: float = 0.0  # Å; > 0: the Fisher model couples atoms closer than this (off: diagonal)
+    initial_weight: float | None = None  # automatic weight: start here instead of the natural weight
+    first_cycle: int = 1  # the number of the first cycle (logs, XrayCycle): a run continued in parts
 
 
 @dataclass
@@ -633,6 +635,9 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         geometry.update(xyz)
         if w_natural is None:
             w_natural = data.natural_weight()
+        if weight is None and options.initial_weight is not None:
+            weight = options.initial_weight
+            log(f"automatic weight: start at {weight:.4g}")
         if weight is None:
             weight = w_natural
             log(f"automatic weight: start at the natural weight {weight:.4g}")
@@ -662,13 +667,13 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
             if not np.array_equal(q_free, q_end):
                 f_calc_now = None  # the projection moved them
         bonds, angles = geometry_rmsd(xyz, restraints, is_h)
-        rec = XrayCycle(cycle=c, r_work=r_work, r_free=r_free, target=float(stats["data"]), weight=float(weight),
+        rec = XrayCycle(cycle=c + options.first_cycle - 1, r_work=r_work, r_free=r_free, target=float(stats["data"]), weight=float(weight),
                         bonds_rmsd=bonds, angles_rmsd=angles, k_sol=data.scale.k_sol, b_sol=data.scale.b_sol,
                         b_mean=float(b_iso[atoms].mean()), evaluations=data.evaluations - evals0,
                         seconds=time.perf_counter() - t0, geometry_target=float(stats["geometry"]),
                         objective=float(weight * stats["data"] + stats["geometry"] + stats["adp"]))
         cycles.append(rec)
-        log(f"cycle {c:2d}  R-work {r_work:.4f}  R-free {r_free:.4f}  target {rec.target:.6g}  w {weight:.4g}  "
+        log(f"cycle {rec.cycle:2d}  R-work {r_work:.4f}  R-free {r_free:.4f}  target {rec.target:.6g}  w {weight:.4g}  "
             f"bonds {bonds:.4f} Å  angles {angles:.2f}°  <B> {rec.b_mean:.1f} Å²  ({rec.evaluations} evaluations, "
             f"{rec.seconds:.1f} s)")
         if options.weight is None:
