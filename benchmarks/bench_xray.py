@@ -90,6 +90,7 @@ def geometry(model: Path, ref: Path) -> dict:
 
 
 DREFINE_ARGS: list[str] = []  # extra arguments for every drefine xray run (--drefine-args)
+WATERS = False  # --waters: the deposited part also runs drefine with --waters
 
 
 def run_drefine(start: Path, data: Path, out: Path, extra=()) -> dict:
@@ -134,6 +135,9 @@ def part_deposited(work: Path, shaken: bool, servalcat: bool = True):
             print(row(f"{case} shaken 0.3 Å", "drefine", res, model_vs_data(d / "shaken.pdb", data), start), flush=True)
             continue
         print(row(case, "drefine", run_drefine(start, data, d / "drefine"), start_r, start), flush=True)
+        if WATERS:  # the same with one ordered-solvent update (4hg7's entry had 97 waters, stripped here)
+            print(row(case, "drefine --waters", run_drefine(start, data, d / "drefine_waters", ("--waters",)),
+                      start_r, start), flush=True)
         if servalcat:
             print(row(case, "servalcat", run_servalcat(start, data, labin, d / "servalcat"), start_r, start),
                   flush=True)
@@ -202,8 +206,11 @@ def main():
     ap.add_argument("--work", default="/tmp/drefine_bench_xray")
     ap.add_argument("--drefine-args", default="", help="extra arguments for every drefine xray run")
     ap.add_argument("--no-servalcat", action="store_true", help="drefine only (deposited part)")
+    ap.add_argument("--waters", action="store_true", help="deposited part: also drefine with --waters")
     args = ap.parse_args()
     DREFINE_ARGS.extend(args.drefine_args.split())
+    global WATERS
+    WATERS = args.waters
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     parts = args.parts.split(",")
