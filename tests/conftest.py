@@ -59,6 +59,20 @@ def boxed_structure(path: Path, padding: float = 8.0, remove_hydrogens: bool = F
     return st
 
 
+def p212121_structure(path: Path):
+    """The model of `path` without hydrogens in P 2₁2₁2₁ with its cell doubled (symmetry mates in
+    the other octants): a small crystal case."""
+    import gemmi
+
+    st = gemmi.read_structure(str(path))
+    st.remove_hydrogens()
+    a, b, c = st.cell.a, st.cell.b, st.cell.c
+    st.cell = gemmi.UnitCell(2 * a, 2 * b, 2 * c, 90, 90, 90)
+    st.spacegroup_hm = "P 21 21 21"
+    st.setup_cell_images()
+    return st
+
+
 def gemmi_model_map(st, d_min: float, electron: bool = True, spacing: float | None = None, shape=None):
     """The independent reference model map: gemmi's density calculator, unblurred, cut at d_min
     (the recipe of shared/tools/make_case.py and metrics.py)."""

@@ -6,6 +6,7 @@ import json
 import gemmi
 import numpy as np
 import pytest
+from conftest import p212121_structure
 
 from drefine.cli import main
 from drefine.density.synthetic import synthetic_reflections
@@ -58,11 +59,7 @@ def test_map_peaks_finds_off_grid_maxima_across_the_cell_edge():
 
 @pytest.fixture(scope="module")
 def crystal(example_model_path):
-    st = gemmi.read_structure(str(example_model_path))
-    st.remove_hydrogens()
-    a, b, c = st.cell.a, st.cell.b, st.cell.c
-    st.cell = gemmi.UnitCell(2 * a, 2 * b, 2 * c, 90, 90, 90)
-    st.spacegroup_hm = "P 21 21 21"
+    st = p212121_structure(example_model_path)
     st.setup_entities()
     return st
 

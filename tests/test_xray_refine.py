@@ -7,7 +7,7 @@ import json
 import gemmi
 import numpy as np
 import pytest
-from conftest import need
+from conftest import need, p212121_structure
 
 from drefine.cli import main
 from drefine.density.crystal_fft import CrystalStructureFactors
@@ -32,12 +32,7 @@ def rel(a, b):
 def crystal_model(example_model_path, tmp_path_factory):
     """hth40 in P 2₁2₁2₁ with a doubled cell (symmetry mates in other octants), B 15–35 Å², one
     residue with two conformers."""
-    st = gemmi.read_structure(str(example_model_path))
-    st.remove_hydrogens()
-    a, b, c = st.cell.a, st.cell.b, st.cell.c
-    st.cell = gemmi.UnitCell(2 * a, 2 * b, 2 * c, 90, 90, 90)
-    st.spacegroup_hm = "P 21 21 21"
-    st.setup_cell_images()
+    st = p212121_structure(example_model_path)
     rng = np.random.default_rng(0)
     for cra in st[0].all():
         cra.atom.b_iso = float(rng.uniform(15, 35))
