@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update the ordered solvent once, after 40%% of the cycles: remove waters whose 2mFo-DFc "
                         "density is below 1σ, whose B is above 80 Å² or that lost their hydrogen-bond partner, and "
                         "add waters at mFo-DFc peaks of 3σ or more with 2mFo-DFc of 1σ or more, 2.45-3.4 Å from an "
-                        "N or O and no closer to any atom (symmetry included); needs 2 cycles or more")
+                        "N or O and no closer to any atom (symmetry included); needs 2 cycles or more and data to 3 Å "
+                        "or better")
     x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
                    help="B-factor refinement: auto (anisotropic when ≥ 4 reflections per parameter), iso, "
                         "aniso or fixed")
@@ -789,6 +790,9 @@ def _xray_client(args):
     return task_client(None if args.scheduler == "local" else args.scheduler, args.workers)
 
 
+WATER_MAX_D_MIN = 3.0  # Å: no waters placed from data of lower resolution (few are ordered enough to be seen)
+
+
 def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     """`--waters`: the first 40 % of the cycles, one ordered-solvent update (waters failing the
     rules removed, new ones placed at difference-map peaks: refine/waters.py), then the rest of
@@ -801,6 +805,11 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     from .refine.xray import map_coefficients, refine_xray
     from .restraints.topology import build_restraints
 
+    if table.d_min > WATER_MAX_D_MIN:
+        log(f"--waters: no water update at {table.d_min:.2f} Å (waters are placed from data to "
+            f"{WATER_MAX_D_MIN:g} Å or better)")
+        return model, restraints, refine_xray(model, table, restraints, opt, log=log, client=client), {
+            "skipped": f"d_min {table.d_min:.2f} Å > {WATER_MAX_D_MIN:g} Å"}
     first_cycles = max(1, round(0.4 * opt.cycles))
     first = refine_xray(model, table, restraints, dataclasses.replace(opt, cycles=first_cycles), log=log, client=client)
     now = model.copy()

@@ -157,3 +157,15 @@ def test_water_update_finds_the_waters_the_data_were_made_with(crystal, tmp_path
     assert sum(near) >= 6
     assert reports["waters"]["final"]["r_free"] < reports["plain"]["final"]["r_free"] - 0.01
     assert [c["cycle"] for c in reports["waters"]["cycles"]][:4] == [1, 2, 3, 4]
+
+
+def test_no_water_update_from_low_resolution_data(crystal, tmp_path):
+    model = _model_of(crystal, tmp_path, "start.cif")
+    table = synthetic_reflections(model, 3.5, noise=0.03, seed=1)
+    table.phases_deg = None
+    table.to_mtz(tmp_path / "low.mtz")
+    assert main(["xray", str(tmp_path / "start.cif"), str(tmp_path / "low.mtz"), "-o", str(tmp_path / "low"),
+                 "--cycles", "2", "--esd", "none", "--waters"]) == 0
+    rep = json.loads((tmp_path / "low.json").read_text())
+    assert "skipped" in rep["details"]["waters"] and len(rep["cycles"]) >= 2
+    assert len(read_model(tmp_path / "low.cif").atoms) == len(model.atoms)
