@@ -133,6 +133,10 @@ def part_deposited(work: Path, shaken: bool, servalcat: bool = True):
                             "--no-validate"], check=True, capture_output=True)
             res = run_drefine(d / "shaken.pdb", data, d / "drefine_shaken")
             print(row(f"{case} shaken 0.3 Å", "drefine", res, model_vs_data(d / "shaken.pdb", data), start), flush=True)
+            if WATERS:
+                res = run_drefine(d / "shaken.pdb", data, d / "drefine_shaken_waters", ("--waters",))
+                print(row(f"{case} shaken 0.3 Å", "drefine --waters", res, model_vs_data(d / "shaken.pdb", data),
+                          start), flush=True)
             continue
         print(row(case, "drefine", run_drefine(start, data, d / "drefine"), start_r, start), flush=True)
         if WATERS:  # the same with one ordered-solvent update (4hg7's entry had 97 waters, stripped here)
@@ -206,7 +210,7 @@ def main():
     ap.add_argument("--work", default="/tmp/drefine_bench_xray")
     ap.add_argument("--drefine-args", default="", help="extra arguments for every drefine xray run")
     ap.add_argument("--no-servalcat", action="store_true", help="drefine only (deposited part)")
-    ap.add_argument("--waters", action="store_true", help="deposited part: also drefine with --waters")
+    ap.add_argument("--waters", action="store_true", help="deposited and shaken parts: also drefine with --waters")
     args = ap.parse_args()
     DREFINE_ARGS.extend(args.drefine_args.split())
     global WATERS
