@@ -824,8 +824,8 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     removed = [now.atom_label(int(i)) for i in gone]
     now = without_atoms(now, gone)
     sites, heights = pick_waters(now, difference, density, criteria)
-    polymer = now.model_atoms(0)
-    b_new = float(np.mean(now.atoms.b_iso[polymer])) if len(polymer) else 30.0
+    atoms0 = now.model_atoms(0)
+    b_new = float(np.mean(now.atoms.b_iso[atoms0])) if len(atoms0) else 30.0  # the model's mean B to start
     now = with_waters(now, sites, b_new)
     log(f"waters after cycle {first_cycles}: {len(removed)} removed, {len(sites)} added at mFo-DFc peaks "
         f"of {criteria.peak_sigma:g}σ or more (B {b_new:.1f} Å² to start)")

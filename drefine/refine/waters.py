@@ -10,8 +10,9 @@ or clashes (< 2.2 Å). Maps are σ-scaled over the unit cell.
 
 Written here rather than taken from a library: gemmi gives the maps, the peak-free neighbour
 search under symmetry and the structure editing, but no water picking; the peak search and the
-rules are a few vectorised lines. Candidates are examined one by one (a few hundred peaks, each a
-gemmi neighbour query), not atoms or grid points.
+rules are a few vectorised lines. Candidate peaks and the model's waters are examined one by one
+(a few hundred, each a gemmi neighbour query under symmetry, once per run), never every atom or
+grid point.
 """
 from __future__ import annotations
 
@@ -78,7 +79,8 @@ def pick_waters(model: Model, difference: gemmi.FloatGrid, density: gemmi.FloatG
     peaks, heights = map_peaks(difference, criteria.peak_sigma)
     st, ns = _neighbours(model)
     cell = st.cell
-    n_residues = sum(1 for ch in st[0] for r in ch if r.entity_type == gemmi.EntityType.Polymer)
+    res = model.residues
+    n_residues = int(np.count_nonzero((res.model_index == 0) & (res.entity_type == "polymer")))
     cap = max(1, int(criteria.per_residue * max(n_residues, 1)))
     sites: list[gemmi.Position] = []
     kept_heights = []
