@@ -127,6 +127,23 @@ def test_adding_pruning_and_removing_waters(crystal, tmp_path):
     assert waters_to_remove(wet, grid).tolist() == [water[2]]
     wet.atoms.b_iso[water[0]] = 95.0
     assert waters_to_remove(wet, grid).tolist() == [water[0], water[2]]
+    # the second water split into two conformers 1.5 Å apart: its A copy (where it was) does not
+    # clash with its B copy; the same two as plain waters do
+    removed = {}
+    for altlocs in (("A", "B"), ("", "")):
+        st = wet.to_structure()
+        split = st[0][len(st[0]) - 1][1]
+        other = split[0].clone()
+        if altlocs[0]:
+            split[0].altloc, other.altloc = altlocs
+        other.pos = gemmi.Position(split[0].pos.x + 1.5, split[0].pos.y, split[0].pos.z)
+        split.add_atom(other)
+        st.setup_entities()
+        st.make_mmcif_document().write_file(str(tmp_path / "alt.cif"))
+        alt = read_model(tmp_path / "alt.cif")
+        both = _grid_with_blobs(crystal.cell, "P 21 21 21", [*sites[:2], np.array(other.pos.tolist())], [3.0] * 3)
+        removed[altlocs[0]] = waters_to_remove(alt, both).tolist()
+    assert water[1] not in removed["A"] and water[1] in removed[""]
     dry = without_atoms(wet, water[[0, 2]])
     assert len(dry.atoms) == len(model.atoms) + 1
     np.testing.assert_allclose(dry.atoms.xyz[-1], sites[1], atol=1e-6)

@@ -111,11 +111,12 @@ def pick_waters(model: Model, difference: gemmi.FloatGrid, density: gemmi.FloatG
 def waters_to_remove(model: Model, density: gemmi.FloatGrid, criteria: WaterCriteria | None = None) -> np.ndarray:
     """Indices (in the model's arrays) of model-0 water oxygens that fail the rules: 2mFo−DFc
     below `density_sigma`, B above `b_max`, an atom closer than `clash_distance` or no nitrogen
-    or oxygen within `hbond_max` (the water's own symmetry images aside)."""
+    or oxygen within `hbond_max` (the water's own symmetry images aside; a water in an alternate
+    conformer meets only its conformer and the shared atoms)."""
     criteria = criteria or WaterCriteria()
     a = model.atoms
-    res_name = np.asarray(model.residues.name)[a.residue_index]
-    water = np.flatnonzero((a.model_index == 0) & (res_name == "HOH") & ~a.is_hydrogen)
+    is_water = np.asarray(model.residues.entity_type)[a.residue_index] == "water"
+    water = np.flatnonzero((a.model_index == 0) & is_water & ~a.is_hydrogen)
     if len(water) == 0:
         return water
     _, ns = _neighbours(model)
@@ -125,7 +126,8 @@ def waters_to_remove(model: Model, density: gemmi.FloatGrid, criteria: WaterCrit
         if a.b_iso[i] > criteria.b_max or density.interpolate_value(p) < criteria.density_sigma:
             out.append(i)
             continue
-        marks = ns.find_atoms(p, "\0", radius=criteria.hbond_max)
+        # a water in an alternate conformer meets only its own conformer and the shared atoms
+        marks = ns.find_atoms(p, a.altloc[i] or "\0", radius=criteria.hbond_max)
         self_ids = {(m.chain_idx, m.residue_idx, m.atom_idx) for m in marks if m.pos.dist(p) < 0.1}
         others = [m for m in marks if (m.chain_idx, m.residue_idx, m.atom_idx) not in self_ids]
         dist = np.array([m.pos.dist(p) for m in others])
