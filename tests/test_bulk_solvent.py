@@ -107,3 +107,22 @@ def test_scale_model_jacobian_matches_finite_differences():
     numeric = np.array([(model.residuals(x + e) - model.residuals(x - e)) / (2 * h)
                         for e in np.eye(len(x)) * h]).T
     assert np.abs(jac - numeric).max() < 1e-6 * np.abs(jac).max()
+
+
+def test_loglinear_scale_is_the_least_squares_line():
+    """The closed-form (k, B) of ln Fo − ln|Fm| against s²/4 equals numpy's least squares, with
+    unused reflections (zero Fo, excluded) left out."""
+    from drefine.density.bulk_solvent import _loglinear_scale
+
+    rng = np.random.default_rng(0)
+    s2 = rng.uniform(0.001, 0.4, 5000)
+    fm = rng.uniform(1, 100, 5000)
+    fo = fm * 1.7 * np.exp(-12 * s2 / 4) * np.exp(rng.normal(0, 0.2, 5000))
+    fo[:50] = 0.0
+    use = rng.random(5000) < 0.9
+    ok = (fo > 0) & use
+    design = np.stack([np.ones(ok.sum()), -s2[ok] / 4], axis=1)
+    (lnk, b), *_ = np.linalg.lstsq(design, np.log(fo[ok] / fm[ok]), rcond=None)
+    k_got, b_got = _loglinear_scale(fo, fm, s2, use)
+    assert k_got == pytest.approx(np.exp(lnk), rel=1e-12) and b_got == pytest.approx(b, rel=1e-12)
+    assert abs(b_got - 12) < 0.5

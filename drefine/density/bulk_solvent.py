@@ -109,13 +109,17 @@ class BulkSolventScale:
 
 
 def _loglinear_scale(fo, fm, s2, w):
-    """k, B minimising Σ w (ln Fo − ln k + B s²/4 − ln|Fm|)²."""
+    """k, B minimising Σ w (ln Fo − ln k + B s²/4 − ln|Fm|)²: a straight-line fit, solved in
+    closed form about the means (np.linalg.lstsq's SVD cost 0.3 ms a call, and the (k_sol, B_sol)
+    grid search makes 323 calls)."""
     ok = (fo > 0) & (fm > 0) & w
     y = np.log(fo[ok]) - np.log(fm[ok])
     x = s2[ok] / 4.0
-    A = np.stack([np.ones_like(x), -x], axis=1)
-    (lnk, b), *_ = np.linalg.lstsq(A, y, rcond=None)
-    return float(np.exp(lnk)), float(b)
+    xm, ym = x.mean(), y.mean()
+    dx = x - xm
+    sxx = float(dx @ dx)
+    b = -float(dx @ (y - ym)) / sxx if sxx > 0 else 0.0
+    return float(np.exp(ym + b * xm)), b
 
 
 class _ScaleModel:
