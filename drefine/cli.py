@@ -733,10 +733,7 @@ def cmd_xray(args) -> int:
                                                                           client)
         else:
             result, waters = refine_xray(model, table, restraints, opt, log=log, client=client), None
-    refined = model.copy()
-    a = refined.atoms
-    a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,
-                                                         result.has_aniso, result.occupancy)
+    refined = result.applied_to(model)
     esd = standard_uncertainties(refined, table, result, mode=args.esd, source=args.scattering, log=log)
     coeffs = map_coefficients(table, result.f_model, result.ml)
     start_val = validate_structure(start_model, start_restraints, rama_dir=args.rama_data)
@@ -812,10 +809,7 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
             "skipped": f"d_min {table.d_min:.2f} Å > {WATER_MAX_D_MIN:g} Å"}
     first_cycles = max(1, round(0.4 * opt.cycles))
     first = refine_xray(model, table, restraints, dataclasses.replace(opt, cycles=first_cycles), log=log, client=client)
-    now = model.copy()
-    a = now.atoms
-    a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (first.xyz, first.b_iso, first.u_aniso, first.has_aniso,
-                                                         first.occupancy)
+    now = first.applied_to(model)
     coeffs = map_coefficients(table, first.f_model, first.ml)
     difference = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["DELFWT"], coeffs["PHDELWT"])
     density = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["FWT"], coeffs["PHWT"])

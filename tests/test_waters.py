@@ -22,8 +22,8 @@ from drefine.refine.waters import (
 
 
 def _grid_with_blobs(cell: gemmi.UnitCell, sg: str, centres, heights, spacing: float = 0.4, width: float = 0.6):
-    """A periodic unit-cell map (σ units near 1 away from blobs is not needed here) with a
-    Gaussian of the given height at each Cartesian centre (its nearest periodic image)."""
+    """A periodic unit-cell map, zero but for a Gaussian of the given height (read as σ units) at
+    each Cartesian centre (its nearest periodic image)."""
     shape = [int(np.ceil(x / spacing)) for x in (cell.a, cell.b, cell.c)]
     grid = gemmi.FloatGrid(*shape)
     grid.set_unit_cell(cell)
@@ -186,3 +186,7 @@ def test_no_water_update_from_low_resolution_data(crystal, tmp_path):
     rep = json.loads((tmp_path / "low.json").read_text())
     assert "skipped" in rep["details"]["waters"] and len(rep["cycles"]) >= 2
     assert len(read_model(tmp_path / "low.cif").atoms) == len(model.atoms)
+    # one cycle leaves none to refine the waters in: refused before anything is read or written
+    assert main(["xray", str(tmp_path / "start.cif"), str(tmp_path / "low.mtz"), "-o", str(tmp_path / "one"),
+                 "--cycles", "1", "--waters"]) == 1
+    assert not list(tmp_path.glob("one*"))

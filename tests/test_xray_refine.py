@@ -623,3 +623,21 @@ def test_anisotropic_refinement_keeps_going(refinement_case, tmp_path):
     u33 = np.stack([np.stack([u[:, 0], u[:, 3], u[:, 4]], 1), np.stack([u[:, 3], u[:, 1], u[:, 5]], 1),
                     np.stack([u[:, 4], u[:, 5], u[:, 2]], 1)], 1)
     assert np.linalg.eigvalsh(u33).min() > 0
+
+
+def test_ensemble_of_xray_refinements(refinement_case, tmp_path):
+    """`drefine ensemble --mode xray`: each member a seeded shake refined against the reflections,
+    its R values in the summary and its refined model (coordinates and B from the refinement)."""
+    d, _truth = refinement_case
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(d / "start.cif"), str(d / "data.mtz"), "--mode", "xray", "--n", "2", "--rmsd", "0.2",
+                 "--weight", "2", "--scheduler", "inprocess", "-o", str(out)]) == 0
+    rep = json.loads((out / "summary.json").read_text())
+    assert [m["name"] for m in rep["members"]] == ["member_0000", "member_0001"]
+    start = read_model(d / "start.cif")
+    for m in rep["members"]:
+        assert 0 < m["r_work"] <= m["r_free"] < 0.3
+        refined = read_model(out / "members" / f"{m['name']}.cif")
+        assert not np.allclose(refined.atoms.xyz, start.atoms.xyz, atol=0.01)
+        assert not np.allclose(refined.atoms.b_iso, start.atoms.b_iso)
+    assert rep["final"]["mean_rmsf"] > 0

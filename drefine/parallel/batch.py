@@ -65,8 +65,8 @@ def _geometry(model: Model, restraints, xyz) -> tuple[float, float]:
 
 def run_member(payload: dict, member: Member, out_dir: str) -> tuple[dict, np.ndarray]:
     """One task: perturb (seeded), refine, score, write PREFIX.cif and PREFIX.json; return the
-    summary and the refined coordinates (atoms, 3) Å. Single-threaded kernels: members run side by side, one per core, and give the same numbers
-    wherever they run."""
+    summary and the refined coordinates (atoms, 3) Å. Single-threaded kernels: members run side
+    by side, one per core, and give the same numbers wherever they run."""
     from ..threads import single_threaded
 
     with single_threaded():
@@ -107,10 +107,7 @@ def _run_member(payload: dict, member: Member, out_dir: str) -> tuple[dict, np.n
         if member.weight is not None:
             opt = replace(opt, weight=member.weight)
         result = refine_xray(start, payload["data"], restraints, opt, log=lambda s: None)
-        refined = start.copy()
-        a = refined.atoms
-        a.xyz, a.b_iso, a.u_aniso, a.has_aniso, a.occupancy = (result.xyz, result.b_iso, result.u_aniso,
-                                                             result.has_aniso, result.occupancy)
+        refined = result.applied_to(start)
         summary.update(weight=result.weight, r_work=result.scale.r_work, r_free=result.scale.r_free)
     bonds, angles = _geometry(refined, restraints, refined.atoms.xyz)
     summary.update(bonds_rmsd=bonds, angles_rmsd=angles, seconds=time.perf_counter() - t0)

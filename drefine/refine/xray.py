@@ -161,6 +161,10 @@ class XrayResult:
     notes: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
 
+    def applied_to(self, model: Model) -> Model:
+        """A copy of `model` (the one refined) with the refined coordinates, B, U, and occupancies."""
+        return _with_state(model, self.xyz, self.b_iso, self.u_aniso, self.has_aniso, self.occupancy)
+
 
 class XrayData:
     """F_calc, F_model and the data target of model 0 against a reflection table.

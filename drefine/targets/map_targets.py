@@ -64,7 +64,8 @@ class AtomCentredMapTarget:
             parallel = len(self.atoms) > PARALLEL_MIN_ATOMS
             self._interpolator = (TricubicInterpolator(self.map, self.periodic, parallel) if
                                   not getattr(self.map, "is_chunked", False) else
-                                  lambda p: interpolate(self.map, p, periodic=self.periodic, on_outside="nan"))
+                                  lambda p: interpolate(self.map, p, periodic=self.periodic, on_outside="nan",
+                                                        parallel=parallel))
         vals, grad = self._interpolator(xyz[self.atoms])
         out = ~np.isfinite(vals)
         if out.any():
