@@ -808,7 +808,10 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
         return model, restraints, refine_xray(model, table, restraints, opt, log=log, client=client), {
             "skipped": f"d_min {table.d_min:.2f} Å > {WATER_MAX_D_MIN:g} Å"}
     first_cycles = max(1, round(0.4 * opt.cycles))
-    first = refine_xray(model, table, restraints, dataclasses.replace(opt, cycles=first_cycles), log=log, client=client)
+    # the first part's end feeds only the maps the waters are picked from: it keeps the cycles'
+    # F_calc accuracy and mask (the report pass is the second part's)
+    first = refine_xray(model, table, restraints, dataclasses.replace(opt, cycles=first_cycles, final_accuracy=False),
+                        log=log, client=client)
     now = first.applied_to(model)
     coeffs = map_coefficients(table, first.f_model, first.ml)
     difference = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["DELFWT"], coeffs["PHDELWT"])
@@ -825,7 +828,7 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
         f"of {criteria.peak_sigma:g}σ or more (B {b_new:.1f} Å² to start)")
     new_restraints = build_restraints(now, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     rest = dataclasses.replace(opt, cycles=opt.cycles - first_cycles, initial_weight=first.weight,
-                               first_cycle=first_cycles + 1)
+                               first_cycle=first_cycles + 1, initial_scale=first.scale)
     result = refine_xray(now, table, new_restraints, rest, log=log, client=client)
     result.cycles[:0] = first.cycles
     report = {"after_cycle": first_cycles, "removed": removed, "added": len(sites),

@@ -126,3 +126,40 @@ def test_loglinear_scale_is_the_least_squares_line():
     k_got, b_got = _loglinear_scale(fo, fm, s2, use)
     assert k_got == pytest.approx(np.exp(lnk), rel=1e-12) and b_got == pytest.approx(b, rel=1e-12)
     assert abs(b_got - 12) < 0.5
+
+
+@pytest.mark.parametrize("cell, hm, d_min", [
+    ((45.57, 40.49, 49.62, 90, 90, 90), "P 1", 2.0),
+    ((60.0, 60.0, 70.0, 90, 90, 120), "P 65", 1.8),   # oblique axes, 6 operators
+    ((52.0, 48.0, 56.0, 90, 90, 90), "P 21 21 21", 1.5),
+    ((50.0, 47.0, 55.0, 90, 104.5, 90), "C 1 2 1", 2.5),  # monoclinic, centred
+])
+def test_solvent_mask_equals_gemmis(example_model_path, tmp_path, cell, hm, d_min):
+    """Our shrink on gemmi's unshrunk mask gives gemmi's whole SolventMasker mask point for point,
+    in one thread or two; the shrink itself changes many points (so the comparison can fail)."""
+    from drefine.density.bulk_solvent import mask_grid_shape, solvent_mask
+
+    st = gemmi.read_structure(str(example_model_path))
+    st.remove_hydrogens()
+    st.cell = gemmi.UnitCell(*cell)
+    st.spacegroup_hm = hm
+    st.setup_cell_images()
+    path = tmp_path / "m.cif"
+    st.make_mmcif_document().write_file(str(path))
+    model = read_model(path)
+    shape = mask_grid_shape(model, d_min)
+
+    masker = gemmi.SolventMasker(gemmi.AtomicRadiiSet.Cctbx)
+    masker.rprobe, masker.rshrink = 1.1, 0.9
+    grid = gemmi.FloatGrid(*shape)
+    grid.set_unit_cell(st.cell)
+    grid.spacegroup = st.find_spacegroup()
+    masker.put_mask_on_float_grid(grid, st[0])
+    reference = np.array(grid, copy=True)
+
+    ours = solvent_mask(model, shape)
+    np.testing.assert_array_equal(ours, reference)
+    np.testing.assert_array_equal(solvent_mask(model, shape, threads=1), reference)
+    unshrunk = solvent_mask(model, shape, r_shrink=0.0)
+    assert (unshrunk != reference).sum() > 0.01 * reference.size
+    assert np.all(ours >= unshrunk)  # the shrink only gives points back to the solvent

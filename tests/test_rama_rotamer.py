@@ -81,6 +81,62 @@ def test_find_rama_data_sources(tmp_path, monkeypatch):
     assert find_rama_data() is None
 
 
+_SMALL_TABLE = """# Number of dimensions: 2
+# description: "toy table"
+# x1: -180.0 180.0 4 true
+# x2: -180.0 180.0 2 true
+-135.0 -90.0 0.5
+-45.0 90.0 0.25
+135.0 -90.0 1.0
+"""
+
+
+def test_table_disk_cache(tmp_path, monkeypatch):
+    """A parsed table is kept on disk and read back equal; an edited file is parsed again; with
+    the cache off nothing is written."""
+    from drefine.validate import ramachandran as R
+
+    src = tmp_path / "toy.data"
+    src.write_text(_SMALL_TABLE)
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("DREFINE_CACHE", str(cache))
+    monkeypatch.setattr(R, "_TABLE_CACHE", {})
+    first = R.GridTable.read(src)
+    stored = list((cache / "tables").glob("toy-*.npz"))
+    assert len(stored) == 1
+    monkeypatch.setattr(R, "_TABLE_CACHE", {})
+    monkeypatch.setattr(R.GridTable, "_parse", classmethod(lambda cls, p: pytest.fail("parsed again")))
+    again = R.GridTable.read(src)
+    assert again.name == first.name == "toy table"
+    for f in ("lower", "upper", "nbins", "wrap", "values"):
+        np.testing.assert_array_equal(getattr(again, f), getattr(first, f))
+        assert not getattr(again, f).flags.writeable
+    assert again.values[0, 0] == 0.5 and again.values[3, 0] == 1.0 and again.values[1, 1] == 0.25
+    monkeypatch.undo()
+
+    # an edited table gets its own entry, with the new values
+    monkeypatch.setenv("DREFINE_CACHE", str(cache))
+    monkeypatch.setattr(R, "_TABLE_CACHE", {})
+    src.write_text(_SMALL_TABLE.replace("-45.0 90.0 0.25", "-45.0 90.0 0.75"))
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 10**9))
+    assert R.GridTable.read(src).values[1, 1] == 0.75
+    assert len(list((cache / "tables").glob("toy-*.npz"))) == 2
+
+    # a damaged cache entry is parsed again, not trusted
+    for f in (cache / "tables").glob("toy-*.npz"):
+        f.write_bytes(b"not a zip")
+    monkeypatch.setattr(R, "_TABLE_CACHE", {})
+    assert R.GridTable.read(src).values[1, 1] == 0.75
+
+    monkeypatch.setenv("DREFINE_CACHE", "off")
+    monkeypatch.setattr(R, "_TABLE_CACHE", {})
+    assert R.table_cache_dir() is None
+    src.write_text(_SMALL_TABLE)
+    os.utime(src, ns=(src.stat().st_atime_ns, src.stat().st_mtime_ns + 2 * 10**9))
+    assert R.GridTable.read(src).values[1, 1] == 0.25
+    assert len(list((cache / "tables").glob("toy-*.npz"))) == 2
+
+
 def test_rama_kind():
     assert rama_kind("GLY", "PRO") == "gly"
     assert rama_kind("PRO", "PRO") == "pro"

@@ -2,6 +2,7 @@
 Jacobian, occupancy and ADP parametrisations against finite differences, map coefficients, and
 `drefine xray` end to end on data made here (a 40-residue model in P 2₁2₁2₁) and on 6mw0."""
 import copy
+import dataclasses
 import json
 
 import gemmi
@@ -641,3 +642,40 @@ def test_ensemble_of_xray_refinements(refinement_case, tmp_path):
         assert not np.allclose(refined.atoms.xyz, start.atoms.xyz, atol=0.01)
         assert not np.allclose(refined.atoms.b_iso, start.atoms.b_iso)
     assert rep["final"]["mean_rmsf"] > 0
+
+
+def test_a_run_continued_in_parts_starts_from_the_scale_reached(refinement_case, monkeypatch):
+    """The parts of a run (`--waters`): the first keeps the cycles' F_calc accuracy at its end (no
+    report-accuracy pass), the second starts its bulk-solvent fit from the first's scale (no grid
+    search) and reports at full accuracy."""
+    import drefine.refine.xray as xray_module
+    from drefine.density.crystal_fft import CrystalStructureFactors
+    from drefine.io.reflections import read_reflections
+    from drefine.refine.xray import XrayOptions, refine_xray
+    from drefine.restraints.topology import build_restraints
+
+    d, _ = refinement_case
+    start = read_model(d / "start.cif")
+    table = read_reflections(d / "data.mtz")
+    restraints = build_restraints(start)
+    starts, report_calls = [], []
+    fit = xray_module.fit_bulk_solvent
+    monkeypatch.setattr(xray_module, "fit_bulk_solvent",
+                        lambda *a, **k: starts.append(k.get("start")) or fit(*a, **k))
+    calc = CrystalStructureFactors.structure_factors
+
+    def counted(self, sc):
+        report_calls.append(self.dtype == np.float64)
+        return calc(self, sc)
+
+    monkeypatch.setattr(CrystalStructureFactors, "structure_factors", counted)
+    opt = XrayOptions(target="ml", cycles=1, adp="iso", occupancies=False, geometry_rescue=False)
+    first = refine_xray(start, table, restraints, dataclasses.replace(opt, final_accuracy=False), log=lambda s: None)
+    assert starts[0] is None and not any(report_calls)  # grid search; never the report accuracy
+    n_fits = len(starts)
+    second = refine_xray(first.applied_to(start), table, restraints,
+                         dataclasses.replace(opt, initial_scale=first.scale, first_cycle=2), log=lambda s: None)
+    assert starts[n_fits] is not None and starts[n_fits].k_sol == pytest.approx(first.scale.k_sol)
+    assert report_calls[-1]  # the end of the run is reported at full accuracy
+    assert first.scale.k_sol == starts[n_fits].k_sol  # the first part's scale is not changed by the second
+    assert second.cycles[0].cycle == 2 and second.cycles[0].r_free <= first.cycles[0].r_free + 0.01

@@ -23,13 +23,17 @@ All angles are in degrees.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
+import zipfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from ..io.atomic import atomic_file
 
 __all__ = [
     "ALLOWED_CUTOFF",
@@ -122,6 +126,17 @@ _NAME_RE = re.compile(r'description:\s*"(.*)"')
 
 
 _TABLE_CACHE: dict[tuple, GridTable] = {}
+_CACHE_FORMAT = 1  # bump when GridTable's stored arrays change meaning
+
+
+def table_cache_dir() -> Path | None:
+    """Where parsed validation tables are kept: $DREFINE_CACHE, else $XDG_CACHE_HOME/drefine,
+    else ~/.cache/drefine; `DREFINE_CACHE=off` (or none, 0) turns the disk cache off."""
+    env = os.environ.get("DREFINE_CACHE")
+    if env is not None:
+        return None if env.strip().lower() in ("", "off", "none", "0") else Path(env).expanduser() / "tables"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "drefine" / "tables"
 
 
 @dataclass(frozen=True)
@@ -161,8 +176,38 @@ class GridTable:
         st = path.stat()
         key = (str(path.resolve()), st.st_size, st.st_mtime_ns)
         if key not in _TABLE_CACHE:
-            _TABLE_CACHE[key] = cls._parse(path)
+            _TABLE_CACHE[key] = cls._from_disk_cache(path, key)
         return _TABLE_CACHE[key]
+
+    @classmethod
+    def _from_disk_cache(cls, path: Path, key: tuple) -> GridTable:
+        """The parsed table from the user's cache (`table_cache_dir`), parsing and storing it when
+        absent or stale: the 6 MB of text tables take ~0.25 s to parse, every command run pays
+        it otherwise; the binary copy loads in a few ms. The key (path, size, modification
+        time, format version) names the file, so an edited table is parsed again. Without a
+        writable cache directory the table is parsed each time."""
+        directory = table_cache_dir()
+        if directory is None:
+            return cls._parse(path)
+        digest = hashlib.sha256(repr((_CACHE_FORMAT, *key)).encode()).hexdigest()[:20]
+        cached = directory / f"{path.stem}-{digest}.npz"
+        try:
+            with np.load(cached, allow_pickle=False) as z:
+                table = cls(str(z["name"]), z["lower"], z["upper"], z["nbins"], z["wrap"], z["values"])
+            for a in (table.lower, table.upper, table.nbins, table.wrap, table.values):
+                a.flags.writeable = False
+            return table
+        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+            pass  # absent, or unreadable: parse it again
+        table = cls._parse(path)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+            with atomic_file(cached) as fh:
+                np.savez(fh, name=np.array(table.name), lower=table.lower, upper=table.upper,
+                         nbins=table.nbins, wrap=table.wrap, values=table.values)
+        except OSError:
+            pass  # a read-only home: the parsed table still serves this process
+        return table
 
     @classmethod
     def _parse(cls, path: Path) -> GridTable:
