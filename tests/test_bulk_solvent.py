@@ -163,3 +163,30 @@ def test_solvent_mask_equals_gemmis(example_model_path, tmp_path, cell, hm, d_mi
     unshrunk = solvent_mask(model, shape, r_shrink=0.0)
     assert (unshrunk != reference).sum() > 0.01 * reference.size
     assert np.all(ours >= unshrunk)  # the shrink only gives points back to the solvent
+
+
+def test_solvent_grid_search_equals_the_per_point_fits():
+    """The compiled (k_sol, B_sol) grid search gives, at every grid point, the line fit and R of
+    `_loglinear_scale` and a plain R sum."""
+    from drefine.density.bulk_solvent import B_SOL_GRID, K_SOL_GRID, _loglinear_scale, _solvent_grid_search
+
+    rng = np.random.default_rng(3)
+    n = 3000
+    s2 = rng.uniform(0.002, 0.35, n)
+    f_calc = rng.normal(size=n) + 1j * rng.normal(size=n)
+    f_mask = (rng.normal(size=n) + 1j * rng.normal(size=n)) * 3.0 * np.exp(-40 * s2)
+    truth = 1.7 * np.exp(-8 * s2 / 4) * np.abs(f_calc + 0.35 * np.exp(-45 * s2 / 4) * f_mask)
+    fo = truth * (1 + 0.05 * rng.normal(size=n))
+    fo[:5] = 0.0  # non-positive amplitudes stay out of the line fit, not out of R
+    r, k_all, b_all = _solvent_grid_search(fo, f_calc, f_mask, s2, threads=2)
+    for part, one in zip((r, k_all, b_all), _solvent_grid_search(fo, f_calc, f_mask, s2, threads=1)):
+        np.testing.assert_array_equal(part, one)  # the columns do not depend on the split
+    everything = np.ones(n, dtype=bool)
+    for jk, jb in [(0, 0), (7, 7), (16, 18), (3, 12)]:
+        fm = f_calc + K_SOL_GRID[jk] * np.exp(-B_SOL_GRID[jb] * s2 / 4) * f_mask
+        k, b = _loglinear_scale(fo, np.abs(fm), s2, everything)
+        assert k_all[jk, jb] == pytest.approx(k, rel=1e-9) and b_all[jk, jb] == pytest.approx(b, rel=1e-9, abs=1e-9)
+        r_direct = np.abs(fo - k * np.exp(-b * s2 / 4) * np.abs(fm)).sum() / fo.sum()
+        assert r[jk, jb] == pytest.approx(r_direct, rel=1e-9)
+    jk, jb = np.unravel_index(np.argmin(r), r.shape)
+    assert abs(K_SOL_GRID[jk] - 0.35) <= 0.1 and abs(B_SOL_GRID[jb] - 45) <= 15
