@@ -131,3 +131,33 @@ def test_chain_to_coordinates(example_model_path):
         p.frac[3] += sc.frac_matrix[:, c] * h
         q.frac[3] -= sc.frac_matrix[:, c] * h
         assert (value(p) - value(q)) / (2 * h) == pytest.approx(g.xyz[3, c], rel=1e-4)
+
+
+def test_ml_parameters_of_all_bins_at_once_equal_bin_by_bin_fits():
+    """The joint fit over bins finds each bin's own maximum (a separate L-BFGS-B per bin on
+    `_ml_bin_nll` is the reference), from a cold start or from another estimate."""
+    from scipy.optimize import minimize
+
+    from drefine.targets.xray_targets import MLParameters, _ml_bin_nll
+
+    parts = [_simulated(n=600, d_true=d, s_true=s, seed=k) for k, (d, s) in
+             enumerate([(0.95, 5.0), (0.8, 40.0), (0.6, 120.0), (0.4, 300.0)])]
+    fo, sg, fm, eps, centric = (np.concatenate(x) for x in zip(*parts))
+    fm = np.abs(fm)
+    bins = np.repeat(np.arange(4), 600)
+    work = np.ones(len(fo), bool)
+    joint = estimate_ml_parameters(fo, sg, fm, eps, centric, bins, work, ~work)
+    for b in range(4):
+        sel = bins == b
+        d0 = (fo[sel] * fm[sel]).sum() / (fm[sel] ** 2).sum()
+        res = minimize(lambda p, sel=sel: _ml_bin_nll(fo[sel], sg[sel], fm[sel], eps[sel], centric[sel], p[0],
+                                                      np.exp(p[1])),
+                       [d0, np.log(np.mean((fo[sel] - d0 * fm[sel]) ** 2))], jac=True, method="L-BFGS-B",
+                       bounds=[(1e-4, 10 * d0), (None, None)], options={"ftol": 1e-14, "gtol": 1e-10})
+        assert joint.d[b] == pytest.approx(res.x[0], rel=5e-4)
+        assert joint.s[b] == pytest.approx(np.exp(res.x[1]), rel=5e-4)
+    assert joint.d[0] > joint.d[1] > joint.d[2] > joint.d[3]
+    warm = estimate_ml_parameters(fo, sg, fm, eps, centric, bins, work, ~work,
+                                  start=MLParameters(np.full(4, 0.5), np.full(4, 50.0)))
+    np.testing.assert_allclose(warm.d, joint.d, rtol=5e-4)
+    np.testing.assert_allclose(warm.s, joint.s, rtol=5e-4)

@@ -698,9 +698,12 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
     final_model = _with_state(model, xyz, b_iso, u_aniso, has_aniso, occ)
     f_calc, f_model = data.rescale(final_model, report=options.final_accuracy)
-    ml = estimate_ml_parameters(table.f_obs, np.nan_to_num(table.sigma_f), np.abs(f_model), table.epsilon.astype(float),
-                                table.centric, table.bin, table.work & np.isfinite(table.f_obs),
-                                table.test & np.isfinite(table.f_obs))
+    if isinstance(data.target, MaximumLikelihoodTarget):
+        ml = data.target.params  # estimated for this F_model by the rescale
+    else:
+        ml = estimate_ml_parameters(table.f_obs, np.nan_to_num(table.sigma_f), np.abs(f_model),
+                                    table.epsilon.astype(float), table.centric, table.bin,
+                                    table.work & np.isfinite(table.f_obs), table.test & np.isfinite(table.f_obs))
     end = "final  " if options.final_accuracy else f"after cycle {cycles[-1].cycle}:"
     log(f"{end} R-work {data.scale.r_work:.4f}  "
         f"R-free {data.scale.r_free:.4f}  k_sol {data.scale.k_sol:.3f}  B_sol {data.scale.b_sol:.1f} Å²")

@@ -95,9 +95,9 @@ def _ml_terms(fo, sig, fm, eps, centric, d, s):
     return nll, dfm
 
 
-def _ml_bin_nll(fo, sig, fm, eps, centric, d, s) -> tuple[float, np.ndarray]:
-    """Σ −ln L over a bin's reflections and its gradient with respect to (D, ln S): with c = 2
-    (acentric) or 1 (centric) and r = I₁/I₀(X) or tanh(X),
+def _ml_parameter_terms(fo, sig, fm, eps, centric, d, s):
+    """−ln L per reflection and its derivatives with respect to D and ln S (d, s per reflection):
+    with c = 2 (acentric) or 1 (centric) and r = I₁/I₀(X) or tanh(X),
     ∂/∂D = c(DFm² − r FoFm)/Σ,  ∂/∂Σ = ½c(1/Σ − (Fo² + D²Fm²)/Σ²) + rX/Σ,  ∂Σ/∂ln S = εS."""
     nll, _ = _ml_terms(fo, sig, fm, eps, centric, d, s)
     sig2 = np.where(centric, sig * sig, 2.0 * sig * sig)
@@ -107,7 +107,13 @@ def _ml_bin_nll(fo, sig, fm, eps, centric, d, s) -> tuple[float, np.ndarray]:
     r = np.where(centric, np.tanh(x), i1e(x) / i0e(x))
     d_d = c * (d * fm * fm - r * fo * fm) / var
     d_var = 0.5 * c * (1.0 / var - (fo * fo + d * d * fm * fm) / var ** 2) + r * x / var
-    return float(nll.sum()), np.array([float(d_d.sum()), float((d_var * eps * s).sum())])
+    return nll, d_d, d_var * eps * s
+
+
+def _ml_bin_nll(fo, sig, fm, eps, centric, d, s) -> tuple[float, np.ndarray]:
+    """Σ −ln L over one bin's reflections (scalar d, s) and its gradient in (D, ln S)."""
+    nll, d_d, d_lns = _ml_parameter_terms(fo, sig, fm, eps, centric, d, s)
+    return float(nll.sum()), np.array([float(d_d.sum()), float(d_lns.sum())])
 
 
 def _ml_curvature(fo, sig, fm, eps, centric, d, s):
@@ -125,26 +131,38 @@ def _ml_curvature(fo, sig, fm, eps, centric, d, s):
     return np.where(centric, centric_c, acentric)
 
 
-def estimate_ml_parameters(f_obs, sigma, f_model_abs, epsilon, centric, bins, work, test) -> MLParameters:
-    """D and S per bin by maximum likelihood (test set when large enough, else work set)."""
+def estimate_ml_parameters(f_obs, sigma, f_model_abs, epsilon, centric, bins, work, test,
+                           start: MLParameters | None = None) -> MLParameters:
+    """D and S per bin by maximum likelihood (test set when large enough, else work set).
+
+    The bins are independent, so their 2 × n_bins parameters are found in one L-BFGS-B run on the
+    summed −ln L (the sums per bin by bincount): one pass over the reflections per step instead of
+    a minimiser per bin (~30 ms → a few ms each macro-cycle). `start`: the previous cycle's
+    estimate to start from (the bounds stay those of this cycle's least-squares D)."""
     n_bins = int(bins.max()) + 1
     use_test = all(int((test & (bins == b)).sum()) >= MIN_FREE_PER_BIN for b in range(n_bins))
-    sel_set = test if use_test else work
-    d_out, s_out, rows = np.zeros(n_bins), np.zeros(n_bins), []
-    for b in range(n_bins):
-        sel = sel_set & (bins == b) & np.isfinite(f_obs)
-        fo, sg, fm, ep, ce = f_obs[sel], sigma[sel], f_model_abs[sel], epsilon[sel], centric[sel]
-        d0 = float((fo * fm).sum() / max((fm * fm).sum(), 1e-300))
-        s0 = float(max(np.mean((fo - d0 * fm) ** 2 / ep), 1e-6))
+    sel = (test if use_test else work) & np.isfinite(f_obs)
+    fo, sg, fm, ep, ce, bb = f_obs[sel], sigma[sel], f_model_abs[sel], epsilon[sel], centric[sel], bins[sel]
+    counts = np.bincount(bb, minlength=n_bins)
+    fmfm = np.bincount(bb, fm * fm, minlength=n_bins)
+    d_ls = np.bincount(bb, fo * fm, minlength=n_bins) / np.maximum(fmfm, 1e-300)
+    s_ls = np.bincount(bb, (fo - d_ls[bb] * fm) ** 2 / ep, minlength=n_bins) / np.maximum(counts, 1)
+    s_ls = np.maximum(s_ls, 1e-6)
+    d_hi = 10 * np.maximum(d_ls, 1e-3)
+    if start is not None and len(start.d) == n_bins:
+        d0, s0 = np.clip(start.d, 1e-4, d_hi), np.maximum(start.s, 1e-12)
+    else:
+        d0, s0 = np.clip(d_ls, 1e-4, d_hi), s_ls
 
-        def nll(p, fo=fo, sg=sg, fm=fm, ep=ep, ce=ce):
-            d, ln_s = p
-            return _ml_bin_nll(fo, sg, fm, ep, ce, d, np.exp(ln_s))
+    def nll(p):
+        terms, d_d, d_lns = _ml_parameter_terms(fo, sg, fm, ep, ce, p[:n_bins][bb], np.exp(p[n_bins:])[bb])
+        return float(terms.sum()), np.concatenate([np.bincount(bb, d_d, minlength=n_bins),
+                                                   np.bincount(bb, d_lns, minlength=n_bins)])
 
-        res = minimize(nll, [d0, np.log(s0)], jac=True, method="L-BFGS-B",
-                       bounds=[(1e-4, 10 * max(d0, 1e-3)), (None, None)])
-        d_out[b], s_out[b] = res.x[0], np.exp(res.x[1])
-        rows.append({"bin": b, "n": int(sel.sum()), "D": float(d_out[b]), "S": float(s_out[b])})
+    res = minimize(nll, np.concatenate([d0, np.log(s0)]), jac=True, method="L-BFGS-B",
+                   bounds=[(1e-4, h) for h in d_hi] + [(None, None)] * n_bins)
+    d_out, s_out = res.x[:n_bins].copy(), np.exp(res.x[n_bins:])
+    rows = [{"bin": b, "n": int(counts[b]), "D": float(d_out[b]), "S": float(s_out[b])} for b in range(n_bins)]
     return MLParameters(d_out, s_out, use_test, rows)
 
 
@@ -164,7 +182,7 @@ class MaximumLikelihoodTarget:
     def update(self, f_model: np.ndarray) -> None:
         """Re-estimate D and S per bin for the current model (once per macro-cycle)."""
         self.params = estimate_ml_parameters(self.f_obs, self.sigma, np.abs(f_model), self.epsilon, self.centric,
-                                             self.bins, self.work, self.test)
+                                             self.bins, self.work, self.test, start=self.params)
 
     def value_and_derivative(self, f_model: np.ndarray, k_total: np.ndarray) -> tuple[float, np.ndarray]:
         if self.params is None:
