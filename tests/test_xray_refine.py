@@ -82,6 +82,31 @@ def test_symmetry_expanded_fft_matches_direct(crystal_model):
     assert rel(fast.gradient(sc, d).xyz, gd.xyz) < 5e-3
 
 
+def test_calculators_on_the_same_reflections_share_their_set_up(crystal_model, monkeypatch):
+    """A second calculator on the same reflections and grid takes the kept set-up (read-only) and
+    gives the same F and gradient as one made from scratch; another grid gets its own."""
+    import drefine.density.crystal_fft as cf
+
+    m = read_model(crystal_model)
+    sc = scatterers_of_model(m)
+    hkl = np.array(gemmi.make_miller_array(m.cell, m.spacegroup, 3.0, 0, True))
+    hkl = hkl[np.any(hkl != 0, axis=1)]
+    monkeypatch.setattr(cf, "_SETUP_CACHE", {})
+    first = CrystalStructureFactors(sc, hkl, 3.0)
+    again = CrystalStructureFactors(sc, hkl.copy(), 3.0)
+    assert again._g_order is first._g_order and not again.phase.flags.writeable
+    other = CrystalStructureFactors(sc, hkl, 3.0, rate=1.25)
+    assert other._g_order is not first._g_order and other.shape != first.shape
+    monkeypatch.setattr(cf, "_SETUP_CACHE", {})
+    fresh = CrystalStructureFactors(sc, hkl, 3.0)
+    assert fresh._g_order is not first._g_order
+    d = np.exp(1j * np.arange(len(hkl)))
+    np.testing.assert_array_equal(again.structure_factors(sc), fresh.structure_factors(sc))
+    np.testing.assert_array_equal(again.gradient(sc, d).xyz, fresh.gradient(sc, d).xyz)
+    sub = hkl[::3]  # different reflections: a set-up of their own
+    assert CrystalStructureFactors(sc, sub, 3.0).s2.shape == (len(sub),)
+
+
 def test_moving_subset_structure_factors_equal_the_whole_calculation(crystal_model):
     """Fixed atoms' F once plus the moving atoms' F each call: the same F and positional gradient
     as transforming every atom, and the fixed part is redone when a fixed atom moves."""
