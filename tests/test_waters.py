@@ -190,3 +190,21 @@ def test_no_water_update_from_low_resolution_data(crystal, tmp_path):
     assert main(["xray", str(tmp_path / "start.cif"), str(tmp_path / "low.mtz"), "-o", str(tmp_path / "one"),
                  "--cycles", "1", "--waters"]) == 1
     assert not list(tmp_path.glob("one*"))
+
+
+def test_local_maxima_are_those_of_scipys_maximum_filter():
+    """The compiled peak search equals maximum_filter(size=3, mode="wrap") == map above the
+    threshold, with plateaus (ties) and peaks on the cell's faces."""
+    from scipy.ndimage import maximum_filter
+
+    from drefine.refine.waters import _local_maxima
+
+    rng = np.random.default_rng(4)
+    for dtype in (np.float32, np.float64):
+        arr = np.round(rng.normal(size=(17, 12, 20)), 1).astype(dtype)  # rounding makes ties
+        arr[0, 5, 19] = arr[16, 0, 0] = 9.0
+        for threshold in (0.5, 2.0):
+            expected = np.argwhere((arr >= threshold) & (maximum_filter(arr, size=3, mode="wrap") == arr))
+            got = _local_maxima(arr, dtype(threshold))
+            np.testing.assert_array_equal(got, expected)
+        assert len(expected) > 3

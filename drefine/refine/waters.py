@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import gemmi
 import numpy as np
+from numba import njit
 
 from ..model.arrays import Model, arrays_from_structure
 
@@ -40,11 +41,8 @@ class WaterCriteria:
 def map_peaks(grid: gemmi.FloatGrid, threshold: float) -> tuple[np.ndarray, np.ndarray]:
     """Local maxima of a periodic unit-cell map at or above `threshold`: Cartesian positions (Å,
     refined within the voxel by a parabola along each axis) and heights, highest first."""
-    from scipy.ndimage import maximum_filter
-
     arr = np.asarray(grid.array)
-    top = (arr >= threshold) & (maximum_filter(arr, size=3, mode="wrap") == arr)
-    idx = np.argwhere(top)
+    idx = _local_maxima(arr, np.float32(threshold) if arr.dtype == np.float32 else float(threshold))
     if len(idx) == 0:
         return np.zeros((0, 3)), np.zeros(0)
     shape = np.array(arr.shape)
@@ -61,6 +59,33 @@ def map_peaks(grid: gemmi.FloatGrid, threshold: float) -> tuple[np.ndarray, np.n
     orth = frac @ np.array(grid.unit_cell.orth.mat.tolist()).T
     order = np.argsort(-height, kind="stable")
     return orth[order], height[order]
+
+
+@njit(cache=True, nogil=True)
+def _local_maxima(arr, threshold):
+    """(u, v, w) of the points ≥ `threshold` not below any of their 26 neighbours (periodic): what
+    scipy's maximum_filter(size=3, mode="wrap") == arr finds, but looking only around the few
+    points above the threshold (the filter visited all 4.5 million of a 4hg7 map, ~90 ms)."""
+    nu, nv, nw = arr.shape
+    found = []
+    for u in range(nu):
+        for v in range(nv):
+            for w in range(nw):
+                x = arr[u, v, w]
+                if x < threshold:
+                    continue
+                top = True
+                for du in range(-1, 2):
+                    for dv in range(-1, 2):
+                        for dw in range(-1, 2):
+                            if arr[(u + du) % nu, (v + dv) % nv, (w + dw) % nw] > x:
+                                top = False
+                if top:
+                    found.append((u, v, w))
+    out = np.empty((len(found), 3), dtype=np.int64)
+    for k in range(len(found)):
+        out[k, 0], out[k, 1], out[k, 2] = found[k]
+    return out
 
 
 def _neighbours(model: Model) -> tuple[gemmi.Structure, gemmi.NeighborSearch]:
