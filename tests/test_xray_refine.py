@@ -704,3 +704,21 @@ def test_a_run_continued_in_parts_starts_from_the_scale_reached(refinement_case,
     assert report_calls[-1]  # the end of the run is reported at full accuracy
     assert first.scale.k_sol == starts[n_fits].k_sol  # the first part's scale is not changed by the second
     assert second.cycles[0].cycle == 2 and second.cycles[0].r_free <= first.cycles[0].r_free + 0.01
+
+
+def test_the_solvent_mask_is_made_again_when_enough_atoms_have_moved():
+    from drefine.refine.xray import MASK_REBUILD_SHIFT, MASK_REUSE_SHIFT, mask_is_stale
+
+    rng = np.random.default_rng(0)
+    xyz = rng.uniform(0, 30, (1000, 3))
+    moved = xyz.copy()
+    moved[:, 0] += 0.9 * MASK_REUSE_SHIFT  # everything a little: the mask still serves
+    assert not mask_is_stale(moved, xyz)
+    moved[:10, 1] += MASK_REUSE_SHIFT  # 1 % of the atoms beyond the shift: still
+    assert not mask_is_stale(moved, xyz)
+    moved[10, 1] += MASK_REUSE_SHIFT  # one more: made again
+    assert mask_is_stale(moved, xyz)
+    far = xyz.copy()
+    far[3, 2] += 1.01 * MASK_REBUILD_SHIFT  # one atom far: made again
+    assert mask_is_stale(far, xyz)
+    assert mask_is_stale(xyz[:-1], xyz)  # atoms added or removed

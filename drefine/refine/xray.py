@@ -93,8 +93,13 @@ BOND_AIM = 0.010  # Å
 ANGLE_MAX = 1.4  # °
 FINAL_LIMITS = (0.015, 1.5)  # Å, °
 ANISO_REFLECTIONS_PER_PARAMETER = 4.0
-MASK_REUSE_SHIFT = 0.4  # Å: the solvent mask is rebuilt when an atom has moved further (below a mask grid step;
-# 5orl: 3 masks in 10 cycles instead of 5 at 0.2 Å, 0.85 s less, R-free 0.2491 against 0.2493)
+MASK_REUSE_SHIFT = 0.4  # Å: the solvent mask is rebuilt when more than MASK_REUSE_FRACTION of the atoms
+# have moved further since it was made (below a mask grid step; 5orl: 3 masks in 10 cycles instead
+# of 5 at 0.2 Å, 0.85 s less, R-free 0.2491 against 0.2493) ...
+MASK_REUSE_FRACTION = 0.01  # ... a few atoms may: one atom moving d changes the mask by ~π(r + r_probe)²d
+# (~9 Å³ for an O moving 0.4 Å) against the solvent's ~10⁵ Å³, while new waters sliding in
+# elongated density rebuilt it every cycle (4hg7 --waters: 5 masks of ~0.1 s) ...
+MASK_REBUILD_SHIFT = 2.0  # Å: ... and none may move further than this
 FISHER_MAX_STEPS = 4  # scoring steps a macro-cycle at most ...
 FISHER_REPEAT_SHIFT = 0.05  # Å: ... another while the last one moved the atoms by more (RMS)
 
@@ -171,6 +176,17 @@ class XrayResult:
         return _with_state(model, self.xyz, self.b_iso, self.u_aniso, self.has_aniso, self.occupancy)
 
 
+def mask_is_stale(xyz: np.ndarray, xyz_at_mask: np.ndarray) -> bool:
+    """Whether the atoms (Å) have moved enough since the mask was made to make it again (the
+    MASK_REUSE_* and MASK_REBUILD_SHIFT rule)."""
+    if xyz.shape != xyz_at_mask.shape:
+        return True
+    if not len(xyz):
+        return False
+    shift = np.sqrt(((xyz - xyz_at_mask) ** 2).sum(1))
+    return bool(shift.max() > MASK_REBUILD_SHIFT or (shift > MASK_REUSE_SHIFT).mean() > MASK_REUSE_FRACTION)
+
+
 class XrayData:
     """F_calc, F_model and the data target of model 0 against a reflection table.
 
@@ -227,8 +243,7 @@ class XrayData:
         f_calc = self.f_calc(report) if f_calc is None else f_calc
         if not self.options.bulk_solvent:
             f_mask = np.zeros_like(f_calc)
-        elif (self._mask_xyz is None or report
-              or np.abs(model.atoms.xyz[self.atoms] - self._mask_xyz).max() > MASK_REUSE_SHIFT):
+        elif self._mask_xyz is None or report or mask_is_stale(model.atoms.xyz[self.atoms], self._mask_xyz):
             mask = solvent_mask(model, mask_grid_shape(model, t.d_min), threads=self.options.threads)
             f_mask = mask_structure_factors(mask, t.cell, t.hkl, threads=self.options.threads)
             self._f_mask, self._mask_xyz = f_mask, model.atoms.xyz[self.atoms].copy()
