@@ -13,7 +13,7 @@ tools/metrics.py (bond/angle RMSD on the CCP4 library, RMSD to the start or trut
 the whole process; peak RSS of the largest process.
 
 Usage: python benchmarks/bench_xray.py [--parts deposited,shaken,ml_vs_ls,esd] [--work DIR]
-       [--drefine-args "..."] [--no-servalcat]
+       [--drefine-args "..."] [--no-servalcat] [--waters] [--rounds N]
 Needs the peers' venv (tools/peers_setup.sh) for servalcat and cctbx.
 """
 import argparse
@@ -147,6 +147,36 @@ def part_deposited(work: Path, shaken: bool, servalcat: bool = True):
                   flush=True)
 
 
+def part_timing(work: Path, rounds: int):
+    """Wall time only, in rounds: each round runs every case's drefine (and drefine --waters) and
+    servalcat back to back, so a ratio is taken within a round and the VM's drifting speed
+    (±20 % over minutes) cancels; the medians over rounds are printed. Needs the starts the
+    deposited part prepared."""
+    tools = ["drefine"] + (["drefine --waters"] if WATERS else []) + ["servalcat"]
+    walls = {(c, t): [] for c in CASES for t in tools}
+    for k in range(rounds):
+        for case, (_, data, labin) in CASES.items():
+            d = work / case
+            start = d / "start.pdb"
+            for tool in tools:
+                if tool == "servalcat":
+                    res = run_servalcat(start, data, labin, d / "t_servalcat")
+                else:
+                    res = run_drefine(start, data, d / "t_drefine", ("--waters",) if "waters" in tool else ())
+                walls[case, tool].append(res.get("wall_s", float("nan")))
+        print(f"round {k + 1}: " + ", ".join(f"{c} {t} {walls[c, t][-1]:.1f} s" for c in CASES for t in tools),
+              flush=True)
+    print("| case | tool | wall s (median) | of servalcat's: per round | median |")
+    print("|---|---|---|---|---|")
+    for case in CASES:
+        sv = np.array(walls[case, "servalcat"])
+        for tool in tools:
+            w = np.array(walls[case, tool])
+            ratios = w / sv
+            print(f"| {case} | {tool} | {np.median(w):.1f} | {', '.join(f'{r:.2f}' for r in ratios)} | "
+                  f"{np.median(ratios):.2f} |", flush=True)
+
+
 def part_ml_vs_ls(work: Path):
     d = work / "ml_vs_ls"
     d.mkdir(parents=True, exist_ok=True)
@@ -211,6 +241,8 @@ def main():
     ap.add_argument("--drefine-args", default="", help="extra arguments for every drefine xray run")
     ap.add_argument("--no-servalcat", action="store_true", help="drefine only (deposited part)")
     ap.add_argument("--waters", action="store_true", help="deposited and shaken parts: also drefine with --waters")
+    ap.add_argument("--rounds", type=int, default=0,
+                    help="after the deposited part, this many timing rounds of it (medians of per-round ratios)")
     args = ap.parse_args()
     DREFINE_ARGS.extend(args.drefine_args.split())
     global WATERS
@@ -222,6 +254,8 @@ def main():
           "| RMSD to start Å |")
     if "deposited" in parts:
         part_deposited(work, shaken=False, servalcat=not args.no_servalcat)
+    if "deposited" in parts and args.rounds > 0 and not args.no_servalcat:
+        part_timing(work, args.rounds)
     if "shaken" in parts:
         part_deposited(work, shaken=True)
     if "ml_vs_ls" in parts:
