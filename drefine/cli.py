@@ -717,7 +717,15 @@ def cmd_xray(args) -> int:
     if args.target == "ml" and not np.any(np.nan_to_num(table.sigma_f) > 0):
         log("data: every σ is zero or missing: the likelihood has no measurement-error term")
     prefix = args.output or (Path(args.model).name.split(".")[0] + "_xray")
-    restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    monlib = None
+    if args.waters:
+        # one library for the model and the waters the update adds (read once: ~60 ms a read)
+        from .restraints.monlib import load_monlib
+
+        names = model.residues.name[model.atoms.residue_index[idx0]].tolist() + ["HOH"]
+        monlib = load_monlib(names, args.monlib, tuple(args.dict), allow_missing=args.unknown_residues == "skip")
+    restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues,
+                                  monlib=monlib)
     opt = XrayOptions(target=args.target, cycles=args.cycles, weight=args.weight, adp=args.adp,
                       occupancies=not args.no_occupancies, bulk_solvent=not args.no_bulk_solvent,
                       ls_weighting=ls_weighting, source=args.scattering,
@@ -826,7 +834,9 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     now = with_waters(now, sites, b_new)
     log(f"waters after cycle {first_cycles}: {len(removed)} removed, {len(sites)} added at mFo-DFc peaks "
         f"of {criteria.peak_sigma:g}σ or more (B {b_new:.1f} Å² to start)")
-    new_restraints = build_restraints(now, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
+    loaded = restraints.monlib if "HOH" in restraints.monlib.monlib.monomers else None  # else read again
+    new_restraints = build_restraints(now, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues,
+                                      monlib=loaded)
     rest = dataclasses.replace(opt, cycles=opt.cycles - first_cycles, initial_weight=first.weight,
                                first_cycle=first_cycles + 1, initial_scale=first.scale)
     result = refine_xray(now, table, new_restraints, rest, log=log, client=client)
