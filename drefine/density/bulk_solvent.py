@@ -211,13 +211,23 @@ class BulkSolventScale:
     r_work: float = float("nan")
     r_free: float = float("nan")
     per_bin: list[dict] = field(default_factory=list)
+    # k_isotropic(s): a factor per resolution bin (at the bins' mean s², Å⁻²; linear in s² between
+    # them, constant beyond), what the smooth e^{−sᵀBs/4} leaves (empty: 1)
+    k_iso_s2: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    k_iso: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @property
     def b_iso(self) -> float:
         return float(np.trace(self.b_aniso) / 3.0)
 
+    def k_isotropic(self, s2: np.ndarray) -> np.ndarray:
+        if not len(self.k_iso):
+            return np.ones(len(s2))
+        return np.interp(s2, self.k_iso_s2, self.k_iso)
+
     def k_total(self, s_vec: np.ndarray) -> np.ndarray:
-        return self.k_overall * np.exp(-0.25 * np.einsum("ni,ij,nj->n", s_vec, self.b_aniso, s_vec))
+        quad = np.einsum("ni,ij,nj->n", s_vec, self.b_aniso, s_vec)
+        return self.k_overall * np.exp(-0.25 * quad) * self.k_isotropic((s_vec ** 2).sum(1))
 
     def f_model(self, f_calc: np.ndarray, f_mask: np.ndarray, s_vec: np.ndarray) -> np.ndarray:
         s2 = (s_vec ** 2).sum(1)
@@ -226,7 +236,30 @@ class BulkSolventScale:
     def as_dict(self) -> dict:
         return {"k_overall": self.k_overall, "b_aniso": self.b_aniso.tolist(), "b_iso": self.b_iso,
                 "k_sol": self.k_sol, "b_sol": self.b_sol, "r_work": self.r_work, "r_free": self.r_free,
+                "k_isotropic": [{"s2": float(a), "k": float(b)} for a, b in zip(self.k_iso_s2, self.k_iso)],
                 "per_bin": self.per_bin}
+
+
+ISO_BIN_REFLECTIONS = 1000  # work reflections per k_isotropic bin ...
+ISO_BINS_MAX = 20  # ... and at most this many bins
+
+
+def _isotropic_bins(fo, fm_abs, s2, work) -> tuple[np.ndarray, np.ndarray]:
+    """k_isotropic per resolution bin (Afonine et al. 2013, Acta Cryst. D69, 625, as phenix
+    scales): after the smooth overall scale, the least-squares factor Σ Fo|Fm| / Σ |Fm|² in bins
+    of equal work-reflection counts, placed at each bin's mean s². On 5orl, 4hg7 and 1l2h the
+    smooth scale alone left R ~0.4 % above cctbx's for the same model (the data fall off faster
+    than e^{−Bs²/4} near the resolution limit); with 20 bins it is within ~0.1 %."""
+    ok = work & (fm_abs > 0) & np.isfinite(fo)
+    n_bins = int(np.clip(ok.sum() // ISO_BIN_REFLECTIONS, 0, ISO_BINS_MAX))
+    if n_bins < 2:
+        return np.zeros(0), np.zeros(0)
+    order = np.argsort(s2[ok], kind="stable")
+    groups = np.array_split(order, n_bins)
+    x, f, a = s2[ok], fo[ok], fm_abs[ok]
+    centres = np.array([x[g].mean() for g in groups])
+    k = np.array([(f[g] * a[g]).sum() / (a[g] * a[g]).sum() for g in groups])
+    return centres, k
 
 
 def _loglinear_scale(fo, fm, s2, w):
@@ -381,6 +414,7 @@ def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_m
     sol = least_squares(model.residuals, x0, jac=model.jacobian, bounds=(lo, hi), x_scale="jac", method="trf")
     k, b_an, ks, bs = model.unpack(sol.x)
     out = BulkSolventScale(k_overall=float(k), b_aniso=b_an, k_sol=float(ks), b_sol=float(bs))
+    out.k_iso_s2, out.k_iso = _isotropic_bins(fo, np.abs(out.f_model(f_calc, f_mask, s_vec)), s2, work)
     fmod = out.f_model(f_calc, f_mask, s_vec)
     out.r_work = r_of(fmod, work)
     if free is not None and np.any(free & np.isfinite(fo)):
