@@ -6,11 +6,12 @@ constrained to the crystal's symmetry (R B Rᵀ = B for every rotation of the po
 
 The mask is gemmi's SolventMasker (probe and shrink radii, Jiang & Brünger 1994; cctbx radii by
 default, r_probe 1.1 Å, r_shrink 0.9 Å as in phenix), except its last step, the shrink, which is
-ours (`_shrink_mask`: the same rule, in two threads; gemmi's single-threaded shrink was ~70 % of
+ours (`shrink_mask`: the same rule, in two threads; gemmi's single-threaded shrink was ~70 % of
 the mask's time), transformed by our FFT. The fit is ours:
 a grid search over (k_sol, B_sol) with the overall scale solved log-linearly at every point,
-then least squares on |F| over the work reflections for all parameters together. gemmi's
-own Scaling class is the independent check in the tests.
+then least squares on |F| over the work reflections for all parameters together, then an
+isotropic factor per resolution bin for what the smooth scale leaves (`_isotropic_bins`; k_total
+includes it). gemmi's own Scaling class is the independent check in the tests.
 """
 from __future__ import annotations
 
