@@ -178,7 +178,20 @@ def mask_structure_factors(mask: np.ndarray, cell: gemmi.UnitCell, hkl: np.ndarr
 
 
 def aniso_basis(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None) -> np.ndarray:
-    """Basis (k, 3, 3) of symmetric Cartesian tensors invariant under the point group."""
+    """Basis (k, 3, 3) of symmetric Cartesian tensors invariant under the point group (kept per
+    cell and space group: every scale fit asks for it)."""
+    key = (cell.parameters, sg.xhm() if sg is not None else None)
+    if key not in _BASIS_CACHE:
+        basis = _aniso_basis(cell, sg)
+        basis.flags.writeable = False
+        _BASIS_CACHE[key] = basis
+    return _BASIS_CACHE[key]
+
+
+_BASIS_CACHE: dict[tuple, np.ndarray] = {}
+
+
+def _aniso_basis(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None) -> np.ndarray:
     units = []
     for i, j in ((0, 0), (1, 1), (2, 2), (0, 1), (0, 2), (1, 2)):
         e = np.zeros((3, 3))
@@ -227,7 +240,7 @@ class BulkSolventScale:
         return np.interp(s2, self.k_iso_s2, self.k_iso)
 
     def k_total(self, s_vec: np.ndarray) -> np.ndarray:
-        quad = np.einsum("ni,ij,nj->n", s_vec, self.b_aniso, s_vec)
+        quad = ((s_vec @ self.b_aniso) * s_vec).sum(1)
         return self.k_overall * np.exp(-0.25 * quad) * self.k_isotropic((s_vec ** 2).sum(1))
 
     def f_model(self, f_calc: np.ndarray, f_mask: np.ndarray, s_vec: np.ndarray) -> np.ndarray:
@@ -344,7 +357,7 @@ class _ScaleModel:
         self.s2, self.f_calc, self.f_mask, self.f_obs = s2, f_calc, f_mask, f_obs
         self.basis, self.with_solvent = basis, with_solvent
         # sᵀ E_j s for every basis tensor: k_total's exponent is linear in the coefficients
-        self.quad = np.einsum("ni,kij,nj->nk", s_vec, basis, s_vec)
+        self.quad = np.stack([((s_vec @ e) * s_vec).sum(1) for e in basis], axis=1)  # sᵀE_k s (einsum: 5× slower)
 
     def unpack(self, x):
         nb = len(self.basis)

@@ -114,7 +114,12 @@ class CrystalStructureFactors:
         return dataclasses.replace(sc, rot=np.eye(3)[None], trans=np.zeros((1, 3)))
 
     def _b_add(self, sc: Scatterers) -> float:
-        return choose_blur(sc, self.shape, self.d_min, self.alias)
+        # depends on the ADPs only: kept while they stay (coordinate steps; its eigenvalues of
+        # every atom's U were ~2 ms of each evaluation)
+        key = sc.u_cart.tobytes()
+        if getattr(self, "_blur_key", None) != key:
+            self._blur_key, self._blur = key, choose_blur(sc, self.shape, self.d_min, self.alias)
+        return self._blur
 
     def _prepared(self, p1: Scatterers, b_add: float):
         """Per-Gaussian set-up of the atoms, shared by F and the gradient at the same parameters

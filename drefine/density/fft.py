@@ -20,6 +20,7 @@ the grids summed: the same layout distributes over dask workers.
 """
 from __future__ import annotations
 
+import functools
 import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -49,9 +50,14 @@ class FFTGrid:
 
 def grid_shape(cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None, d_min: float, rate: float = 1.5):
     """Grid points along a, b, c for spacing d_min/(2·rate), FFT-friendly and symmetry-compatible."""
+    return _grid_shape(cell.parameters, sg.xhm() if sg is not None else "P 1", float(d_min), float(rate))
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_shape(cell_parameters: tuple, hm: str, d_min: float, rate: float):
     g = gemmi.FloatGrid()
-    g.set_unit_cell(cell)
-    g.spacegroup = sg if sg is not None else gemmi.SpaceGroup("P 1")
+    g.set_unit_cell(gemmi.UnitCell(*cell_parameters))
+    g.spacegroup = gemmi.SpaceGroup(hm)
     g.set_size_from_spacing(d_min / (2.0 * rate), gemmi.GridSizeRounding.Up)
     return (g.nu, g.nv, g.nw)
 
