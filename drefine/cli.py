@@ -806,7 +806,14 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     import dataclasses
 
     from .io.maps import coefficient_grid
-    from .refine.waters import WaterCriteria, pick_waters, waters_to_remove, with_waters, without_atoms
+    from .refine.waters import (
+        WaterCriteria,
+        new_water_b,
+        pick_waters,
+        waters_to_remove,
+        with_waters,
+        without_atoms,
+    )
     from .refine.xray import map_coefficients, refine_xray
     from .restraints.topology import build_restraints
 
@@ -829,8 +836,7 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     removed = [now.atom_label(int(i)) for i in gone]
     now = without_atoms(now, gone)
     sites, heights = pick_waters(now, difference, density, criteria)
-    atoms0 = now.model_atoms(0)
-    b_new = float(np.mean(now.atoms.b_iso[atoms0])) if len(atoms0) else 30.0  # the model's mean B to start
+    b_new = new_water_b(now, criteria)
     now = with_waters(now, sites, b_new)
     log(f"waters after cycle {first_cycles}: {len(removed)} removed, {len(sites)} added at mFo-DFc peaks "
         f"of {criteria.peak_sigma:g}σ or more (B {b_new:.1f} Å² to start)")

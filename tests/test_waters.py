@@ -14,6 +14,7 @@ from drefine.io.models import read_model, write_model
 from drefine.refine.waters import (
     WaterCriteria,
     map_peaks,
+    new_water_b,
     pick_waters,
     waters_to_remove,
     with_waters,
@@ -208,3 +209,19 @@ def test_local_maxima_are_those_of_scipys_maximum_filter():
             got = _local_maxima(arr, dtype(threshold))
             np.testing.assert_array_equal(got, expected)
         assert len(expected) > 3
+
+
+def test_new_waters_start_from_the_waters_b_or_a_multiple_of_the_models(crystal, tmp_path):
+    """Without waters (or with few) the start is b_start_ratio × the mean B of the other heavy
+    atoms; with enough waters, their mean B."""
+    dry = _model_of(crystal, tmp_path, "dry.cif")
+    heavy = dry.model_atoms(0)
+    criteria = WaterCriteria()
+    expected = criteria.b_start_ratio * float(np.mean(dry.atoms.b_iso[heavy]))
+    assert new_water_b(dry, criteria) == pytest.approx(expected)
+    rng = np.random.default_rng(1)
+    sites = rng.uniform(0, 20, (criteria.b_start_min_waters, 3))
+    wet = with_waters(dry, sites, 55.0)
+    assert new_water_b(wet, criteria) == pytest.approx(55.0)
+    few = with_waters(dry, sites[: criteria.b_start_min_waters - 1], 55.0)
+    assert new_water_b(few, criteria) == pytest.approx(expected)  # too few waters: the model's rule
