@@ -85,11 +85,12 @@ def _ml_terms(fo, sig, fm, eps, centric, d, s):
     var = eps * s + sig2
     x = np.where(centric, fo * d * fm / var, 2.0 * fo * d * fm / var)
     # ln I0(x) = ln i0e(x) + x ; ln cosh(x) = x + ln(1 + e^{−2x}) − ln 2 (stable for large x)
-    ln_i0 = np.log(i0e(x)) + x
+    i0 = i0e(x)
+    ln_i0 = np.log(i0) + x
     ln_cosh = x + np.log1p(np.exp(-2.0 * x)) - np.log(2.0)
     nll = np.where(centric, 0.5 * np.log(var) + (fo * fo + d * d * fm * fm) / (2.0 * var) - ln_cosh,
                    np.log(var) + (fo * fo + d * d * fm * fm) / var - ln_i0)
-    ratio = i1e(x) / i0e(x)  # I1/I0
+    ratio = i1e(x) / i0  # I1/I0
     dfm = np.where(centric, d * d * fm / var - (fo * d / var) * np.tanh(x),
                    2.0 * d * d * fm / var - (2.0 * fo * d / var) * ratio)
     return nll, dfm
