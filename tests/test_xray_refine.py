@@ -105,6 +105,10 @@ def test_calculators_on_the_same_reflections_share_their_set_up(crystal_model, m
     np.testing.assert_array_equal(again.gradient(sc, d).xyz, fresh.gradient(sc, d).xyz)
     sub = hkl[::3]  # different reflections: a set-up of their own
     assert CrystalStructureFactors(sc, sub, 3.0).s2.shape == (len(sub),)
+    monkeypatch.setattr(cf, "_SETUP_CACHE_BYTES", 1000)  # a set-up over the byte budget is not kept
+    monkeypatch.setattr(cf, "_SETUP_CACHE", {})
+    CrystalStructureFactors(sc, hkl, 3.0)
+    assert not cf._SETUP_CACHE
 
 
 def test_moving_subset_structure_factors_equal_the_whole_calculation(crystal_model):

@@ -46,6 +46,7 @@ class _ReflectionSetup:
 
 _SETUP_CACHE: dict[bytes, _ReflectionSetup] = {}
 _SETUP_CACHE_SIZE = 4  # a refinement's two calculators (refinement and report grids), and one more table's
+_SETUP_CACHE_BYTES = 1 << 30  # and at most this much kept (a worker outlives its tables)
 
 
 def _reflection_setup(hkl, rot, trans, frac_matrix, shape) -> _ReflectionSetup:
@@ -79,10 +80,19 @@ def _reflection_setup(hkl, rot, trans, frac_matrix, shape) -> _ReflectionSetup:
     for a in (out.phase, *out.idx, out.neg, out.s2, *out.g_idx, out.g_conj, out.g_factor, out.g_order,
               out.g_where, out.g_starts):
         a.flags.writeable = False
-    while len(_SETUP_CACHE) >= _SETUP_CACHE_SIZE:
+    size = _setup_bytes(out)
+    if size > _SETUP_CACHE_BYTES:
+        return out  # too large to keep: its calculator holds it while it lives
+    while _SETUP_CACHE and (len(_SETUP_CACHE) >= _SETUP_CACHE_SIZE
+                            or sum(map(_setup_bytes, _SETUP_CACHE.values())) + size > _SETUP_CACHE_BYTES):
         _SETUP_CACHE.pop(next(iter(_SETUP_CACHE)))
     _SETUP_CACHE[key] = out
     return out
+
+
+def _setup_bytes(setup: _ReflectionSetup) -> int:
+    return sum(a.nbytes for a in (setup.phase, *setup.idx, setup.neg, setup.s2, *setup.g_idx, setup.g_conj,
+                                  setup.g_factor, setup.g_order, setup.g_where, setup.g_starts))
 
 
 class CrystalStructureFactors:
