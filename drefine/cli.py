@@ -216,8 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="update the ordered solvent once, after 40%% of the cycles: remove waters whose 2mFo-DFc "
                         "density is below 1σ, whose B is above 80 Å² or that lost their hydrogen-bond partner, and "
                         "add waters at mFo-DFc peaks of 3σ or more with 2mFo-DFc of 1σ or more, 2.45-3.4 Å from an "
-                        "N or O and no closer to any atom (symmetry included); needs 2 cycles or more and data to 3 Å "
-                        "or better")
+                        "N or O and no closer to any atom (symmetry included), starting at the mean B of the model's "
+                        "waters (or 1.35× its atoms' mean B); needs 2 cycles or more and data to 3 Å or better")
     x.add_argument("--adp", choices=("auto", "iso", "aniso", "fixed"), default="auto",
                    help="B-factor refinement: auto (anisotropic when ≥ 4 reflections per parameter), iso, "
                         "aniso or fixed")
