@@ -196,7 +196,8 @@ def test_isotropic_scale_bins_take_up_a_falloff_the_smooth_scale_cannot():
     """Data falling off near the resolution limit faster than e^{−Bs²/4}: the per-bin
     k_isotropic recovers the shape, is applied by k_total (linear between bin centres), and
     lowers R; a small data set gets no bins."""
-    from drefine.density.bulk_solvent import ISO_BINS_MAX, BulkSolventScale, _isotropic_bins
+    from drefine.density.bulk_solvent import BulkSolventScale, _isotropic_bins
+    from drefine.io.reflections import resolution_bins
 
     rng = np.random.default_rng(5)
     n = 30000
@@ -206,7 +207,13 @@ def test_isotropic_scale_bins_take_up_a_falloff_the_smooth_scale_cannot():
     fo = fm * shape * (1 + 0.02 * rng.normal(size=n))
     work = rng.random(n) > 0.05
     centres, k = _isotropic_bins(fo, fm, s2, work)
-    assert len(k) == ISO_BINS_MAX and np.all(np.diff(centres) > 0)
+    assert len(k) == 20 and np.all(np.diff(centres) > 0)  # the tables' default: 20 for this many
+    given = resolution_bins(1 / np.sqrt(s2), 8)
+    c8, k8 = _isotropic_bins(fo, fm, s2, work, given)  # the table's own bins when given
+    assert len(k8) == 8
+    sel = work & (given == 3)
+    assert k8[3] == pytest.approx((fo[sel] * fm[sel]).sum() / (fm[sel] ** 2).sum())
+    assert c8[3] == pytest.approx(s2[sel].mean())
     np.testing.assert_allclose(k, 1.0 - 0.5 * (centres / 0.4) ** 3, atol=0.02)
     sc = BulkSolventScale(k_overall=1.0, b_aniso=np.zeros((3, 3)), k_sol=0.0, b_sol=0.0, k_iso_s2=centres, k_iso=k)
     np.testing.assert_allclose(sc.k_isotropic(centres), k)
@@ -216,6 +223,5 @@ def test_isotropic_scale_bins_take_up_a_falloff_the_smooth_scale_cannot():
     r_flat = np.abs(fo - fm * (fo @ fm) / (fm @ fm))[~work].sum() / fo[~work].sum()
     assert r_binned < 0.5 * r_flat
     assert sc.as_dict()["k_isotropic"][0]["k"] == pytest.approx(k[0])
-    small = np.zeros(n, bool)
-    small[:1500] = True
-    assert len(_isotropic_bins(fo, fm, s2, small)[1]) == 0  # under 2 bins' worth: none
+    one_bin = np.zeros(n, dtype=np.int32)
+    assert len(_isotropic_bins(fo, fm, s2, work, one_bin)[1]) == 0  # one bin: nothing beyond k_overall
