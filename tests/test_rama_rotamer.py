@@ -122,11 +122,12 @@ def test_table_disk_cache(tmp_path, monkeypatch):
     assert R.GridTable.read(src).values[1, 1] == 0.75
     assert len(list((cache / "tables").glob("toy-*.npz"))) == 2
 
-    # a damaged cache entry is parsed again, not trusted
-    for f in (cache / "tables").glob("toy-*.npz"):
-        f.write_bytes(b"not a zip")
-    monkeypatch.setattr(R, "_TABLE_CACHE", {})
-    assert R.GridTable.read(src).values[1, 1] == 0.75
+    # a damaged or empty cache entry is parsed again, not trusted
+    for damage in (b"not a zip", b""):
+        for f in (cache / "tables").glob("toy-*.npz"):
+            f.write_bytes(damage)
+        monkeypatch.setattr(R, "_TABLE_CACHE", {})
+        assert R.GridTable.read(src).values[1, 1] == 0.75
 
     monkeypatch.setenv("DREFINE_CACHE", "off")
     monkeypatch.setattr(R, "_TABLE_CACHE", {})

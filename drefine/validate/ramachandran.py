@@ -197,7 +197,7 @@ class GridTable:
             for a in (table.lower, table.upper, table.nbins, table.wrap, table.values):
                 a.flags.writeable = False
             return table
-        except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        except (OSError, EOFError, KeyError, ValueError, zipfile.BadZipFile):
             pass  # absent, or unreadable: parse it again
         table = cls._parse(path)
         try:
