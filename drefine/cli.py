@@ -224,6 +224,11 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--no-occupancies", action="store_true",
                    help="keep occupancies (default: refine alternate conformers, summing to one)")
     x.add_argument("--no-bulk-solvent", action="store_true", help="no flat bulk-solvent model")
+    x.add_argument("--twin", default="auto", metavar="auto|off|LAW",
+                   help="twinned data: auto (default) refines with the twin law when the L-test and H-test find "
+                        "twinning (twin fraction > 0.1), off refines as untwinned, or a twin law such as h,-k,-l; "
+                        "with a twin law the target (ml or ls) compares F_obs with twinned model amplitudes "
+                        "√((1-α)|Fm(h)|²+α|Fm(Th)|²), α is refined and the maps are detwinned")
     x.add_argument("--esd", choices=("auto", "full", "diagonal", "none"), default="auto",
                    help="standard uncertainties: full normal matrix (auto: up to 1,500 parameters), "
                         "a diagonal approximation, or none")
@@ -709,6 +714,12 @@ def cmd_xray(args) -> int:
         log(f"note: {args.model} has {model.n_models} models; only the first is refined")
     for note in table.notes:
         log(f"data: {note}")
+    from .validate.twinning import twinning_note, twinning_report
+
+    twinning = twinning_report(table)
+    if twinning_note(twinning):
+        log(f"data: {twinning_note(twinning)}")
+    twin_law = _twin_law(args.twin, table, twinning, log)
     new_free = any(n.startswith("free set made") for n in table.notes)
     ls_weighting = args.ls_weighting
     if args.target == "ls" and ls_weighting == "sigma" and not np.any(np.nan_to_num(table.sigma_f) > 0):
@@ -731,7 +742,7 @@ def cmd_xray(args) -> int:
                       ls_weighting=ls_weighting, source=args.scattering,
                       minimiser=args.minimiser, coupling_cutoff=args.fisher_coupling,
                       **_iteration_options(args.minimiser, args.iterations),
-                      chunks=args.chunks)
+                      chunks=args.chunks, twin_law=twin_law)
     log(f"drefine xray {args.model} against {args.data}: {len(idx0)} atoms, {len(table)} reflections "
         f"({table.d_max:.2f}-{table.d_min:.2f} Å, {int(table.test.sum())} free), {table.spacegroup.hm}")
     start_model, start_restraints = model, restraints
@@ -743,7 +754,7 @@ def cmd_xray(args) -> int:
             result, waters = refine_xray(model, table, restraints, opt, log=log, client=client), None
     refined = result.applied_to(model)
     esd = standard_uncertainties(refined, table, result, mode=args.esd, source=args.scattering, log=log)
-    coeffs = map_coefficients(table, result.f_model, result.ml)
+    coeffs = map_coefficients(result.maps_table(table), result.f_model, result.ml)
     start_val = validate_structure(start_model, start_restraints, rama_dir=args.rama_data)
     end_val = validate_structure(refined, restraints, rama_dir=args.rama_data)
     paths = write_model_outputs(refined, prefix, esd=esd.xyz if esd is not None else None)
@@ -773,7 +784,8 @@ def cmd_xray(args) -> int:
     report["cycles"] = [c.as_dict() for c in result.cycles]
     report["details"] = {**end_val["details"], "scale": result.scale.as_dict(), "sigmaa": result.ml.per_bin,
                          "notes": result.notes + table.notes, "free_set_made": new_free,
-                         "occupancy_groups": _occupancy_report(result), "waters": waters,
+                         "occupancy_groups": _occupancy_report(result), "waters": waters, "twinning": twinning,
+                         "twin": result.twin,
                          "uncertainties": esd.as_dict() if esd is not None else None}
     report["outputs"] = {"model": [str(p) for p in paths], "mtz": mtz_path, "maps": maps, "log": f"{prefix}.log",
                          "json": args.json or f"{prefix}.json"}
@@ -787,6 +799,35 @@ def cmd_xray(args) -> int:
     write_json(report["outputs"]["json"], report)
     atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
     return 0
+
+
+def _twin_law(choice: str, table, twinning: dict, log) -> str | None:
+    """The twin law to refine with (reciprocal notation), from --twin and the twinning tests."""
+    from .validate.twinning import law_matrix, law_text, twin_mates
+
+    if choice == "off":
+        return None
+    if choice == "auto":
+        law = twinning["twin_law"]
+        if law is None:
+            return None
+        how = "found by the twinning tests (--twin off refines them as untwinned)"
+    else:
+        try:
+            law = law_text(law_matrix(choice))
+            twin_mates(table, law)
+        except (ValueError, RuntimeError) as err:
+            raise DrefineError(f"--twin {choice}: {err}") from None
+        how = "as given"
+    mate = twin_mates(table, law)
+    test = np.flatnonzero(table.test & (mate >= 0))
+    leaked = int(table.work[mate[test]].sum())
+    log(f"data: twin law {law} {how}: the target sees twinned model amplitudes, the twin fraction is refined, "
+        "the maps are detwinned")
+    if leaked:
+        log(f"data: {leaked} of {len(test)} test reflections have their twin mate in the work set: R-free reads "
+            "low under twinning (a free set chosen in twin pairs avoids this)")
+    return law
 
 
 def _xray_client(args):
@@ -828,7 +869,7 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     first = refine_xray(model, table, restraints, dataclasses.replace(opt, cycles=first_cycles, final_accuracy=False),
                         log=log, client=client)
     now = first.applied_to(model)
-    coeffs = map_coefficients(table, first.f_model, first.ml)
+    coeffs = map_coefficients(first.maps_table(table), first.f_model, first.ml)
     difference = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["DELFWT"], coeffs["PHDELWT"])
     density = coefficient_grid(table.cell, table.spacegroup, table.hkl, coeffs["FWT"], coeffs["PHWT"])
     criteria = WaterCriteria()
@@ -844,9 +885,12 @@ def _refine_with_water_update(model, table, restraints, opt, args, log, client):
     new_restraints = build_restraints(now, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues,
                                       monlib=loaded)
     rest = dataclasses.replace(opt, cycles=opt.cycles - first_cycles, initial_weight=first.weight,
-                               first_cycle=first_cycles + 1, initial_scale=first.scale)
+                               first_cycle=first_cycles + 1, initial_scale=first.scale,
+                               initial_twin_fraction=first.twin["fraction"] if first.twin else None)
     result = refine_xray(now, table, new_restraints, rest, log=log, client=client)
     result.cycles[:0] = first.cycles
+    if result.twin:
+        result.twin["fraction_per_cycle"] = [c.twin_fraction for c in result.cycles]
     report = {"after_cycle": first_cycles, "removed": removed, "added": len(sites),
               "added_peak_sigma": [round(float(h), 2) for h in heights], "criteria": dataclasses.asdict(criteria)}
     return now, new_restraints, result, report

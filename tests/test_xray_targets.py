@@ -161,3 +161,75 @@ def test_ml_parameters_of_all_bins_at_once_equal_bin_by_bin_fits():
                                   start=MLParameters(np.full(4, 0.5), np.full(4, 50.0)))
     np.testing.assert_allclose(warm.d, joint.d, rtol=5e-4)
     np.testing.assert_allclose(warm.s, joint.s, rtol=5e-4)
+
+
+def _twinned_target(kind: str, alpha: float, seed: int = 4, n: int = 400):
+    """A TwinnedTarget on simulated data: F_obs from F_twin of a random F_model (α given, a
+    random pairing of reflections as the twin law, 20 without a mate), 5 % noise."""
+    from drefine.targets.xray_targets import TwinnedTarget
+
+    rng = np.random.default_rng(seed)
+    fm = (rng.normal(size=n) + 1j * rng.normal(size=n)) * 10
+    perm = rng.permutation(n - 20)
+    mate = np.full(n, -1)
+    mate[perm[0::2]], mate[perm[1::2]] = perm[1::2], perm[0::2]
+    a2 = np.abs(fm) ** 2
+    ft = np.sqrt((1 - alpha) * a2 + alpha * a2[np.maximum(mate, 0)])
+    fo = np.where(mate >= 0, ft * (1 + 0.05 * rng.normal(size=n)), np.nan)
+    sig = 0.05 * np.nan_to_num(fo) + 0.1
+    test = np.zeros(n, bool)
+    test[::7] = True
+    work = ~test & (mate >= 0)
+    if kind == "ls":
+        inner = LeastSquaresTarget(fo, sig, work)
+    else:
+        inner = MaximumLikelihoodTarget(fo, sig, np.ones(n), np.zeros(n, bool), np.zeros(n, int), work,
+                                        test & (mate >= 0))
+    return TwinnedTarget(inner, mate, fraction=alpha), fm, work
+
+
+@pytest.mark.parametrize("kind", ["ls", "ml"])
+def test_twinned_target_derivative_matches_finite_differences(kind):
+    t, fm, work = _twinned_target(kind, 0.3)
+    k_total = np.full(len(fm), 1.3)
+    fc = fm / 1.3 * 1.02  # off the optimum
+    _, d = t.value_and_derivative(k_total * fc, k_total)
+    h = 1e-6
+    for i in (0, 5, 17, 42, 101):
+        for step in (h, 1j * h):
+            p, q = fc.copy(), fc.copy()
+            p[i] += step
+            q[i] -= step
+            fd = (t.value_and_derivative(k_total * p, k_total)[0] - t.value_and_derivative(k_total * q, k_total)[0]) / (2 * h)
+            analytic = d[i].real if step == h else d[i].imag
+            assert fd == pytest.approx(analytic, rel=1e-4, abs=1e-6)
+    # a reflection outside the work set still hears from its twin mate in it
+    j = int(np.flatnonzero(~work & (t.mate >= 0) & work[np.maximum(t.mate, 0)])[0])
+    assert d[j] != 0
+
+
+@pytest.mark.parametrize("kind", ["ls", "ml"])
+def test_twinned_target_recovers_the_twin_fraction(kind):
+    for alpha in (0.1, 0.35):
+        t, fm, _ = _twinned_target(kind, alpha, seed=5, n=3000)
+        t.fraction = 0.0
+        t.update(fm)
+        assert t.fraction == pytest.approx(alpha, abs=0.03)
+    # detwinning with the true model gives back |Fm| (on F_obs's scale) up to the noise
+    t, fm, _ = _twinned_target("ls", 0.35, seed=5, n=3000)
+    det = t.detwinned(fm)
+    ok = np.isfinite(det)
+    assert np.median(np.abs(det[ok] / np.abs(fm[ok]) - 1)) < 0.05
+
+
+def test_twinned_target_curvature_is_gauss_newton_of_least_squares():
+    """For least squares at α = 0 the twinned target is the plain one: same value, derivative and
+    curvature."""
+    t, fm, work = _twinned_target("ls", 0.0)
+    t.fraction = 0.0
+    k_total = np.full(len(fm), 1.1)
+    plain = LeastSquaresTarget(t.inner.f_obs, t.inner.sigma, work)
+    v1, d1 = t.value_and_derivative(fm, k_total)
+    v2, d2 = plain.value_and_derivative(fm, k_total)
+    assert v1 == pytest.approx(v2, rel=1e-12) and np.allclose(d1, d2)
+    assert np.allclose(t.curvature(fm, k_total), plain.curvature(fm, k_total))

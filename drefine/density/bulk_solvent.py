@@ -293,10 +293,12 @@ def _loglinear_scale(fo, fm, s2, w):
 
 
 @njit(cache=True, nogil=True, fastmath=True)
-def _solvent_grid_r(fo, f_calc, f_mask, s2, k_sol_grid, b_sol_grid):
+def _solvent_grid_r(fo, f_calc, f_mask, s2, k_sol_grid, b_sol_grid, f_calc_mate, f_mask_mate, alpha):
     """R(k_sol, B_sol) on the grid, each point with its own overall k, B from `_loglinear_scale`'s
     line fit, over the reflections given (work set, F_o finite). One pass per grid point for the
-    fit's sums and one for R: the per-point numpy version cost ~0.45 ms × 323 points."""
+    fit's sums and one for R: the per-point numpy version cost ~0.45 ms × 323 points. Twinned
+    data: the amplitude is √((1 − α)|F(h)|² + α|F(Th)|²) with the twin mates' F_calc, F_mask
+    (α = 0 and any mates: untwinned)."""
     n = fo.shape[0]
     log_fo = np.log(np.maximum(fo, 1e-300))
     r = np.empty((k_sol_grid.shape[0], b_sol_grid.shape[0]))
@@ -316,7 +318,9 @@ def _solvent_grid_r(fo, f_calc, f_mask, s2, k_sol_grid, b_sol_grid):
             sy = 0.0
             for i in range(n):
                 f = f_calc[i] + ks * damp[i] * f_mask[i]
-                a = np.sqrt(f.real * f.real + f.imag * f.imag)
+                fm = f_calc_mate[i] + ks * damp[i] * f_mask_mate[i]  # twin mates share |s|
+                a = np.sqrt((1.0 - alpha) * (f.real * f.real + f.imag * f.imag)
+                            + alpha * (fm.real * fm.real + fm.imag * fm.imag))
                 amp[i] = a
                 if fo[i] > 0 and a > 0:
                     y[i] = log_fo[i] - np.log(a)
@@ -343,11 +347,14 @@ def _solvent_grid_r(fo, f_calc, f_mask, s2, k_sol_grid, b_sol_grid):
     return r, k_all, b_all
 
 
-def _solvent_grid_search(fo, f_calc, f_mask, s2, threads: int | None = None):
-    """`_solvent_grid_r` over (K_SOL_GRID, B_SOL_GRID), the B_sol columns split between threads."""
+def _solvent_grid_search(fo, f_calc, f_mask, s2, threads: int | None = None, twin=None):
+    """`_solvent_grid_r` over (K_SOL_GRID, B_SOL_GRID), the B_sol columns split between threads.
+    `twin`: (F_calc, F_mask of the twin mates, α), else untwinned."""
+    fc_m, fm_m, alpha = twin if twin is not None else (f_calc, f_mask, 0.0)
     parts = [p for p in np.array_split(B_SOL_GRID, max(1, kernel_threads(threads))) if len(p)]
     with ThreadPoolExecutor(len(parts)) as ex:
-        out = list(ex.map(lambda b: _solvent_grid_r(fo, f_calc, f_mask, s2, K_SOL_GRID, b), parts))
+        out = list(ex.map(lambda b: _solvent_grid_r(fo, f_calc, f_mask, s2, K_SOL_GRID, b, fc_m, fm_m, float(alpha)),
+                          parts))
     return tuple(np.concatenate([o[i] for o in out], axis=1) for i in range(3))
 
 
@@ -356,9 +363,13 @@ class _ScaleModel:
     coefficients in the symmetry basis, [k_sol, B_sol]), with their analytic Jacobian (a
     numerical one cost 4–6 residual evaluations a step)."""
 
-    def __init__(self, s_vec, s2, f_calc, f_mask, f_obs, basis, with_solvent: bool):
+    def __init__(self, s_vec, s2, f_calc, f_mask, f_obs, basis, with_solvent: bool, twin=None):
         self.s2, self.f_calc, self.f_mask, self.f_obs = s2, f_calc, f_mask, f_obs
         self.basis, self.with_solvent = basis, with_solvent
+        # twinned data: (F_calc, F_mask of each reflection's twin mate, α); k_total is taken as
+        # the same for h and Th (true for merohedral twins, whose mates share |s| and the
+        # symmetry-constrained anisotropy)
+        self.twin = twin
         # sᵀ E_j s for every basis tensor: k_total's exponent is linear in the coefficients
         self.quad = np.stack([((s_vec @ e) * s_vec).sum(1) for e in basis], axis=1)  # sᵀE_k s (einsum: 5× slower)
 
@@ -374,55 +385,93 @@ class _ScaleModel:
         e = np.exp(-bs * self.s2 / 4.0)
         return kt, e, ks, self.f_calc + ks * e * self.f_mask
 
+    def _amplitude(self, f, e, ks):
+        """|F| (untwinned) or the twinned amplitude, and F of the mates (None untwinned)."""
+        if self.twin is None:
+            return np.abs(f), None
+        fc_m, fm_m, alpha = self.twin
+        g = fc_m + ks * e * fm_m
+        return np.sqrt((1.0 - alpha) * np.abs(f) ** 2 + alpha * np.abs(g) ** 2), g
+
     def residuals(self, x):
-        kt, _, _, f = self._parts(x)
-        return self.f_obs - kt * np.abs(f)
+        kt, e, ks, f = self._parts(x)
+        return self.f_obs - kt * self._amplitude(f, e, ks)[0]
 
     def jacobian(self, x):
         kt, e, ks, f = self._parts(x)
-        af = np.maximum(np.abs(f), 1e-300)
+        amp, g = self._amplitude(f, e, ks)
+        af = np.maximum(amp, 1e-300)
         a = kt * af
         cols = [a[:, None], a[:, None] * (-0.25 * self.quad)]
         if self.with_solvent:
-            along = (np.conj(f) * e * self.f_mask).real / af  # ∂|F|/∂k_sol
+            if g is None:
+                along = (np.conj(f) * e * self.f_mask).real / af  # ∂|F|/∂k_sol
+            else:
+                alpha = self.twin[2]
+                along = ((1.0 - alpha) * (np.conj(f) * e * self.f_mask).real
+                         + alpha * (np.conj(g) * e * self.twin[1]).real) / af
             cols += [(kt * along)[:, None], (kt * along * ks * (-self.s2 / 4.0))[:, None]]
         return -np.concatenate(cols, axis=1)
+
+
+def twinned_amplitudes(f: np.ndarray, twin: tuple[np.ndarray, float] | None) -> np.ndarray:
+    """|F| untwinned; with `twin` = (mate rows, α): √((1 − α)|F(h)|² + α|F(Th)|²), 0 where the
+    mate (row −1) is missing."""
+    if twin is None:
+        return np.abs(f)
+    mate, alpha = twin
+    ok = mate >= 0
+    a2 = np.abs(f) ** 2
+    return np.where(ok, np.sqrt((1.0 - alpha) * a2 + alpha * a2[np.where(ok, mate, 0)]), 0.0)
 
 
 def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_mask: np.ndarray,
                      cell: gemmi.UnitCell, sg: gemmi.SpaceGroup | None, work: np.ndarray,
                      free: np.ndarray | None = None, bins: np.ndarray | None = None,
-                     with_solvent: bool = True, start: BulkSolventScale | None = None) -> BulkSolventScale:
+                     with_solvent: bool = True, start: BulkSolventScale | None = None,
+                     twin: tuple[np.ndarray, float] | None = None) -> BulkSolventScale:
     """Fit k_overall, B_aniso (symmetry-constrained), k_sol, B_sol to |F_obs| on the work set.
 
     `start`: a previous fit (refinement's earlier cycle) to start the least squares from,
-    skipping the grid search over (k_sol, B_sol)."""
+    skipping the grid search over (k_sol, B_sol). `twin` = (row of each reflection's twin mate,
+    −1 if not measured; twin fraction α): the model amplitudes compared with F_obs are the
+    twinned ones (`twinned_amplitudes`), reflections without a mate left out, and so are the R
+    values."""
     F = np.array(cell.frac.mat.tolist())
     s_vec = np.asarray(hkl, dtype=np.float64) @ F
     s2 = (s_vec ** 2).sum(1)
     fo = np.asarray(f_obs, dtype=np.float64)
-    work = np.asarray(work, dtype=bool) & np.isfinite(fo)
+    usable = np.isfinite(fo) & (twin[0] >= 0 if twin is not None else True)
+    work = np.asarray(work, dtype=bool) & usable
     basis = aniso_basis(cell, sg)
+    f_calc, f_mask = np.asarray(f_calc, np.complex128), np.asarray(f_mask, np.complex128)
+    mates = None
+    if twin is not None:
+        m = np.where(twin[0] >= 0, twin[0], np.arange(len(fo)))
+        mates = (f_calc[m], f_mask[m], float(twin[1]))
 
     def r_of(fmod, sel):
-        return float(np.abs(fo[sel] - np.abs(fmod[sel])).sum() / fo[sel].sum())
+        return float(np.abs(fo[sel] - twinned_amplitudes(fmod, twin)[sel]).sum() / fo[sel].sum())
 
     if start is None and with_solvent:
-        r, k_all, b_all = _solvent_grid_search(fo[work], np.asarray(f_calc, np.complex128)[work],
-                                               np.asarray(f_mask, np.complex128)[work], s2[work])
+        r, k_all, b_all = _solvent_grid_search(fo[work], f_calc[work], f_mask[work], s2[work],
+                                               twin=None if mates is None else (mates[0][work], mates[1][work],
+                                                                                mates[2]))
         jk, jb = np.unravel_index(np.argmin(r), r.shape)  # the first minimum, as the loop it replaced
         ks0, bs0, k0, b0 = float(K_SOL_GRID[jk]), float(B_SOL_GRID[jb]), float(k_all[jk, jb]), float(b_all[jk, jb])
     else:
         ks0 = (start.k_sol if start is not None else 0.0) if with_solvent else 0.0
         bs0 = (start.b_sol if start is not None else 0.0) if with_solvent else 0.0
-        k0, b0 = _loglinear_scale(fo, np.abs(f_calc + ks0 * np.exp(-bs0 * s2 / 4.0) * f_mask), s2, work)
+        k0, b0 = _loglinear_scale(fo, twinned_amplitudes(f_calc + ks0 * np.exp(-bs0 * s2 / 4.0) * f_mask, twin),
+                                  s2, work)
     # B_iso as the starting anisotropic tensor, in the symmetry basis
     b_start = start.b_aniso if start is not None else b0 * np.eye(3)
     coef0, *_ = np.linalg.lstsq(basis.reshape(len(basis), 9).T, b_start.ravel(), rcond=None)
     k_start = start.k_overall if start is not None else k0
     x0 = np.concatenate([[np.log(k_start)], coef0, [ks0, bs0] if with_solvent else []])
 
-    model = _ScaleModel(s_vec[work], s2[work], f_calc[work], f_mask[work], fo[work], basis, with_solvent)
+    model = _ScaleModel(s_vec[work], s2[work], f_calc[work], f_mask[work], fo[work], basis, with_solvent,
+                        twin=None if mates is None else (mates[0][work], mates[1][work], mates[2]))
     lo = np.full(len(x0), -np.inf)
     hi = np.full(len(x0), np.inf)
     if with_solvent:
@@ -431,19 +480,20 @@ def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_m
     sol = least_squares(model.residuals, x0, jac=model.jacobian, bounds=(lo, hi), x_scale="jac", method="trf")
     k, b_an, ks, bs = model.unpack(sol.x)
     out = BulkSolventScale(k_overall=float(k), b_aniso=b_an, k_sol=float(ks), b_sol=float(bs))
-    out.k_iso_s2, out.k_iso = _isotropic_bins(fo, np.abs(out.f_model(f_calc, f_mask, s_vec)), s2, work, bins)
+    out.k_iso_s2, out.k_iso = _isotropic_bins(fo, twinned_amplitudes(out.f_model(f_calc, f_mask, s_vec), twin), s2,
+                                              work, bins)
     fmod = out.f_model(f_calc, f_mask, s_vec)
     out.r_work = r_of(fmod, work)
-    if free is not None and np.any(free & np.isfinite(fo)):
-        out.r_free = r_of(fmod, np.asarray(free, dtype=bool) & np.isfinite(fo))
+    if free is not None and np.any(free & usable):
+        out.r_free = r_of(fmod, np.asarray(free, dtype=bool) & usable)
     if bins is not None:
         for b_i in np.unique(bins):
             sel = bins == b_i
             d = 1.0 / np.sqrt(s2[sel])
             row = {"bin": int(b_i), "d_max": float(d.max()), "d_min": float(d.min()), "n_work": int((sel & work).sum())}
             row["r_work"] = r_of(fmod, sel & work) if (sel & work).any() else None
-            if free is not None and (sel & free).any():
-                row["r_free"] = r_of(fmod, sel & free & np.isfinite(fo))
+            if free is not None and (sel & free & usable).any():
+                row["r_free"] = r_of(fmod, sel & free & usable)
             out.per_bin.append(row)
     return out
 

@@ -127,12 +127,14 @@ def standard_uncertainties(model: Model, table: ReflectionTable, result, mode: s
     n_par = 3 * len(atoms) + int((~model.atoms.has_aniso[atoms]).sum())
     if mode == "auto":
         mode = "full" if n_par <= FULL_MATRIX_PARAMETERS else "diagonal"
-    work = np.flatnonzero(table.work & np.isfinite(table.f_obs))
+    # twin refinement: the residuals are taken against the detwinned F_obs (untwinned model amplitudes)
+    f_obs = table.f_obs if getattr(result, "f_obs_maps", None) is None else result.f_obs_maps
+    work = np.flatnonzero(table.work & np.isfinite(f_obs))
     sig = np.nan_to_num(table.sigma_f[work])
     w = np.where(sig > 0, 1.0 / np.maximum(sig, 1e-300) ** 2, 0.0)
     if not np.any(w > 0):
         w = np.ones(len(work))
-    fo = table.f_obs[work]
+    fo = f_obs[work]
     fm = np.abs(result.f_model[work])
     resid = fo - fm
     gof2 = float((w * resid ** 2).sum() / max(len(work) - n_par, 1))

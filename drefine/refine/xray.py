@@ -8,6 +8,10 @@ One macro-cycle:
      R-free of this model are recorded here.
   2. For the ML target, σA parameters D and S per resolution bin (from the test set when it
      has ≥ 30 reflections per bin, else the work set: `targets.xray_targets`).
+     Twinned data (`twin_law`): the target (ML or LS) sees the twinned model amplitude
+     √((1 − α)|Fm(h)|² + α|Fm(Th)|²) (`TwinnedTarget`), the scale and solvent are fitted to
+     it too, the twin fraction α (started at the H-test's estimate) is refitted here, R values
+     are the twinned model's, and the maps are made from proportionally detwinned F_obs.
   3. Minimise, scale and solvent held fixed, all refined parameters together:
        T = w · T_data + T_geometry(xyz) + (w / w_n) · T_ADP(B or U),
      with B (U) and occupancies rescaled so their curvatures are comparable with the
@@ -81,6 +85,7 @@ from ..targets.xray_targets import (
     LeastSquaresTarget,
     MaximumLikelihoodTarget,
     MLParameters,
+    TwinnedTarget,
     estimate_ml_parameters,
 )
 from .realspace import geometry_rmsd
@@ -130,6 +135,8 @@ class XrayOptions:
     # to start the first fit from (skips the grid search over k_sol, B_sol)
     final_accuracy: bool = True  # False: the end state keeps the cycles' F_calc accuracy (~1e-3) and
     # mask, for a part whose end only feeds a water update (the report-accuracy pass cost ~0.3 s)
+    twin_law: str | None = None  # refine against data twinned by this law ("h,-k,-l")
+    initial_twin_fraction: float | None = None  # twin fraction α to start from (default: the H-test's)
 
 
 @dataclass
@@ -148,6 +155,7 @@ class XrayCycle:
     seconds: float
     geometry_target: float = float("nan")  # the restraint target at the cycle's end (unweighted)
     objective: float = float("nan")  # weight · data + geometry + ADP similarity at the cycle's end
+    twin_fraction: float | None = None  # α at the cycle's start (twin refinement)
 
     def as_dict(self) -> dict:
         return dict(self.__dict__)
@@ -170,6 +178,16 @@ class XrayResult:
     occupancy_groups: OccupancyGroups
     notes: list[str] = field(default_factory=list)
     timing: dict = field(default_factory=dict)
+    twin: dict | None = None  # law, fraction (α) and per-cycle fractions of a twin refinement
+    f_obs_maps: np.ndarray | None = None  # detwinned Fo for σA and maps (twin refinement), else None
+
+    def maps_table(self, table: ReflectionTable) -> ReflectionTable:
+        """The table to make σA-weighted maps from: `table`, or a copy with the detwinned Fo."""
+        if self.f_obs_maps is None:
+            return table
+        import dataclasses
+
+        return dataclasses.replace(table, f_obs=self.f_obs_maps)
 
     def applied_to(self, model: Model) -> Model:
         """A copy of `model` (the one refined) with the refined coordinates, B, U, and occupancies."""
@@ -218,12 +236,27 @@ class XrayData:
         self._mask_xyz: np.ndarray | None = None
         self._f_mask = None
         work = table.work & np.isfinite(table.f_obs)
+        if options.twin_law:
+            from ..validate.twinning import h_test, twin_mates
+
+            # α starts at the H-test's estimate from the intensities, then follows the model (`rescale`)
+            intensity = table.i_obs if table.i_obs is not None else table.f_obs ** 2
+            start = options.initial_twin_fraction
+            if start is None:
+                start = h_test(table.hkl, np.asarray(intensity, dtype=np.float64), table.centric, table.spacegroup,
+                               options.twin_law)["twin_fraction"]
+            mate = twin_mates(table, options.twin_law)
+            work = work & (mate >= 0)
         if options.target == "ls":
             sigma = table.sigma_f
             self.target = LeastSquaresTarget(table.f_obs, sigma, work, options.ls_weighting)
         else:
             self.target = MaximumLikelihoodTarget(table.f_obs, np.nan_to_num(table.sigma_f), table.epsilon.astype(float),
                                                   table.centric, table.bin, work, table.test & np.isfinite(table.f_obs))
+        if options.twin_law:
+            if isinstance(self.target, MaximumLikelihoodTarget):
+                self.target.test = self.target.test & (mate >= 0)
+            self.target = TwinnedTarget(self.target, mate, fraction=float(np.nan_to_num(start)))
         self.evaluations = 0
 
     def set_state(self, xyz, b_iso, u_aniso, has_aniso, occupancy) -> None:
@@ -249,12 +282,16 @@ class XrayData:
             self._f_mask, self._mask_xyz = f_mask, model.atoms.xyz[self.atoms].copy()
         else:
             f_mask = self._f_mask
+        twin = (self.target.mate, self.target.fraction) if isinstance(self.target, TwinnedTarget) else None
         self.scale = fit_bulk_solvent(t.hkl, t.f_obs, f_calc, f_mask, t.cell, t.spacegroup, t.work, t.test, t.bin,
-                                      with_solvent=self.options.bulk_solvent, start=self.scale)
+                                      with_solvent=self.options.bulk_solvent, start=self.scale, twin=twin)
         self.k_total = self.scale.k_total(self.s_vec)
         self.f_bulk = self.scale.k_sol * np.exp(-self.scale.b_sol * self.s2 / 4.0) * f_mask
         f_model = self.k_total * (f_calc + self.f_bulk)
         if isinstance(self.target, MaximumLikelihoodTarget):
+            self.target.update(f_model)
+        elif isinstance(self.target, TwinnedTarget):
+            # the scale and R values above are the twinned model's at the last α; α follows
             self.target.update(f_model)
         return f_calc, f_model
 
@@ -275,7 +312,8 @@ class XrayData:
 
     def natural_weight(self) -> float:
         """Weight that puts T_data on the −2 ln L scale of the restraints (module docstring)."""
-        if isinstance(self.target, MaximumLikelihoodTarget):
+        if isinstance(self.target, MaximumLikelihoodTarget) or (
+                isinstance(self.target, TwinnedTarget) and isinstance(self.target.inner, MaximumLikelihoodTarget)):
             return 2.0
         f_model = self.k_total * (self.f_calc() + self.f_bulk)
         value, _ = self.target.value_and_derivative(f_model, self.k_total)
@@ -538,7 +576,8 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     need_occ = layout.groups is not None
     for note in notes:
         log(note)
-    log(f"target {'maximum likelihood' if options.target == 'ml' else 'least squares'}, ADP {adp}, "
+    twinned = f" on F_twin (twin law {options.twin_law})" if options.twin_law else ""
+    log(f"target {'maximum likelihood' if options.target == 'ml' else 'least squares'}{twinned}, ADP {adp}, "
         f"{layout.sizes[0]} coordinates, {layout.sizes[1]} B, {layout.sizes[2]} U, {layout.sizes[3]} occupancies; "
         f"{n_work} work and {int(table.test.sum())} test reflections to {table.d_min:.2f} Å")
 
@@ -651,6 +690,7 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
         f_calc_now, f_model = data.rescale(_with_state(model, xyz, b_iso, u_aniso, has_aniso, occ), f_calc=f_calc_now)
         r_work, r_free = data.scale.r_work, data.scale.r_free
+        twin_fraction = data.target.fraction if isinstance(data.target, TwinnedTarget) else None
         if need_adp:
             delta = data.scale.b_iso
             clipped = bool(np.any(b_iso[atoms] + delta < B_MIN))
@@ -697,11 +737,13 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
                         bonds_rmsd=bonds, angles_rmsd=angles, k_sol=data.scale.k_sol, b_sol=data.scale.b_sol,
                         b_mean=float(b_iso[atoms].mean()), evaluations=data.evaluations - evals0,
                         seconds=time.perf_counter() - t0, geometry_target=float(stats["geometry"]),
-                        objective=float(weight * stats["data"] + stats["geometry"] + stats["adp"]))
+                        objective=float(weight * stats["data"] + stats["geometry"] + stats["adp"]),
+                        twin_fraction=twin_fraction)
         cycles.append(rec)
         log(f"cycle {rec.cycle:2d}  R-work {r_work:.4f}  R-free {r_free:.4f}  target {rec.target:.6g}  w {weight:.4g}  "
-            f"bonds {bonds:.4f} Å  angles {angles:.2f}°  <B> {rec.b_mean:.1f} Å²  ({rec.evaluations} evaluations, "
-            f"{rec.seconds:.1f} s)")
+            f"bonds {bonds:.4f} Å  angles {angles:.2f}°  <B> {rec.b_mean:.1f} Å²  "
+            + (f"twin α {twin_fraction:.3f}  " if twin_fraction is not None else "")
+            + f"({rec.evaluations} evaluations, {rec.seconds:.1f} s)")
         if options.weight is None:
             weight = _adjust_weight(weight, bonds, angles)
         if (options.geometry_rescue and c == n_cycles and not extra_cycle_done and (bonds > FINAL_LIMITS[0] or angles > FINAL_LIMITS[1])):
@@ -713,12 +755,19 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
     data.set_state(xyz, b_iso, u_aniso, has_aniso, occ)
     final_model = _with_state(model, xyz, b_iso, u_aniso, has_aniso, occ)
     f_calc, f_model = data.rescale(final_model, report=options.final_accuracy)
+    twin, f_obs_maps = None, None
+    if isinstance(data.target, TwinnedTarget):
+        f_obs_maps = data.target.detwinned(f_model)
+        twin = {"law": options.twin_law, "fraction": data.target.fraction,
+                "fraction_per_cycle": [c.twin_fraction for c in cycles],
+                "reflections_without_mate": int((~data.target.usable & np.isfinite(table.f_obs)).sum())}
     if isinstance(data.target, MaximumLikelihoodTarget):
         ml = data.target.params  # estimated for this F_model by the rescale
     else:
-        ml = estimate_ml_parameters(table.f_obs, np.nan_to_num(table.sigma_f), np.abs(f_model),
+        fo_ml = table.f_obs if f_obs_maps is None else f_obs_maps
+        ml = estimate_ml_parameters(fo_ml, np.nan_to_num(table.sigma_f), np.abs(f_model),
                                     table.epsilon.astype(float), table.centric, table.bin,
-                                    table.work & np.isfinite(table.f_obs), table.test & np.isfinite(table.f_obs))
+                                    table.work & np.isfinite(fo_ml), table.test & np.isfinite(fo_ml))
     end = "final  " if options.final_accuracy else f"after cycle {cycles[-1].cycle}:"
     log(f"{end} R-work {data.scale.r_work:.4f}  "
         f"R-free {data.scale.r_free:.4f}  k_sol {data.scale.k_sol:.3f}  B_sol {data.scale.b_sol:.1f} Å²")
@@ -726,7 +775,8 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
                       weight=float(cycles[-1].weight), adp=adp, scale=data.scale, f_calc=f_calc, f_model=f_model,
                       ml=ml, occupancy_groups=groups if groups is not None else occupancy_groups(model, np.zeros(0, int)),
                       notes=notes, timing={"refinement_s": time.perf_counter() - t_start,
-                                           "evaluations": data.evaluations})
+                                           "evaluations": data.evaluations},
+                      twin=twin, f_obs_maps=f_obs_maps)
 
 
 def _u33(u6: np.ndarray) -> np.ndarray:

@@ -50,8 +50,9 @@ class LeastSquaresTarget:
         """T and D(h) = ∂T/∂F_calc (complex; zero outside the work set)."""
         a = np.abs(f_model)
         w = self.weights() * self.work
-        k = float((w * self.f_obs * a).sum() / max((w * a * a).sum(), 1e-300))
-        r = self.f_obs - k * a
+        fo = np.where(w > 0, self.f_obs, 0.0)  # a missing F_obs (NaN) outside the work set stays out
+        k = float((w * fo * a).sum() / max((w * a * a).sum(), 1e-300))
+        r = fo - k * a
         t = float((w * r * r).sum())
         with np.errstate(invalid="ignore", divide="ignore"):
             phase = np.where(a > 0, f_model / a, 0.0)
@@ -62,7 +63,7 @@ class LeastSquaresTarget:
         """∂²T/∂|F_calc|² per reflection along F's phase: 2 w k² k_total² (zero outside the work set)."""
         a = np.abs(f_model)
         w = self.weights() * self.work
-        k = float((w * self.f_obs * a).sum() / max((w * a * a).sum(), 1e-300))
+        k = float((w * np.where(w > 0, self.f_obs, 0.0) * a).sum() / max((w * a * a).sum(), 1e-300))
         return 2.0 * w * k * k * k_total ** 2
 
     def statistics(self, f_model: np.ndarray) -> dict:
@@ -213,3 +214,96 @@ class MaximumLikelihoodTarget:
         p = self.params
         return {"target": "maximum likelihood", "sigmaa_from_test_set": p.from_test_set if p else None,
                 "per_bin": p.per_bin if p else []}
+
+
+
+@dataclass
+class TwinnedTarget:
+    """An amplitude target (`LeastSquaresTarget` or `MaximumLikelihoodTarget`) on data twinned by
+    one twin law: the model amplitude it sees is F_twin(h) = √((1 − α)|Fm(h)|² + α|Fm(Th)|²),
+    `mate[h]` the row of Th (−1 when the twin mate is not measured: such reflections leave the
+    target, whose `work` must exclude them). With least squares this is phenix.refine's
+    twin_lsq_f; with the likelihood, the Rice/Woolfson function of F_twin with σA estimated
+    against F_twin (an approximation: a twinned intensity is a sum of two, not one, noncentral
+    χ² variables; it keeps the likelihood's down-weighting of poorly modelled resolution).
+    The twin fraction α is refitted each macro-cycle (`update`). With u(h) = ∂T/∂F_twin / F_twin
+    the gradient is ∂T/∂Fm(j) = Fm(j) [(1 − α) u(j) + α Σ_{h: mate[h] = j} u(h)] (complex, as
+    for the other targets): each F_calc hears from its own reflection and from the one it is
+    twinned into."""
+
+    inner: LeastSquaresTarget | MaximumLikelihoodTarget
+    mate: np.ndarray  # (n,) int64, row of the twin mate or −1
+    fraction: float = 0.0  # α
+
+    @property
+    def work(self) -> np.ndarray:
+        return self.inner.work
+
+    @property
+    def usable(self) -> np.ndarray:
+        """Reflections with Fo and a measured twin mate."""
+        return (self.mate >= 0) & np.isfinite(self.inner.f_obs)
+
+    def twinned_amplitudes(self, f_model: np.ndarray, fraction: float | None = None) -> np.ndarray:
+        """F_twin per reflection (0 where the mate is missing)."""
+        alpha = self.fraction if fraction is None else fraction
+        a2 = np.abs(f_model) ** 2
+        ok = self.mate >= 0
+        mate_a2 = np.where(ok, a2[np.where(ok, self.mate, 0)], 0.0)
+        return np.where(ok, np.sqrt((1.0 - alpha) * a2 + alpha * mate_a2), 0.0)
+
+    def _gather(self, u: np.ndarray, fraction: float) -> np.ndarray:
+        """(1 − α) u(j) + α Σ_{h: mate[h] = j} u(h)."""
+        ok = self.mate >= 0
+        back = np.bincount(self.mate[ok], u[ok], minlength=len(u))
+        return (1.0 - fraction) * u + fraction * back
+
+    def value_and_derivative(self, f_model: np.ndarray, k_total: np.ndarray) -> tuple[float, np.ndarray]:
+        """T and D(h) = ∂T/∂F_calc (complex)."""
+        ft = self.twinned_amplitudes(f_model)
+        ones = np.ones(len(ft))
+        t, d_ft = self.inner.value_and_derivative(ft.astype(np.complex128), ones)  # real: ∂T/∂F_twin
+        with np.errstate(invalid="ignore", divide="ignore"):
+            u = np.where(ft > 0, d_ft.real / ft, 0.0)
+        return t, f_model * self._gather(u, self.fraction) * k_total
+
+    def curvature(self, f_model: np.ndarray, k_total: np.ndarray) -> np.ndarray:
+        """∂²T/∂|F_calc(j)|² along F's phase, Gauss–Newton through F_twin: Σ over the reflections
+        j feeds of c(h) (∂F_twin(h)/∂|Fm(j)|)², c = the inner target's curvature in F_twin."""
+        ft = self.twinned_amplitudes(f_model)
+        c = self.inner.curvature(ft.astype(np.complex128), np.ones(len(ft)))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            v = np.where(ft > 0, c / (ft * ft), 0.0)
+        ok = self.mate >= 0
+        back = np.bincount(self.mate[ok], v[ok], minlength=len(v))
+        a = np.abs(f_model)
+        return a * a * ((1.0 - self.fraction) ** 2 * v + self.fraction ** 2 * back) * k_total ** 2
+
+    def update(self, f_model: np.ndarray) -> None:
+        """Refit α in [0, ½] to the work set for the current F_model, then (likelihood) σA
+        against the new F_twin (once per macro-cycle)."""
+        from scipy.optimize import minimize_scalar
+
+        ml = isinstance(self.inner, MaximumLikelihoodTarget)
+        if ml and self.inner.params is None:
+            self.inner.update(self.twinned_amplitudes(f_model))
+        ones = np.ones(len(f_model))
+
+        def value(alpha):
+            ft = self.twinned_amplitudes(f_model, alpha).astype(np.complex128)
+            return self.inner.value_and_derivative(ft, ones)[0]
+
+        self.fraction = float(minimize_scalar(value, bounds=(0.0, 0.5), method="bounded",
+                                              options={"xatol": 1e-4}).x)
+        if ml:
+            self.inner.update(self.twinned_amplitudes(f_model))
+
+    def detwinned(self, f_model: np.ndarray) -> np.ndarray:
+        """Fo with the other domain's share taken out in the model's proportion,
+        Fo·|Fm(h)|/F_twin(h) (NaN where Fo or the mate is missing): for maps and σA."""
+        ft = self.twinned_amplitudes(f_model)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            return np.where(self.usable & (ft > 0), self.inner.f_obs * np.abs(f_model) / ft, np.nan)
+
+    def statistics(self, f_model: np.ndarray) -> dict:
+        return {**self.inner.statistics(self.twinned_amplitudes(f_model)), "twin_fraction": self.fraction}
