@@ -719,8 +719,8 @@ def cmd_xray(args) -> int:
     twinning = twinning_report(table)
     if twinning_note(twinning):
         log(f"data: {twinning_note(twinning)}")
-    twin_law = _twin_law(args.twin, table, twinning, log)
     new_free = any(n.startswith("free set made") for n in table.notes)
+    twin_law = _twin_law(args.twin, table, twinning, log, new_free=new_free)
     ls_weighting = args.ls_weighting
     if args.target == "ls" and ls_weighting == "sigma" and not np.any(np.nan_to_num(table.sigma_f) > 0):
         ls_weighting = "unit"
@@ -801,9 +801,10 @@ def cmd_xray(args) -> int:
     return 0
 
 
-def _twin_law(choice: str, table, twinning: dict, log) -> str | None:
-    """The twin law to refine with (reciprocal notation), from --twin and the twinning tests."""
-    from .validate.twinning import law_matrix, law_text, twin_mates
+def _twin_law(choice: str, table, twinning: dict, log, new_free: bool = False) -> str | None:
+    """The twin law to refine with (reciprocal notation), from --twin and the twinning tests.
+    `new_free`: the free set was made here, so it is remade in twin pairs (`table.free` changes)."""
+    from .validate.twinning import free_set_in_twin_pairs, law_matrix, law_text, twin_mates
 
     if choice == "off":
         return None
@@ -820,6 +821,9 @@ def _twin_law(choice: str, table, twinning: dict, log) -> str | None:
             raise DrefineError(f"--twin {choice}: {err}") from None
         how = "as given"
     mate = twin_mates(table, law)
+    if new_free:
+        table.free = free_set_in_twin_pairs(table.free, mate)
+        log(f"data: the free set made here is chosen in twin pairs ({int(table.free.sum())} test reflections)")
     test = np.flatnonzero(table.test & (mate >= 0))
     leaked = int(table.work[mate[test]].sum())
     log(f"data: twin law {law} {how}: the target sees twinned model amplitudes, the twin fraction is refined, "
@@ -1199,7 +1203,13 @@ def _batch_setup(args, log) -> tuple[dict, Path]:
         if args.resolution is not None:
             data = data.select(data.d >= args.resolution).with_bins()
         check_cell_compatible(data, model.cell)
-        options = XrayOptions(source=args.scattering or "xray")
+        from .validate.twinning import twinning_note, twinning_report
+
+        twinning = twinning_report(data)
+        if twinning_note(twinning):
+            log(f"data: {twinning_note(twinning)}")
+        # twinned data: every member refines with the twin law the tests found (as xray --twin auto)
+        options = XrayOptions(source=args.scattering or "xray", twin_law=_twin_law("auto", data, twinning, log))
     out_dir = Path(args.output or (Path(args.model).name.split(".")[0] + "_" + args.command.replace("-", "_")))
     log(f"drefine {args.command} {args.model} against {args.data} ({mode}): {len(model.model_atoms(0))} atoms "
         f"-> {out_dir}/")

@@ -73,3 +73,36 @@ def test_bad_twin_law_is_one_line_error(twinned_case, capsys):
         assert rc != 0
         err = capsys.readouterr().err
         assert "--twin" in err and "Traceback" not in err
+
+
+def test_ensemble_members_refine_with_the_twin_law(twinned_case, tmp_path):
+    """`drefine ensemble --mode xray` on twinned data: the members refine with the twin law the
+    tests find (their R values are the twinned model's, far below an untwinned refinement's)."""
+    d, _ = twinned_case
+    out = tmp_path / "ens"
+    assert main(["ensemble", str(d / "start.cif"), str(d / "data.mtz"), "--mode", "xray", "--n", "2", "--rmsd", "0.2",
+                 "--weight", "2", "--scheduler", "inprocess", "-o", str(out)]) == 0
+    rep = json.loads((out / "summary.json").read_text())
+    assert len(rep["members"]) == 2
+    for m in rep["members"]:
+        assert 0 < m["r_work"] < 0.1 and 0 < m["r_free"] < 0.1  # (an untwinned refinement: ~0.2)
+
+
+def test_a_free_set_made_for_twinned_data_is_chosen_in_twin_pairs(twinned_case, tmp_path, capsys):
+    """Data without free flags: the test set drefine makes is remade so that twin mates share
+    their flag (written to the output MTZ), and the log says so."""
+    d, _ = twinned_case
+    mtz = gemmi.read_mtz_file(str(d / "data.mtz"))
+    free_col = [c.label for c in mtz.columns if c.type == "I"]
+    assert free_col
+    mtz.remove_column(mtz.column_labels().index(free_col[0]))
+    mtz.write_to_file(str(tmp_path / "noflags.mtz"))
+    assert main(["xray", str(d / "start.cif"), str(tmp_path / "noflags.mtz"), "-o", str(tmp_path / "out"),
+                 "--cycles", "1", "--esd", "none"]) == 0
+    assert "chosen in twin pairs" in capsys.readouterr().out
+    from drefine.io.reflections import read_reflections
+
+    table = read_reflections(tmp_path / "out.mtz")
+    mate = twin_mates(table, "h,-k,-l")
+    ok = mate >= 0
+    assert table.free.any() and np.array_equal(table.free[ok], table.free[mate[ok]])

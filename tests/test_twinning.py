@@ -126,3 +126,18 @@ def test_real_data(data_dir):
     # phenix.xtriage on the same file: H-test α 0.35, <|L|> 0.39 (with its resolution cut)
     assert r["suspected"] and r["twin_fraction"] == pytest.approx(0.35, abs=0.04)
     assert not twinning_report(read_reflections(plain))["suspected"]
+
+
+def test_free_set_in_twin_pairs():
+    from drefine.validate.twinning import free_set_in_twin_pairs
+
+    rng = np.random.default_rng(0)
+    n = 2001
+    perm = rng.permutation(n - 1)
+    mate = np.full(n, -1)
+    mate[perm[0::2]], mate[perm[1::2]] = perm[1::2], perm[0::2]
+    free = rng.random(n) < 0.05
+    paired = free_set_in_twin_pairs(free, mate)
+    ok = mate >= 0
+    assert np.array_equal(paired[ok], paired[mate[ok]]) and paired[-1] == free[-1]
+    assert abs(paired.mean() - 0.05) < 0.02

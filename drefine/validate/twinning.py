@@ -47,14 +47,17 @@ def equivalent_rows(hkl: np.ndarray, targets: np.ndarray, spacegroup: gemmi.Spac
     sorted_keys = keys[order]
     out = np.full(len(targets), -1, dtype=np.int64)
     targets = np.asarray(targets, dtype=np.int64)
+    todo = np.arange(len(targets))  # rows not found yet: each further operator tries only these
     for op in spacegroup.operations().sym_ops:
         r = hkl_rotation(op)
         for sign in (1, -1):
-            cand = sign * (targets @ r)
-            k = _keys(cand)
+            if not len(todo):
+                return out
+            k = _keys(sign * (targets[todo] @ r))
             pos = np.clip(np.searchsorted(sorted_keys, k), 0, len(sorted_keys) - 1)
-            hit = (sorted_keys[pos] == k) & (out < 0)
-            out[hit] = order[pos[hit]]
+            hit = sorted_keys[pos] == k
+            out[todo[hit]] = order[pos[hit]]
+            todo = todo[~hit]
     return out
 
 
@@ -112,6 +115,15 @@ def twin_mates(table, law) -> np.ndarray:
         raise ValueError(f"twin law {name} maps {100 * (1 - found):.0f} % of the reflections of {table.spacegroup.hm} "
                          "onto ones not measured: not a twin law of this lattice?")
     return mate
+
+
+def free_set_in_twin_pairs(free: np.ndarray, mate: np.ndarray) -> np.ndarray:
+    """The test-set flags with each twin pair sharing one: that of the pair's lower row. A test
+    reflection whose twin mate is refined against is not independent of the model (its
+    twinned intensity holds the mate's), so under twinning a free set is chosen in pairs."""
+    rows = np.arange(len(free))
+    lower = np.where(mate >= 0, np.minimum(rows, mate), rows)
+    return np.asarray(free, dtype=bool)[lower]
 
 
 def l_test(hkl, intensity, centric, spacegroup) -> dict:
