@@ -6,6 +6,10 @@ Cases (real data in ../shared/data/xray):
   ml_vs_ls    5orl with 10 % of the atoms deleted (seed 2) and the rest shaken by 0.3 Å, against
               F_calc of the full model with 3 % noise (drefine fmodel): ML and LS targets
   esd         6mw0 (0.78 Å): full normal-matrix esds against B/occupancy
+  timing      with --rounds N: only the timing rounds (drefine, with --waters also that, and
+              servalcat back to back per case; medians of the per-round ratios)
+1l2h's data are twinned (α ≈ 0.35): its rows add cctbx's R with the twin law, and servalcat runs
+once more with --twin for reference.
 Inputs for both tools are the same file: hydrogens removed, residues the shared monomer library
 lacks removed (5orl: ADP, A4W, Mg, Cl; TPO 288 turned into THR), as the issue describes.
 One yardstick for both tools: cctbx's mmtbx.model_vs_data (R-work, R-free) and the shared
@@ -13,7 +17,7 @@ tools/metrics.py (bond/angle RMSD on the CCP4 library, RMSD to the start or trut
 the whole process; peak RSS of the largest process.
 
 Usage: python benchmarks/bench_xray.py [--parts deposited,shaken,ml_vs_ls,esd] [--work DIR]
-       [--drefine-args "..."] [--no-servalcat] [--waters] [--rounds N]
+       [--drefine-args "..."] [--no-servalcat] [--waters] [--rounds N] [--cases 5orl,4hg7,1l2h]
 Needs the peers' venv (tools/peers_setup.sh) for servalcat and cctbx.
 """
 import argparse
@@ -170,9 +174,12 @@ def part_timing(work: Path, rounds: int):
     tools = ["drefine"] + (["drefine --waters"] if WATERS else []) + ["servalcat"]
     walls = {(c, t): [] for c in CASES for t in tools}
     for k in range(rounds):
-        for case, (_, data, labin) in CASES.items():
+        for case, (model, data, labin) in CASES.items():
             d = work / case
             start = d / "start.pdb"
+            if not start.exists():
+                d.mkdir(parents=True, exist_ok=True)
+                prepare(model, start)
             for tool in tools:
                 if tool == "servalcat":
                     res = run_servalcat(start, data, labin, d / "t_servalcat")
@@ -257,8 +264,13 @@ def main():
     ap.add_argument("--no-servalcat", action="store_true", help="drefine only (deposited part)")
     ap.add_argument("--waters", action="store_true", help="deposited and shaken parts: also drefine with --waters")
     ap.add_argument("--rounds", type=int, default=0,
-                    help="after the deposited part, this many timing rounds of it (medians of per-round ratios)")
+                    help="after the deposited part, this many timing rounds of it (medians of per-round ratios); "
+                         "--parts timing runs the rounds alone")
+    ap.add_argument("--cases", default=",".join(CASES), help="comma-separated subset of " + ", ".join(CASES))
     args = ap.parse_args()
+    for name in list(CASES):
+        if name not in args.cases.split(","):
+            del CASES[name]
     DREFINE_ARGS.extend(args.drefine_args.split())
     global WATERS
     WATERS = args.waters
@@ -269,7 +281,7 @@ def main():
           "| RMSD to start Å |")
     if "deposited" in parts:
         part_deposited(work, shaken=False, servalcat=not args.no_servalcat)
-    if "deposited" in parts and args.rounds > 0 and not args.no_servalcat:
+    if ("deposited" in parts or "timing" in parts) and args.rounds > 0 and not args.no_servalcat:
         part_timing(work, args.rounds)
     if "shaken" in parts:
         part_deposited(work, shaken=True)
