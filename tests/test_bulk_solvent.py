@@ -305,3 +305,30 @@ def test_twinned_fit_recovers_scale_and_solvent(untangle):
     plain = fit_bulk_solvent(t.hkl, fo, fm.f_calc, fm.f_mask, t.cell, t.spacegroup, t.work, t.test)
     assert twin.k_sol == pytest.approx(0.4, abs=0.03) and twin.b_sol == pytest.approx(50, abs=8)
     assert twin.r_work < 0.03 and plain.r_work > 0.1
+
+
+def test_r_per_bin_equals_the_sums_bin_by_bin():
+    from drefine.density.bulk_solvent import _r_per_bin
+
+    rng = np.random.default_rng(0)
+    n = 5000
+    fo = np.abs(rng.normal(size=n)) * 10
+    fm = fo * (1 + 0.2 * rng.normal(size=n))
+    s2 = rng.uniform(0.01, 0.3, n)
+    bins = rng.integers(0, 7, n)
+    bins[bins == 4] = 5  # an empty bin is left out
+    work = rng.random(n) > 0.05
+    free = ~work
+    fo[3], work[3], free[3] = np.nan, False, False
+    rows = _r_per_bin(fo, np.abs(fm), s2, bins, work, free)
+    assert [r["bin"] for r in rows] == [0, 1, 2, 3, 5, 6]
+    for r in rows:
+        sel = bins == r["bin"]
+
+        def r_of(m):
+            return np.abs(fo[m] - np.abs(fm[m])).sum() / fo[m].sum()
+
+        assert r["r_work"] == pytest.approx(r_of(sel & work), rel=1e-12)
+        assert r["r_free"] == pytest.approx(r_of(sel & free), rel=1e-12)
+        d = 1 / np.sqrt(s2[sel])
+        assert r["d_max"] == d.max() and r["d_min"] == d.min() and r["n_work"] == (sel & work).sum()

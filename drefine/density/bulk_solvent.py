@@ -487,15 +487,39 @@ def fit_bulk_solvent(hkl: np.ndarray, f_obs: np.ndarray, f_calc: np.ndarray, f_m
     if free is not None and np.any(free & usable):
         out.r_free = r_of(fmod, np.asarray(free, dtype=bool) & usable)
     if bins is not None:
-        for b_i in np.unique(bins):
-            sel = bins == b_i
-            d = 1.0 / np.sqrt(s2[sel])
-            row = {"bin": int(b_i), "d_max": float(d.max()), "d_min": float(d.min()), "n_work": int((sel & work).sum())}
-            row["r_work"] = r_of(fmod, sel & work) if (sel & work).any() else None
-            if free is not None and (sel & free & usable).any():
-                row["r_free"] = r_of(fmod, sel & free & usable)
-            out.per_bin.append(row)
+        out.per_bin = _r_per_bin(fo, twinned_amplitudes(fmod, twin), s2, np.asarray(bins), work,
+                                 None if free is None else np.asarray(free, dtype=bool) & usable)
     return out
+
+
+def _r_per_bin(fo, fm_abs, s2, bins, work, free) -> list[dict]:
+    """R-work (and R-free) per resolution bin with its d range, by bincount (one pass, not one
+    mask per bin: ~25 ms a cycle on 5orl)."""
+    n = int(bins.max()) + 1 if len(bins) else 0
+    d = 1.0 / np.sqrt(np.maximum(s2, 1e-300))
+    present = np.bincount(bins, minlength=n) > 0
+    d_max = np.full(n, -np.inf)
+    d_min = np.full(n, np.inf)
+    np.maximum.at(d_max, bins, d)
+    np.minimum.at(d_min, bins, d)
+    diff = np.abs(np.where(np.isfinite(fo), fo, 0.0) - fm_abs)
+    fo0 = np.where(np.isfinite(fo), fo, 0.0)
+
+    def per_bin(sel):
+        num = np.bincount(bins[sel], diff[sel], minlength=n)
+        den = np.bincount(bins[sel], fo0[sel], minlength=n)
+        return num, den, np.bincount(bins[sel], minlength=n)
+
+    w_num, w_den, n_work = per_bin(work)
+    f_num, f_den, n_free = per_bin(free) if free is not None else (None, None, np.zeros(n, np.int64))
+    rows = []
+    for b in np.flatnonzero(present):
+        row = {"bin": int(b), "d_max": float(d_max[b]), "d_min": float(d_min[b]), "n_work": int(n_work[b])}
+        row["r_work"] = float(w_num[b] / w_den[b]) if n_work[b] else None
+        if n_free[b]:
+            row["r_free"] = float(f_num[b] / f_den[b])
+        rows.append(row)
+    return rows
 
 
 def mask_grid_shape(model: Model, d_min: float, rate: float = 1.5):
