@@ -437,6 +437,10 @@ def cmd_validate(args) -> int:
         d = report["details"]["data"]
         text += (f"\ndata {args.mtz}: {d['n_reflections']} reflections to {d['d_min']:.2f} Å  R-work {d['r_work']:.4f}"
                  f"  R-free {d['r_free']:.4f}  (k_sol {d['k_sol']:.2f}, B_sol {d['b_sol']:.0f} Å²)")
+        if d.get("twinned"):
+            t = d["twinned"]
+            text += (f"\n  the data look twinned (twin law {t['law']}, fraction {t['fraction']:.2f} by the H-test): "
+                     f"with the twin law R-work {t['r_work']:.4f}  R-free {t['r_free']:.4f}")
     if args.truth:
         text += (f"\ntangled residues against {args.truth}: {report['final']['n_tangled']}"
                  + (f" ({', '.join(report['details']['tangled_residues'])})" if report["final"]["n_tangled"] else ""))
@@ -459,10 +463,25 @@ def _fit_to_reflections(model, path, labin=None) -> dict:
 
     table = read_reflections(path, labin=labin)
     fm = compute_fmodel(model, table)
-    return {"n_reflections": len(table), "d_min": table.d_min, "d_max": table.d_max,
-            "n_free": int(table.test.sum()), "columns": table.columns_used, "notes": table.notes,
-            "r_work": fm.r_work, "r_free": fm.r_free, **{k: v for k, v in fm.scale.as_dict().items()
-                                                         if k not in ("r_work", "r_free")}}
+    out = {"n_reflections": len(table), "d_min": table.d_min, "d_max": table.d_max,
+           "n_free": int(table.test.sum()), "columns": table.columns_used, "notes": table.notes,
+           "r_work": fm.r_work, "r_free": fm.r_free, **{k: v for k, v in fm.scale.as_dict().items()
+                                                        if k not in ("r_work", "r_free")}}
+    from .validate.twinning import twin_mates, twinning_report
+
+    out["twinning"] = twinning = twinning_report(table)
+    out["twinned"] = None
+    if twinning["twin_law"]:
+        # the R values of the twinned model too (scale and solvent fitted to it, α the H-test's),
+        # comparable with what `drefine xray` reports for these data
+        from .density.bulk_solvent import fit_bulk_solvent
+
+        twin = (twin_mates(table, twinning["twin_law"]), twinning["twin_fraction"])
+        sc = fit_bulk_solvent(table.hkl, table.f_obs, fm.f_calc, fm.f_mask, table.cell, table.spacegroup, table.work,
+                              table.test, table.bin, twin=twin)
+        out["twinned"] = {"law": twinning["twin_law"], "fraction": twinning["twin_fraction"], "r_work": sc.r_work,
+                          "r_free": sc.r_free}
+    return out
 
 
 def _fit_to_map(model, path, resolution, scattering="auto") -> dict:

@@ -106,3 +106,15 @@ def test_a_free_set_made_for_twinned_data_is_chosen_in_twin_pairs(twinned_case, 
     mate = twin_mates(table, "h,-k,-l")
     ok = mate >= 0
     assert table.free.any() and np.array_equal(table.free[ok], table.free[mate[ok]])
+
+
+def test_validate_reports_twinning_and_the_twinned_r(twinned_case, tmp_path):
+    d, _ = twinned_case
+    out = tmp_path / "v.json"
+    assert main(["validate", str(d / "truth.pdb"), "--mtz", str(d / "data.mtz"), "--json", str(out)]) == 0
+    data = json.loads(out.read_text())["details"]["data"]
+    assert data["twinning"]["suspected"]
+    tw = data["twinned"]
+    assert tw["law"] in ("h,-k,-l", "-h,k,-l") and tw["fraction"] == pytest.approx(ALPHA, abs=0.05)
+    # the true model: R with the twin law is small, without it it is not
+    assert tw["r_free"] < 0.05 < data["r_free"]
