@@ -88,3 +88,10 @@ def gemmi_model_map(st, d_min: float, electron: bool = True, spacing: float | No
     f = gemmi.transform_map_to_f_phi(dc.grid).prepare_asu_data(dmin=d_min, unblur=dc.blur)
     size = list(shape) if shape is not None else [dc.grid.nu, dc.grid.nv, dc.grid.nw]
     return np.array(f.transform_f_phi_to_map(exact_size=size), copy=True)
+
+
+def rmsd(a, b) -> float:
+    """RMS distance (Å) between two N×3 coordinate arrays, row by row."""
+    import numpy as np
+
+    return float(np.sqrt(((np.asarray(a) - np.asarray(b)) ** 2).sum(1).mean()))

@@ -5,7 +5,7 @@ import json
 import gemmi
 import numpy as np
 import pytest
-from conftest import p212121_structure
+from conftest import p212121_structure, rmsd
 
 from drefine.cli import main
 from drefine.density.synthetic import synthetic_reflections
@@ -37,10 +37,6 @@ def twinned_case(example_model_path, tmp_path_factory):
     return d, truth
 
 
-def _rmsd(a, b):
-    return float(np.sqrt(((a - b) ** 2).sum(1).mean()))
-
-
 def test_twin_refinement_beats_untwinned_on_twinned_data(twinned_case, capsys):
     d, truth = twinned_case
     runs = {}
@@ -57,7 +53,7 @@ def test_twin_refinement_beats_untwinned_on_twinned_data(twinned_case, capsys):
     assert plain["details"]["twin"] is None
     assert rep["final"]["r_free"] < plain["final"]["r_free"] - 0.03
     heavy = ~truth.atoms.is_hydrogen
-    assert _rmsd(model.atoms.xyz[heavy], truth.atoms.xyz[heavy]) < _rmsd(plain_model.atoms.xyz[heavy],
+    assert rmsd(model.atoms.xyz[heavy], truth.atoms.xyz[heavy]) < rmsd(plain_model.atoms.xyz[heavy],
                                                                         truth.atoms.xyz[heavy])
     # detwinned 2mFo-DFc: high at the refined atoms
     mp = gemmi.read_ccp4_map(str(d / "twin_2mFo-DFc.ccp4"))

@@ -8,7 +8,7 @@ import json
 import gemmi
 import numpy as np
 import pytest
-from conftest import need, p212121_structure
+from conftest import need, p212121_structure, rmsd
 
 from drefine.cli import main
 from drefine.density.crystal_fft import CrystalStructureFactors
@@ -278,10 +278,6 @@ def refinement_case(crystal_model, tmp_path_factory):
     return d, m
 
 
-def _rmsd(a, b):
-    return float(np.sqrt(((a - b) ** 2).sum(1).mean()))
-
-
 def test_xray_refines_a_shaken_model_and_writes_everything(refinement_case, capsys):
     d, truth = refinement_case
     out = d / "refined"
@@ -290,7 +286,7 @@ def test_xray_refines_a_shaken_model_and_writes_everything(refinement_case, caps
     assert rc == 0
     start, refined = read_model(d / "start.cif"), read_model(f"{out}.cif")
     heavy = ~truth.atoms.is_hydrogen
-    assert _rmsd(refined.atoms.xyz[heavy], truth.atoms.xyz[heavy]) < 0.5 * _rmsd(start.atoms.xyz[heavy],
+    assert rmsd(refined.atoms.xyz[heavy], truth.atoms.xyz[heavy]) < 0.5 * rmsd(start.atoms.xyz[heavy],
                                                                               truth.atoms.xyz[heavy])
     rep = json.loads((d / "refined.json").read_text())
     assert rep["final"]["r_free"] < rep["start"]["r_free"] - 0.05
@@ -563,15 +559,15 @@ def test_fisher_steps_refine_like_lbfgs_with_far_fewer_evaluations(refinement_ca
     table = read_reflections(d / "data.mtz")
     restraints = build_restraints(start)
     heavy = ~truth.atoms.is_hydrogen
-    start_rmsd = _rmsd(start.atoms.xyz[heavy], truth.atoms.xyz[heavy])
+    start_rmsd = rmsd(start.atoms.xyz[heavy], truth.atoms.xyz[heavy])
     runs = {}
     for name, opt in {"lbfgs": XrayOptions(cycles=6, minimiser="lbfgs", adp="iso"),
                       "diagonal": XrayOptions(cycles=6, adp="iso"),
                       "coupled": XrayOptions(cycles=6, adp="iso", coupling_cutoff=6.0)}.items():
         runs[name] = refine_xray(start, table, restraints, opt, log=lambda s: None)
-    rmsd = {k: _rmsd(r.xyz[heavy], truth.atoms.xyz[heavy]) for k, r in runs.items()}
-    assert rmsd["diagonal"] < 0.15 * start_rmsd
-    assert rmsd["coupled"] < rmsd["lbfgs"] + 0.003 < rmsd["diagonal"]
+    to_truth = {k: rmsd(r.xyz[heavy], truth.atoms.xyz[heavy]) for k, r in runs.items()}
+    assert to_truth["diagonal"] < 0.15 * start_rmsd
+    assert to_truth["coupled"] < to_truth["lbfgs"] + 0.003 < to_truth["diagonal"]
     for k in ("diagonal", "coupled"):
         assert runs[k].scale.r_free < runs["lbfgs"].scale.r_free + 0.003
         assert 3 * runs[k].timing["evaluations"] < runs["lbfgs"].timing["evaluations"]
@@ -581,7 +577,7 @@ def test_fisher_steps_refine_like_lbfgs_with_far_fewer_evaluations(refinement_ca
     real = xray_module.diagonal_curvature
     monkeypatch.setattr(xray_module, "diagonal_curvature", lambda *a, **k: tuple(h / 100 for h in real(*a, **k)))
     soft = refine_xray(start, table, restraints, XrayOptions(cycles=6, adp="iso"), log=lambda s: None)
-    assert _rmsd(soft.xyz[heavy], truth.atoms.xyz[heavy]) < 0.15 * start_rmsd
+    assert rmsd(soft.xyz[heavy], truth.atoms.xyz[heavy]) < 0.15 * start_rmsd
     assert soft.timing["evaluations"] > runs["diagonal"].timing["evaluations"]  # rejected steps were retried
     monkeypatch.setattr(xray_module, "diagonal_curvature", real)
 
