@@ -832,14 +832,14 @@ def _twin_law(choice: str, table, twinning: dict, log, new_free: bool = False) -
         if law is None:
             return None
         how = "found by the twinning tests (--twin off refines them as untwinned)"
+        mate = twin_mates(table, law)
     else:
         try:
             law = law_text(law_matrix(choice))
-            twin_mates(table, law)
+            mate = twin_mates(table, law)
         except (ValueError, RuntimeError) as err:
             raise DrefineError(f"--twin {choice}: {err}") from None
         how = "as given"
-    mate = twin_mates(table, law)
     if new_free:
         table.free = free_set_in_twin_pairs(table.free, mate)
         log(f"data: the free set made here is chosen in twin pairs ({int(table.free.sum())} test reflections)")
