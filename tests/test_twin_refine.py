@@ -114,3 +114,16 @@ def test_validate_reports_twinning_and_the_twinned_r(twinned_case, tmp_path):
     assert tw["law"] in ("h,-k,-l", "-h,k,-l") and tw["fraction"] == pytest.approx(ALPHA, abs=0.05)
     # the true model: R with the twin law is small, without it it is not
     assert tw["r_free"] < 0.05 < data["r_free"]
+
+
+def test_esds_of_a_twin_refinement_use_the_detwinned_data(twinned_case, tmp_path):
+    """The esds' goodness of fit is taken against detwinned F_obs: far below the untwinned
+    refinement's, whose residuals carry the twinning."""
+    d, _ = twinned_case
+    gof = {}
+    for twin in ("auto", "off"):
+        assert main(["xray", str(d / "truth.pdb"), str(d / "data.mtz"), "-o", str(tmp_path / twin), "--cycles", "1",
+                     "--esd", "diagonal", "--twin", twin]) == 0
+        u = json.loads((tmp_path / f"{twin}.json").read_text())["details"]["uncertainties"]
+        gof[twin] = u["goodness_of_fit"]
+    assert 0 < gof["auto"] < 0.5 * gof["off"]

@@ -216,7 +216,6 @@ class MaximumLikelihoodTarget:
                 "per_bin": p.per_bin if p else []}
 
 
-
 @dataclass
 class TwinnedTarget:
     """An amplitude target (`LeastSquaresTarget` or `MaximumLikelihoodTarget`) on data twinned by
