@@ -127,3 +127,17 @@ def test_esds_of_a_twin_refinement_use_the_detwinned_data(twinned_case, tmp_path
         u = json.loads((tmp_path / f"{twin}.json").read_text())["details"]["uncertainties"]
         gof[twin] = u["goodness_of_fit"]
     assert 0 < gof["auto"] < 0.5 * gof["off"]
+
+
+def test_twin_refinement_in_atom_chunks_equals_in_process(twinned_case, tmp_path):
+    """`--chunks 2` (the atom-chunk layout a cluster runs) gives the same twin refinement."""
+    d, _ = twinned_case
+    reps = {}
+    for name, extra in (("one", []), ("chunks", ["--chunks", "2"])):
+        assert main(["xray", str(d / "start.cif"), str(d / "data.mtz"), "-o", str(tmp_path / name), "--cycles", "2",
+                     "--esd", "none", *extra]) == 0
+        reps[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert reps["one"]["details"]["twin"]["law"] == reps["chunks"]["details"]["twin"]["law"]
+    assert reps["chunks"]["final"]["r_free"] == pytest.approx(reps["one"]["final"]["r_free"], abs=2e-4)
+    assert reps["chunks"]["details"]["twin"]["fraction"] == pytest.approx(reps["one"]["details"]["twin"]["fraction"],
+                                                                          abs=1e-3)
