@@ -217,7 +217,28 @@ def test_twinned_target_recovers_the_twin_fraction(kind):
     assert np.median(np.abs(det[ok] / np.abs(fm[ok]) - 1)) < 0.05
 
 
-def test_twinned_target_curvature_is_gauss_newton_of_least_squares():
+@pytest.mark.parametrize("kind", ["ls", "ml"])
+def test_twinned_target_curvature_is_the_gauss_newton_chain(kind):
+    """The curvature per F_calc is Σ_h c(h) (∂F_twin(h)/∂|Fm(j)|)² k_total², c the inner target's
+    curvature in F_twin: checked with the Jacobian of F_twin taken by finite differences."""
+    t, fm, _ = _twinned_target(kind, 0.3)
+    k_total = np.full(len(fm), 1.2)
+    f_model = k_total * fm
+    ft = t.twinned_amplitudes(f_model)
+    c_inner = t.inner.curvature(ft.astype(np.complex128), np.ones(len(ft)))
+    c = t.curvature(f_model, k_total)
+    h = 1e-6
+    unit = fm / np.abs(fm)
+    for j in (3, 11, 40, 77):
+        p, q = f_model.copy(), f_model.copy()
+        p[j] += h * unit[j]
+        q[j] -= h * unit[j]
+        jac = (t.twinned_amplitudes(p) - t.twinned_amplitudes(q)) / (2 * h)  # ∂F_twin/∂|Fm(j)|
+        assert np.count_nonzero(np.abs(jac) > 1e-9) == (2 if t.mate[j] >= 0 else 0)  # own row and the mate's
+        assert c[j] == pytest.approx((c_inner * jac ** 2).sum() * k_total[j] ** 2, rel=1e-5, abs=1e-12)
+
+
+def test_twinned_target_at_zero_fraction_is_the_plain_one():
     """For least squares at α = 0 the twinned target is the plain one: same value, derivative and
     curvature."""
     t, fm, work = _twinned_target("ls", 0.0)

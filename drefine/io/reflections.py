@@ -406,8 +406,7 @@ def _load(p: Path, notes: list[str]) -> gemmi.Mtz:
     if mtz.nreflections == 0:
         raise InputError(f"{p} contains no reflections")
     mtz.ensure_asu()
-    hkl = np.asarray(mtz.make_miller_array(), dtype=np.int64)
-    key = ((hkl[:, 0] + 1024) << 42) | ((hkl[:, 1] + 1024) << 21) | (hkl[:, 2] + 1024)
+    key = hkl_keys(mtz.make_miller_array())
     n_dup = len(key) - len(np.unique(key))
     if n_dup:
         raise InputError(f"{p}: {n_dup} reflections occur more than once in the asymmetric unit "
@@ -684,10 +683,15 @@ def _values_text(values: np.ndarray) -> str:
     return ", ".join(str(x) for x in v)
 
 
+def hkl_keys(hkl) -> np.ndarray:
+    """One int64 per Miller index (|h|, |k|, |l| < 1024), for sorting, lookup and hashing."""
+    h = np.asarray(hkl, dtype=np.int64) + 1024
+    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]
+
+
 def _hkl_uniform(hkl: np.ndarray, seed: int) -> np.ndarray:
     """A reproducible uniform [0, 1) number per Miller index (splitmix64 of (h, k, l, seed))."""
-    h = np.asarray(hkl, dtype=np.int64) + 1024
-    key = ((h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]).astype(np.uint64)
+    key = hkl_keys(hkl).astype(np.uint64)
     s = np.array([int(seed) & 0xFFFFFFFFFFFFFFFF], dtype=np.uint64)
     golden = np.uint64(0x9E3779B97F4A7C15)
     z = key * golden + s * np.uint64(0xD1B54A32D192ED03) + golden

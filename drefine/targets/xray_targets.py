@@ -244,12 +244,10 @@ class TwinnedTarget:
         return (self.mate >= 0) & np.isfinite(self.inner.f_obs)
 
     def twinned_amplitudes(self, f_model: np.ndarray, fraction: float | None = None) -> np.ndarray:
-        """F_twin per reflection (0 where the mate is missing)."""
-        alpha = self.fraction if fraction is None else fraction
-        a2 = np.abs(f_model) ** 2
-        ok = self.mate >= 0
-        mate_a2 = np.where(ok, a2[np.where(ok, self.mate, 0)], 0.0)
-        return np.where(ok, np.sqrt((1.0 - alpha) * a2 + alpha * mate_a2), 0.0)
+        """F_twin per reflection (0 where the mate is missing): the bulk-solvent fit's function."""
+        from ..density.bulk_solvent import twinned_amplitudes
+
+        return twinned_amplitudes(f_model, (self.mate, self.fraction if fraction is None else fraction))
 
     def _gather(self, u: np.ndarray, fraction: float) -> np.ndarray:
         """(1 − α) u(j) + α Σ_{h: mate[h] = j} u(h)."""

@@ -23,14 +23,11 @@ from __future__ import annotations
 import gemmi
 import numpy as np
 
+from ..io.reflections import hkl_keys
+
 L_TWINNED = 0.44  # ⟨|L|⟩ below this suggests twinning (xtriage's threshold; untwinned 0.5)
 H_TWIN_FRACTION = 0.1  # an H-test twin fraction above this, with the L-test, names the twin law
 MIN_PAIRS = 100  # fewer pairs than this: no verdict from that test
-
-
-def _keys(hkl: np.ndarray) -> np.ndarray:
-    h = np.asarray(hkl, dtype=np.int64) + 1024
-    return (h[:, 0] * 2048 + h[:, 1]) * 2048 + h[:, 2]
 
 
 def hkl_rotation(op: gemmi.Op) -> np.ndarray:
@@ -42,7 +39,7 @@ def hkl_rotation(op: gemmi.Op) -> np.ndarray:
 def equivalent_rows(hkl: np.ndarray, targets: np.ndarray, spacegroup: gemmi.SpaceGroup) -> np.ndarray:
     """For each row of `targets` (Miller indices), the row of `hkl` holding a symmetry or Friedel
     equivalent of it, or −1 (not measured)."""
-    keys = _keys(hkl)
+    keys = hkl_keys(hkl)
     order = np.argsort(keys)
     sorted_keys = keys[order]
     out = np.full(len(targets), -1, dtype=np.int64)
@@ -53,7 +50,7 @@ def equivalent_rows(hkl: np.ndarray, targets: np.ndarray, spacegroup: gemmi.Spac
         for sign in (1, -1):
             if not len(todo):
                 return out
-            k = _keys(sign * (targets[todo] @ r))
+            k = hkl_keys(sign * (targets[todo] @ r))
             pos = np.clip(np.searchsorted(sorted_keys, k), 0, len(sorted_keys) - 1)
             hit = sorted_keys[pos] == k
             out[todo[hit]] = order[pos[hit]]
