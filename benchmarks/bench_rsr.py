@@ -6,10 +6,11 @@ electron model map at D_MIN, start shaken by 0.5 Å RMS with seed 7):
 Every output is scored by tools/metrics.py (RMSD to truth, geometry on the CCP4 library, CC).
 servalcat refine_spa_norefmac (10 cycles, --hydrogen no, same library) runs in the same session on
 the cases named by --servalcat (needs the peers' venv: tools/peers_setup.sh).
-Also: the weight scan alone on 5fuu at 3 Å with 1 and 2 workers.
+Also: the weight scan alone on 5fuu at 3 Å with 1 and 2 workers (--scan-workers), and the start-up
+stages of a process on this stack (--startup: interpreter, numpy/gemmi, scipy, numba's first kernel).
 
 Usage: python benchmarks/bench_rsr.py [--cases 4hg7_3.0,...] [--servalcat 4hg7_3.0,5fuu_3.0]
-                                      [--work DIR] [--scan-workers]
+                                      [--work DIR] [--scan-workers] [--startup]
 Prints one line per run; paste the table into BENCHMARKS.md.
 """
 import argparse
@@ -129,12 +130,47 @@ def scan_workers(work: Path, rounds: int = 7) -> list[str]:
     return [out.stdout.strip().splitlines()[-1] if out.returncode == 0 else f"scan FAILED: {out.stderr[-2000:]}"]
 
 
+#: start-up stages of a Python process on drefine's stack, each a whole `python -c` run: the
+#: interpreter; + numpy and gemmi; + scipy's minimiser and FFT; + numba and the load of one cached
+#: kernel (drefine's tricubic interpolation on a tiny map; numba initialises its compiler target on
+#: the first load, cached or not); and `drefine rsr --help` (the CLI's imports)
+STARTUP_STAGES = {
+    "python": "pass",
+    "+ numpy, gemmi": "import numpy, gemmi",
+    "+ scipy.optimize, scipy.fft": "import numpy, gemmi, scipy.optimize, scipy.fft",
+    "+ numba, one cached kernel": (
+        "import numpy as np, gemmi, scipy.optimize, scipy.fft\n"
+        "from drefine.io.maps import DensityMap\nfrom drefine.density.interpolate import interpolate\n"
+        "m = DensityMap(np.zeros((8, 8, 8)), gemmi.UnitCell(8, 8, 8, 90, 90, 90), (8, 8, 8), (0, 0, 0))\n"
+        "interpolate(m, np.full((1, 3), 4.0))"),
+}
+
+
+def startup_floor(rounds: int = 7) -> list[str]:
+    """Median wall time (s) of each start-up stage over `rounds` runs (after one warm run each),
+    and of `drefine rsr --help`: the part of a whole-process time no refinement code can save."""
+    out = []
+    runs = [(name, [sys.executable, "-c", code]) for name, code in STARTUP_STAGES.items()]
+    runs.append(("drefine rsr --help", [DREFINE, "rsr", "--help"]))
+    for name, cmd in runs:
+        subprocess.run(cmd, capture_output=True, check=True)
+        times = []
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            subprocess.run(cmd, capture_output=True, check=True)
+            times.append(time.perf_counter() - t0)
+        out.append(f"startup {name:30s} {sorted(times)[len(times) // 2]:.2f} s (median of {rounds}; "
+                   f"{min(times):.2f}-{max(times):.2f})")
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(ALL_CASES))
     ap.add_argument("--servalcat", default="4hg7_3.0,5fuu_3.0")
     ap.add_argument("--work", default=os.environ.get("TMPDIR", "/tmp") + "/drefine_bench_rsr")
     ap.add_argument("--scan-workers", action="store_true")
+    ap.add_argument("--startup", action="store_true", help="time the start-up stages of a process on this stack")
     a = ap.parse_args()
     work = Path(a.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -146,6 +182,9 @@ def main():
         print(run_drefine(d, case, res), flush=True)
         if case in a.servalcat.split(","):
             print(run_servalcat(d, case, res), flush=True)
+    if a.startup:
+        for line in startup_floor():
+            print(line, flush=True)
     if a.scan_workers:
         make_case(work, "5fuu_3.0")
         for line in scan_workers(work):

@@ -61,17 +61,41 @@ def test_rsr_recovers_the_truth(synthetic_case, tmp_path):
 
 
 def test_weight_scan_is_identical_serial_and_on_a_cluster(synthetic_case):
-    from distributed import Client, LocalCluster
+    # drefine's own local cluster, as the command starts it (a plain LocalCluster's nanny would also
+    # leave dask's MALLOC_TRIM_THRESHOLD_ in this process's environment for later tests' workers)
+    from drefine.parallel.cluster import task_client
 
     _, _, start = synthetic_case
     r = build_restraints(start)
     dmap = normalised_map(model_density_map(start, 3.0, padding=6.0))
     serial = weight_scan(start, dmap, r, n_segments=4, iterations=60)
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with task_client(None, 2) as client:
         parallel = weight_scan(start, dmap, r, client=client, n_segments=4, iterations=60)
     assert parallel.weight == serial.weight
     assert parallel.per_segment == serial.per_segment
+
+
+def test_segment_problem_carries_the_map_around_its_segment_in_single_precision(synthetic_case):
+    """A scan task's map box: the segment's atoms (not its fixed neighbours) plus the margin, in
+    float32; map values at the segment's atoms, and 2 Å away, as the whole map's to float32."""
+    from drefine.density.interpolate import interpolate
+    from drefine.refine.rsr import map_box_around
+    from drefine.refine.weight import SEGMENT_MAP_MARGIN, make_segments, segment_problem
+
+    _, _, start = synthetic_case
+    r = build_restraints(start)
+    dmap = normalised_map(model_density_map(start, 3.0, padding=8.0))
+    seg = make_segments(start, r, 1)[0]
+    p = segment_problem(start, dmap, r, seg, None, None, periodic=False)
+    assert p.dmap.data.dtype == np.float32 and len(p.xyz) > len(seg)
+    xyz = start.atoms.xyz[seg]
+    around_problem = map_box_around(dmap, p.xyz, SEGMENT_MAP_MARGIN)
+    assert p.dmap.data.size < around_problem.data.size
+    for shift in (0.0, 2.0):
+        at = xyz + shift / np.sqrt(3)
+        whole = interpolate(dmap, at, gradient=False).values
+        box = interpolate(p.dmap, at, gradient=False).values
+        np.testing.assert_allclose(box, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
 
 
 def test_restraint_subset_gives_the_same_gradient_on_movable_atoms(example_model_path):

@@ -94,7 +94,10 @@ def segment_problem(model: Model, dmap: DensityMap, restraints: Restraints, segm
     if not periodic:
         from .rsr import map_box_around  # (rsr imports this module)
 
-        box = map_box_around(dmap, xyz, SEGMENT_MAP_MARGIN)
+        # the map target reads the segment's atoms only (the others are fixed); single precision
+        # halves what a task carries again (the interpolation kernel reads float32 as it is)
+        box = map_box_around(dmap, model.atoms.xyz[segment], SEGMENT_MAP_MARGIN)
+        box = replace(box, data=box.data.astype(np.float32))
     is_h = model.atoms.is_hydrogen
     return SegmentProblem(geometry=geom, xyz=xyz, segment=np.searchsorted(atoms, segment),
                           map_weights=AtomCentredMapTarget(model, dmap, segment).weights,
