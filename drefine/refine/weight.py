@@ -9,7 +9,8 @@ satisfied by the segment alone) stay within the targets (default 0.01 Å, 1.0°)
 more than 2 robust SDs (in log weight) from the median are dropped; the weight is the geometric
 mean of the rest. One task per segment (all weights), so tasks are coarse; each carries only
 its segment's problem (the restraints and contacts it reaches, and the map within 6 Å of the
-segment's atoms, in single precision), so nothing model- or map-sized travels. Serial and parallel runs give identical results.
+segment's atoms, in single precision), so nothing model- or map-sized travels. Serial and
+parallel runs give identical results.
 """
 from __future__ import annotations
 
@@ -68,8 +69,9 @@ class SegmentProblem:
     """One segment's trials, self-contained and small (what a task receives): the geometry
     target over the segment and the atoms its restraints and contacts reach, renumbered; their
     positions (Å); the segment's atoms within them; its atom-centred weights; and the map around
-    the segment's atoms (a float32 box cut from a cryo-EM map, or None for a periodic crystal map, which the tasks share
-    as they share the Ramachandran tables: a problem's `geometry.rama.potential` is None).
+    the segment's atoms (a float32 box cut from a cryo-EM map, or None for a periodic crystal map,
+    which the tasks share as they share the Ramachandran tables: a problem's
+    `geometry.rama.potential` is None).
     Shipping a segment's own small box instead of the whole map is the dask-image pattern:
     each task gets only the slice it reads."""
 
