@@ -95,3 +95,15 @@ def rmsd(a, b) -> float:
     import numpy as np
 
     return float(np.sqrt(((np.asarray(a) - np.asarray(b)) ** 2).sum(1).mean()))
+
+
+def write_xray_case(d: Path, table, truth, shake: float = 0.3, seed: int = 5) -> None:
+    """An `xray` command's inputs in `d`: data.mtz (the table without its phases, as measured
+    data come) and start.cif (`truth` shaken by `shake` Å RMS, seeded)."""
+    from drefine.io.models import write_model
+    from drefine.model.perturb import shake_coordinates
+
+    table.phases_deg = None
+    table.to_mtz(d / "data.mtz")
+    shaken, _ = shake_coordinates(truth, shake, seed=seed)
+    write_model(shaken, d / "start.cif")

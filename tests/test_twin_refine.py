@@ -5,12 +5,11 @@ import json
 import gemmi
 import numpy as np
 import pytest
-from conftest import p212121_structure, rmsd
+from conftest import p212121_structure, rmsd, write_xray_case
 
 from drefine.cli import main
 from drefine.density.synthetic import synthetic_reflections
-from drefine.io.models import read_model, write_model
-from drefine.model.perturb import shake_coordinates
+from drefine.io.models import read_model
 from drefine.validate.twinning import twin_mates
 
 ALPHA = 0.4
@@ -30,10 +29,7 @@ def twinned_case(example_model_path, tmp_path_factory):
     mate = twin_mates(table, "h,-k,-l")
     i = table.f_obs ** 2
     table.f_obs = np.sqrt((1 - ALPHA) * i + ALPHA * i[np.maximum(mate, 0)])
-    table.phases_deg = None
-    table.to_mtz(d / "data.mtz")
-    shaken, _ = shake_coordinates(truth, 0.3, seed=5)
-    write_model(shaken, d / "start.cif")
+    write_xray_case(d, table, truth)
     return d, truth
 
 

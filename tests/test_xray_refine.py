@@ -8,7 +8,7 @@ import json
 import gemmi
 import numpy as np
 import pytest
-from conftest import need, p212121_structure, rmsd
+from conftest import need, p212121_structure, rmsd, write_xray_case
 
 from drefine.cli import main
 from drefine.density.crystal_fft import CrystalStructureFactors
@@ -18,7 +18,6 @@ from drefine.density.synthetic import synthetic_reflections
 from drefine.io.models import read_model, write_model
 from drefine.io.reflections import read_reflections
 from drefine.model.occupancy import occupancy_groups
-from drefine.model.perturb import shake_coordinates
 from drefine.refine.uncertainty import amplitude_jacobian
 from drefine.refine.xray import map_coefficients
 from drefine.restraints.adp import ADPPairs, b_similarity_term, u_similarity_term
@@ -271,10 +270,7 @@ def refinement_case(crystal_model, tmp_path_factory):
     d = tmp_path_factory.mktemp("xcase")
     m = read_model(crystal_model)
     table = synthetic_reflections(m, 2.0, noise=0.03, seed=1)
-    table.phases_deg = None
-    table.to_mtz(d / "data.mtz")
-    shaken, _ = shake_coordinates(m, 0.3, seed=5)
-    write_model(shaken, d / "start.cif")
+    write_xray_case(d, table, m)
     return d, m
 
 
