@@ -271,6 +271,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight of the density variables relative to the geometry (default 0.1; see README)")
     u.add_argument("--low-cut", type=_positive_float, default=0.4, metavar="1/Å",
                    help="reflections with |s| = |k|/2π below this carry no weight (default 0.4, i.e. d > 2.5 Å)")
+    u.add_argument("--bond-tolerance", metavar="S1[,S2]", default="1,0.3",
+                   help="bond windows: ideal ± S × the dictionary's σ, in stage 1 and in the stages after it "
+                        "(default 1,0.3: loose while untangling, tight at the end, so that no bond is left wherever "
+                        "the data put it inside a wide window)")
     u.add_argument("--peptide-motifs", action="store_true",
                    help="also constrain peptide units (CA-C-O-N-CA-H) as rigid trans/cis motifs (0.15 Å); off by "
                         "default: on 1AHO they pulled Ala39's N-CA 0.04 Å off ideal")
@@ -955,6 +959,12 @@ def cmd_untangle(args) -> int:
         raise DrefineError(f"--iterations takes N1[,N2], not {args.iterations!r}") from None
     if not iterations or min(iterations) < 1:
         raise DrefineError("--iterations: every stage needs at least one iteration")
+    try:
+        bond_tolerance = tuple(float(x) for x in args.bond_tolerance.split(","))
+    except ValueError:
+        raise DrefineError(f"--bond-tolerance takes S1[,S2], not {args.bond_tolerance!r}") from None
+    if len(bond_tolerance) not in (1, 2) or not all(np.isfinite(t) and t > 0 for t in bond_tolerance):
+        raise DrefineError(f"--bond-tolerance takes one or two positive numbers, not {args.bond_tolerance!r}")
     if not 0 < args.beta <= 1:
         raise DrefineError(f"--beta must be in (0, 1], got {args.beta}")
     if args.checkpoint_every < 1 or args.chunks < 0 or args.crossing_cycles < 0 or args.adp_cycles < 0:
@@ -986,7 +996,8 @@ def cmd_untangle(args) -> int:
     restraints = build_restraints(model, args.monlib, tuple(args.dict), unknown_residues=args.unknown_residues)
     opt = UntangleOptions(iterations=iterations, beta=args.beta, s_cut=args.low_cut, use_free=args.use_free,
                           checkpoint_every=args.checkpoint_every, representation=args.representation,
-                          double_precision=args.double, memmap=args.memmap, peptide_motifs=args.peptide_motifs)
+                          double_precision=args.double, memmap=args.memmap, peptide_motifs=args.peptide_motifs,
+                          bond_tolerance=bond_tolerance[0], bond_tolerance_final=bond_tolerance[-1])
     if args.g is not None:
         opt.g = args.g
     phases = table.phases_deg if args.phases else None

@@ -498,6 +498,37 @@ def test_disulfide_projection_takes_the_nearer_pairing():
     assert np.allclose(project_disulfides(p, 2.03, 0.02), p)
 
 
+def test_later_stages_hold_bonds_in_tighter_windows_and_resume_with_them(tangled_case, tmp_path):
+    _, tangled, table, _ = tangled_case
+
+    def bond_z(u):
+        r = u.geometry.restraints
+        d = np.linalg.norm(u.xyz[r.bond_atoms[:, 0]] - u.xyz[r.bond_atoms[:, 1]], axis=1)
+        return (d - r.bond_ideal) / r.bond_sigma
+
+    loose = _untangler(tangled, table, iterations=(15, 15), bond_tolerance=1.0, bond_tolerance_final=1.0)
+    loose.run()
+    tight = _untangler(tangled, table, iterations=(15, 15), bond_tolerance=1.0, bond_tolerance_final=0.3)
+    tight.run()
+    assert [h["gap"] for h in tight.history[:15]] == [h["gap"] for h in loose.history[:15]]  # stage 1 alike
+    z_loose, z_tight = bond_z(loose), bond_z(tight)
+    assert np.sqrt(np.mean(z_tight ** 2)) < 0.8 * np.sqrt(np.mean(z_loose ** 2))
+    assert np.abs(z_tight).max() < np.abs(z_loose).max()
+    # a checkpoint taken in stage 2 resumes with stage 2's windows: the run continues exactly
+    first = _untangler(tangled, table, iterations=(15, 15), bond_tolerance=1.0, bond_tolerance_final=0.3)
+    first.start_stage()
+    for _ in range(15):
+        first.step()
+    first.stage, first.iteration = 1, 0
+    first.start_stage()
+    first.step()
+    first.save_checkpoint(tmp_path / "ck")
+    second = _untangler(tangled, table, iterations=(15, 15), bond_tolerance=1.0, bond_tolerance_final=0.3)
+    second.load_checkpoint(tmp_path / "ck")
+    second.run(resumed=True)
+    assert np.array_equal(second.xyz, tight.xyz)
+
+
 def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled_case, tmp_path, capsys):
     import json
 
@@ -533,6 +564,9 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     err = capsys.readouterr().err
     assert "torn_crossings.npz" in err and "Traceback" not in err
     assert main(["untangle", str(tangled), str(mtz), "--iterations", "0", "-o", str(tmp_path / "z")]) == 1
+    for bad in ("0,0.3", "1,x", "1,0.5,0.3"):
+        assert main(["untangle", str(tangled), str(mtz), "--bond-tolerance", bad, "-o", str(tmp_path / "z")]) == 1
+        assert "--bond-tolerance" in capsys.readouterr().err
     assert not list(tmp_path.glob("[xyz].*"))
 
 

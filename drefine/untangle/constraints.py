@@ -1,7 +1,8 @@
 """Divide-and-concur geometry: constraint sets from the restraint dictionary, replicas, RRR.
 
 Every constraint owns a replica of the positions of its atoms (Gravel & Elser 2008). The sets:
-- bonds: |a − b| within ideal ± tol (tol = the dictionary's σ);
+- bonds: |a − b| within ideal ± tol (tol = the dictionary's σ times a scale the run may change
+  between stages: `set_bond_tolerance`);
 - angles: the rigid 3-atom motif built from the two ideal bond lengths and the ideal angle;
 - chiral centres: the rigid 4-atom motif (centre and three neighbours) from the ideal bonds and
   angles with the dictionary's handedness (both hands where the dictionary allows either);
@@ -251,9 +252,9 @@ class DivideAndConcur:
             keep_bond[ss_rows] = False
         self.ss_ideal = (float(np.median(restraints.bond_ideal[~keep_bond])) if (~keep_bond).any() else 2.03)
         self.ss_tol = (float(np.median(restraints.bond_sigma[~keep_bond])) if (~keep_bond).any() else 0.02)
+        self._bond_sigma = restraints.bond_sigma[keep_bond].copy()
         groups = [_Group("bond", restraints.bond_atoms[keep_bond].astype(np.int64), ETA_GEOMETRY,
-                         ideal=restraints.bond_ideal[keep_bond].copy(),
-                         tol=restraints.bond_sigma[keep_bond] * bond_tol_scale)]
+                         ideal=restraints.bond_ideal[keep_bond].copy(), tol=self._bond_sigma * bond_tol_scale)]
         atoms, motifs = _angle_motifs(restraints, length)
         groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), motif_tolerance), motifs=motifs))
         atoms, motifs = _chiral_motifs(restraints, length, angle)
@@ -274,6 +275,12 @@ class DivideAndConcur:
         if nonbonded is not None:
             self.exclusion = self._exclusion_pairs(nonbonded, model.atoms.xyz)
         self._layout()
+
+    def set_bond_tolerance(self, scale: float) -> None:
+        """Bond windows ideal ± scale × the dictionary's σ from now on (a stage may tighten them)."""
+        for g in self.fixed_groups:
+            if g.kind == "bond":
+                g.tol = self._bond_sigma * scale
 
     # -- layout of the replica iterate ---------------------------------------------------------
     def _groups(self):
