@@ -278,6 +278,10 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--peptide-motifs", action="store_true",
                    help="also constrain peptide units (CA-C-O-N-CA-H) as rigid trans/cis motifs (0.15 Å); off by "
                         "default: on 1AHO they pulled Ala39's N-CA 0.04 Å off ideal")
+    u.add_argument("--torsion-motifs", action="store_true",
+                   help="experimental: also constrain every torsion inside a residue (side-chain chi and the "
+                        "like) as a rigid 4-atom motif at the dictionary's allowed values, the nearest taken, "
+                        "within the displacement its sigma allows")
     u.add_argument("--use-free", action="store_true",
                    help="also use the free set (default: work set only, so R-free stays free)")
     u.add_argument("--truth", metavar="MODEL",
@@ -997,7 +1001,8 @@ def cmd_untangle(args) -> int:
     opt = UntangleOptions(iterations=iterations, beta=args.beta, s_cut=args.low_cut, use_free=args.use_free,
                           checkpoint_every=args.checkpoint_every, representation=args.representation,
                           double_precision=args.double, memmap=args.memmap, peptide_motifs=args.peptide_motifs,
-                          bond_tolerance=bond_tolerance[0], bond_tolerance_final=bond_tolerance[-1])
+                          bond_tolerance=bond_tolerance[0], bond_tolerance_final=bond_tolerance[-1],
+                          torsion_motifs=args.torsion_motifs)
     if args.g is not None:
         opt.g = args.g
     phases = table.phases_deg if args.phases else None

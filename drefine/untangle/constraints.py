@@ -130,6 +130,40 @@ def _chiral_motifs(r: Restraints, length, angle) -> tuple[np.ndarray, np.ndarray
     return c, out
 
 
+def _torsion_motifs(model: Model, r: Restraints, length, angle) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Torsions inside a residue (side-chain χ and the like) as rigid 4-atom motifs, one per allowed
+    value of the dictionary's torsion (ideal + 360°·m/period), the nearest taken by the projection:
+    [(atoms (n, 4) i j k l, motifs (n, period, 4, 3), tolerance (n,) Å)], a group per period. The
+    tolerance is the displacement of l that the torsion's σ allows (|kl| sin ∠jkl · σ), at least
+    MOTIF_TOLERANCE. Link torsions (ω, φ, ψ) are left out: a cis peptide would need its own motif."""
+    t = r.torsion_atoms.astype(np.int64)
+    if not len(t):
+        return []
+    i, j, k, l = t.T
+    res = model.atoms.residue_index
+    same = (res[i] == res[j]) & (res[j] == res[k]) & (res[k] == res[l])
+    lij, ljk, lkl = length(i, j), length(j, k), length(k, l)
+    a1, a2 = angle(j, i, k), angle(k, j, l)
+    ok = same & np.isfinite(lij + ljk + lkl + a1 + a2)
+    out = []
+    for period in np.unique(r.torsion_period[ok]):
+        sel = ok & (r.torsion_period == period)
+        n, per = int(sel.sum()), int(period)
+        phi = r.torsion_ideal[sel][:, None] + 2.0 * np.pi * np.arange(per)[None, :] / per
+        m = np.zeros((n, per, 4, 3))
+        # j at the origin, k along x, i in the xy-plane (+y): l's dihedral about j→k is φ
+        m[:, :, 0, 0] = (lij[sel] * np.cos(a1[sel]))[:, None]
+        m[:, :, 0, 1] = (lij[sel] * np.sin(a1[sel]))[:, None]
+        m[:, :, 2, 0] = ljk[sel][:, None]
+        s2 = np.sin(a2[sel])[:, None]
+        m[:, :, 3, 0] = (ljk[sel] - lkl[sel] * np.cos(a2[sel]))[:, None]
+        m[:, :, 3, 1] = lkl[sel][:, None] * s2 * np.cos(phi)
+        m[:, :, 3, 2] = lkl[sel][:, None] * s2 * np.sin(phi)
+        tol = np.maximum(MOTIF_TOLERANCE, lkl[sel] * np.sin(a2[sel]) * r.torsion_sigma[sel])
+        out.append((t[sel], m, tol))
+    return out
+
+
 def _peptide_motifs(model: Model, r: Restraints, length, angle) -> list[tuple[np.ndarray, np.ndarray]]:
     """Peptide units as rigid motifs, trans and cis: [(atoms (n, k), motifs (n, 2, k, 3))] for k = 6
     (CA₁ C₁ O₁ N₂ CA₂ H₂) and k = 5 (no H₂: proline, or no hydrogens in the model). The planar
@@ -241,7 +275,7 @@ class DivideAndConcur:
 
     def __init__(self, model: Model, restraints: Restraints, nonbonded=None, bond_tol_scale: float = 1.0,
                  motif_tolerance: float = MOTIF_TOLERANCE, planes: bool = True, disulfides: bool = True,
-                 peptides: bool = True):
+                 peptides: bool = True, torsions: bool = False):
         self.model, self.restraints = model, restraints
         self.n_atoms = len(model.atoms)
         length, angle = _bond_lookup(restraints), _angle_lookup(restraints)
@@ -264,6 +298,9 @@ class DivideAndConcur:
             for atoms, motifs in _peptide_motifs(model, restraints, length, angle):
                 groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=np.full(len(atoms), PEPTIDE_TOLERANCE),
                                      motifs=motifs))
+        if torsions:
+            for atoms, motifs, tol in _torsion_motifs(model, restraints, length, angle):
+                groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=tol, motifs=motifs))
         if planes:
             for atoms, sigma in _plane_groups(restraints):
                 groups.append(_Group("plane", atoms, ETA_GEOMETRY, tol=sigma * np.sqrt(atoms.shape[1])))
