@@ -19,8 +19,10 @@ drefine uses). The concur projection takes every atom to the η-weighted mean of
 (η = 10 for geometry, 1 for exclusion), and RRR iterates
     x ← x + β (P_C(2 P_D(x) − x) − P_D(x)),
 the gap |P_C(2P_D(x) − x) − P_D(x)| measuring how far the constraint sets are from agreeing.
-Not here: torsion motifs (rotamers as allowed motif sets); rings and other planar groups are
-coplanarity sets (with their bonds and angles), not rigid motifs.
+- torsions inside a residue (optional, `torsions=True`): rigid 4-atom motifs at each allowed value
+  of the dictionary's torsion, the nearest taken (on 1AHO lotswrong they did not help: BENCHMARKS).
+Not here: rings and other planar groups are coplanarity sets (with their bonds and angles), not
+rigid motifs.
 """
 from __future__ import annotations
 
