@@ -8,6 +8,8 @@ Every constraint owns a replica of the positions of its atoms (Gravel & Elser 20
   angles with the dictionary's handedness (both hands where the dictionary allows either);
 - peptide units (CA₁ C₁ O₁ N₂ CA₂ [H₂]): rigid motifs, trans or cis (the nearer is taken), built
   from the dictionary's bonds and angles;
+- torsions inside a residue (optional, `torsions=True`): rigid 4-atom motifs at each allowed value
+  of the dictionary's torsion, the nearest taken (on 1AHO lotswrong they did not help: BENCHMARKS);
 - planes: the dictionary's planes, each set the configurations within σ·√k of coplanar;
 - disulfides between two-conformer cysteines: which conformers bridge is left to the projection
   (minimum-cost matching), not to the altloc labels;
@@ -19,8 +21,6 @@ drefine uses). The concur projection takes every atom to the η-weighted mean of
 (η = 10 for geometry, 1 for exclusion), and RRR iterates
     x ← x + β (P_C(2 P_D(x) − x) − P_D(x)),
 the gap |P_C(2P_D(x) − x) − P_D(x)| measuring how far the constraint sets are from agreeing.
-- torsions inside a residue (optional, `torsions=True`): rigid 4-atom motifs at each allowed value
-  of the dictionary's torsion, the nearest taken (on 1AHO lotswrong they did not help: BENCHMARKS).
 Not here: rings and other planar groups are coplanarity sets (with their bonds and angles), not
 rigid motifs.
 """
