@@ -273,8 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="reflections with |s| = |k|/2π below this carry no weight (default 0.4, i.e. d > 2.5 Å)")
     u.add_argument("--bond-tolerance", metavar="S1[,S2]", default="1,0.3",
                    help="bond windows: ideal ± S × the dictionary's σ, in stage 1 and in the stages after it "
-                        "(default 1,0.3: loose while untangling, tight at the end, so that no bond is left wherever "
-                        "the data put it inside a wide window)")
+                        "(one number: every stage; default 1,0.3: loose while untangling, tight at the end, so "
+                        "that no bond is left wherever the data put it inside a wide window)")
     u.add_argument("--peptide-motifs", action="store_true",
                    help="also constrain peptide units (CA-C-O-N-CA-H) as rigid trans/cis motifs (0.15 Å); off by "
                         "default: on 1AHO they pulled Ala39's N-CA 0.04 Å off ideal")

@@ -212,10 +212,9 @@ def test_torsion_motifs_have_the_ideal_bonds_and_every_allowed_dihedral(example_
         assert np.abs(diff).max() < 1e-6
 
 
-@pytest.mark.parametrize("torsions", [False, True])
-def test_rrr_finds_a_point_satisfying_every_geometry_constraint(example_model_path, torsions):
+def test_rrr_finds_a_point_satisfying_every_geometry_constraint(example_model_path):
     """Geometry-only divide and concur from a 0.3 Å shaken start: the gap closes and every bond,
-    angle/chirality (and torsion) motif and exclusion is then satisfied by the concurred positions."""
+    angle/chirality motif and exclusion is then satisfied by the concurred positions."""
     from drefine.model.perturb import shake_coordinates
     from drefine.restraints.nonbonded import find_nonbonded_pairs
     from drefine.restraints.topology import build_restraints
@@ -224,18 +223,12 @@ def test_rrr_finds_a_point_satisfying_every_geometry_constraint(example_model_pa
     m = read_model(example_model_path)
     rs = build_restraints(m)
     start, _ = shake_coordinates(m, 0.3, 1)
-    dc = DivideAndConcur(start, rs, find_nonbonded_pairs(start, rs, start.atoms.xyz, buffer=1.0), torsions=torsions)
-    assert any(g.motifs is not None and g.motifs.shape[2] == 4 and g.motifs.shape[1] == 3 for g in dc.groups) == torsions
+    dc = DivideAndConcur(start, rs, find_nonbonded_pairs(start, rs, start.atoms.xyz, buffer=1.0))
     x = dc.replicas(start.atoms.xyz)
     gaps = []
-    for _ in range(300 if torsions else 150):
+    for _ in range(150):
         x, gap = dc.rrr_step(x)
         gaps.append(gap)
-    if torsions:
-        # with the torsion motifs a Leu χ2 stays frustrated (its two CD torsions and the rest) and
-        # RRR closes the gap slowly (from 0.13 Å to below 2 % of that in 300 steps, 1.3e-3 Å in 400)
-        assert gaps[0] > 0.05 and gaps[-1] < 0.02 * gaps[0]
-        return
     assert gaps[0] > 0.05 and gaps[-1] < 1e-6
     pos = dc.positions(dc.divide(x), start.atoms.xyz)
     # at the fixed point the concurred positions lie in every divide set
@@ -243,6 +236,31 @@ def test_rrr_finds_a_point_satisfying_every_geometry_constraint(example_model_pa
     assert np.abs(again - dc.replicas(pos)).max() < 1e-5
     d = np.linalg.norm(pos[rs.bond_atoms[:, 0]] - pos[rs.bond_atoms[:, 1]], axis=1)
     assert np.all(np.abs(d - rs.bond_ideal) <= rs.bond_sigma + 1e-5)
+
+
+def test_rrr_with_torsion_motifs_closes_most_of_the_gap_but_not_all(example_model_path):
+    """The same with the (experimental) torsion motifs: they join the sets, and RRR closes the gap
+    only slowly, to < 2 % of its start in 300 steps, not to zero: on this model a Leu χ2 stays
+    frustrated between its CD1 torsion motif and the other sets (1.3e-3 Å after 400 steps). That
+    is what this test holds; it documents why the option is off, not a feasible fixed point."""
+    from drefine.model.perturb import shake_coordinates
+    from drefine.restraints.nonbonded import find_nonbonded_pairs
+    from drefine.restraints.topology import build_restraints
+    from drefine.untangle.constraints import DivideAndConcur
+
+    m = read_model(example_model_path)
+    rs = build_restraints(m)
+    start, _ = shake_coordinates(m, 0.3, 1)
+    nb = find_nonbonded_pairs(start, rs, start.atoms.xyz, buffer=1.0)
+    plain, dc = DivideAndConcur(start, rs, nb), DivideAndConcur(start, rs, nb, torsions=True)
+    assert len(dc.groups) > len(plain.groups)
+    assert any(g.motifs is not None and g.motifs.shape[1:3] == (3, 4) for g in dc.groups)
+    x = dc.replicas(start.atoms.xyz)
+    gaps = []
+    for _ in range(300):
+        x, gap = dc.rrr_step(x)
+        gaps.append(gap)
+    assert gaps[0] > 0.05 and gaps[-1] < 0.02 * gaps[0]
 
 
 def test_validate_reports_tangled_residues_against_a_truth(data_dir, capsys, tmp_path):

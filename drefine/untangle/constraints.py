@@ -31,6 +31,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..model.arrays import Model
+from ..restraints.build_builtin_monlib import nerf
 from ..restraints.topology import Restraints
 from .projections import (
     concur_positions,
@@ -153,14 +154,12 @@ def _torsion_motifs(model: Model, r: Restraints, length, angle) -> list[tuple[np
         n, per = int(sel.sum()), int(period)
         phi = r.torsion_ideal[sel][:, None] + 2.0 * np.pi * np.arange(per)[None, :] / per
         m = np.zeros((n, per, 4, 3))
-        # j at the origin, k along x, i in the xy-plane (+y): l's dihedral about j→k is φ
+        # j at the origin, k along x, i in the xy-plane; l placed from them at each allowed φ
         m[:, :, 0, 0] = (lij[sel] * np.cos(a1[sel]))[:, None]
         m[:, :, 0, 1] = (lij[sel] * np.sin(a1[sel]))[:, None]
         m[:, :, 2, 0] = ljk[sel][:, None]
-        s2 = np.sin(a2[sel])[:, None]
-        m[:, :, 3, 0] = (ljk[sel] - lkl[sel] * np.cos(a2[sel]))[:, None]
-        m[:, :, 3, 1] = lkl[sel][:, None] * s2 * np.cos(phi)
-        m[:, :, 3, 2] = lkl[sel][:, None] * s2 * np.sin(phi)
+        m[:, :, 3] = nerf(m[:, :, 0], m[:, :, 1], m[:, :, 2], np.broadcast_to(lkl[sel][:, None, None], (n, per, 1)),
+                          np.degrees(a2[sel])[:, None, None], np.degrees(phi)[:, :, None])
         tol = np.maximum(MOTIF_TOLERANCE, lkl[sel] * np.sin(a2[sel]) * r.torsion_sigma[sel])
         out.append((t[sel], m, tol))
     return out
