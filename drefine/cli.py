@@ -282,6 +282,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experimental: also constrain every torsion inside a residue (side-chain chi and the "
                         "like) as a rigid 4-atom motif at the dictionary's allowed values, the nearest taken, "
                         "within the displacement its sigma allows")
+    u.add_argument("--no-rigid-groups", dest="rigid_groups", action="store_false",
+                   help="keep the dictionary's planes inside residues (rings, guanidinium, carboxylates, amides) as "
+                        "coplanarity sets instead of rigid planar motifs fitted to the dictionary's bonds and angles")
     u.add_argument("--use-free", action="store_true",
                    help="also use the free set (default: work set only, so R-free stays free)")
     u.add_argument("--truth", metavar="MODEL",
@@ -1002,7 +1005,7 @@ def cmd_untangle(args) -> int:
                           checkpoint_every=args.checkpoint_every, representation=args.representation,
                           double_precision=args.double, memmap=args.memmap, peptide_motifs=args.peptide_motifs,
                           bond_tolerance=bond_tolerance[0], bond_tolerance_final=bond_tolerance[-1],
-                          torsion_motifs=args.torsion_motifs)
+                          torsion_motifs=args.torsion_motifs, rigid_groups=args.rigid_groups)
     if args.g is not None:
         opt.g = args.g
     phases = table.phases_deg if args.phases else None

@@ -212,6 +212,74 @@ def test_torsion_motifs_have_the_ideal_bonds_and_every_allowed_dihedral(example_
         assert np.abs(diff).max() < 1e-6
 
 
+def test_planar_figure_is_fitted_where_the_distances_fix_it_and_refused_where_they_do_not():
+    """A trigonal centre with three bonds and the three 1–3 distances of 120° angles, and a square
+    with its four sides and one diagonal, come back with every given distance; a four-atom chain
+    with bonds only (it can fold in the plane) and a figure whose distances cannot all be met are
+    refused."""
+    from drefine.untangle.constraints import _planar_figure
+
+    rng = np.random.default_rng(11)
+    star = np.array([[0, 0, 0], [1.3, 0, 0], [-0.65, 1.126, 0], [-0.65, -1.126, 0]], float)
+    pairs = np.array([[0, 1], [0, 2], [0, 3], [1, 2], [1, 3], [2, 3]])
+    want = np.linalg.norm(star[pairs[:, 0]] - star[pairs[:, 1]], axis=1)
+    bent = star + rng.normal(0, 0.1, star.shape)  # a distorted, non-planar start
+    fig = _planar_figure(bent, pairs, want, np.full(6, 0.02))
+    assert fig is not None and np.allclose(fig[:, 2], 0.0) and np.allclose(fig.mean(0), 0.0, atol=1e-12)
+    assert np.allclose(np.linalg.norm(fig[pairs[:, 0]] - fig[pairs[:, 1]], axis=1), want, atol=1e-6)
+    square = np.array([[0, 0, 0], [1.4, 0, 0], [1.4, 1.4, 0], [0, 1.4, 0]], float)
+    pairs = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2]])
+    want = np.linalg.norm(square[pairs[:, 0]] - square[pairs[:, 1]], axis=1)
+    fig = _planar_figure(square + rng.normal(0, 0.1, (4, 3)), pairs, want, np.full(5, 0.02))
+    assert fig is not None
+    assert np.allclose(np.linalg.norm(fig[pairs[:, 0]] - fig[pairs[:, 1]], axis=1), want, atol=1e-6)
+    assert _planar_figure(square, pairs[:3], want[:3], np.full(3, 0.02)) is None  # a floppy chain
+    # a diagonal longer than two sides together: no figure meets it
+    assert _planar_figure(square, pairs, want * np.array([1, 1, 1, 1, 1.6]), np.full(5, 0.02)) is None
+
+
+def test_rigid_groups_match_the_monomer_librarys_own_ideal_coordinates(data_dir):
+    """Planes inside a residue become rigid planar motifs (rings, guanidinium, carboxylates, amides);
+    planes across residues stay coplanarity sets. Independent check: the
+    heavy atoms of a fitted figure superpose on the same atoms of the monomer library's ideal
+    coordinates (_chem_comp_atom.x/y/z, which the fit never sees) within 0.02 Å rms."""
+    from drefine.restraints.topology import build_restraints
+    from drefine.untangle.constraints import DivideAndConcur, _bond_lookup, _rigid_groups
+
+    monlib = need(data_dir, "monlib")
+    m = read_model(need(data_dir, "untangle/best.pdb"))
+    rs = build_restraints(m, monlib)
+    groups, replaced = _rigid_groups(m, rs, _bond_lookup(rs))
+    at, res = m.atoms, m.atoms.residue_index
+    sizes = np.diff(rs.plane_start)
+    plane_res = [set(res[rs.plane_atoms[a:b]].tolist()) for a, b in zip(rs.plane_start[:-1], rs.plane_start[1:])]
+    one_residue = np.array([len(p) == 1 for p in plane_res])
+    assert np.all(replaced <= one_residue) and replaced[one_residue & (sizes >= 4)].all()
+    assert (~replaced & (sizes >= 4)).sum() > 100  # the peptide link planes remain
+    names = {str(n) for a, _, _ in groups for n in m.residues.name[res[a[:, 0]]]}
+    assert {"TYR", "PHE", "TRP", "HIS", "ARG", "ASP", "GLU", "ASN", "GLN"} <= names
+    checked = 0
+    for atoms, motifs, tol in groups:
+        assert motifs.shape[1] == 1 and np.allclose(motifs[..., 2], 0.0)
+        assert np.allclose(tol, 0.02 * np.sqrt(atoms.shape[1]))
+        for t in {str(n) for n in m.residues.name[res[atoms[:, 0]]]}:
+            row = next(k for k in range(len(atoms)) if m.residues.name[res[atoms[k, 0]]] == t)
+            heavy = ~at.is_hydrogen[atoms[row]]
+            block = gemmi.cif.read(str(monlib / t[0].lower() / f"{t}.cif"))[f"comp_{t}"]
+            table = block.find("_chem_comp_atom.", ["atom_id", "x", "y", "z"])
+            ideal = {r[0]: np.array([float(r[1]), float(r[2]), float(r[3])]) for r in table}
+            ref = np.array([ideal[str(n)] for n in at.name[atoms[row]][heavy]])
+            _, d2 = kabsch_placement(ref[None], motifs[row, 0][heavy][None])
+            assert np.sqrt(d2[0] / heavy.sum()) < 0.02, t  # TYR's library coordinates: 0.018 Å; others < 0.01
+            checked += 1
+    assert checked >= 10
+    # the divide-and-concur sets: the rigid groups replace those planes (or not, when switched off)
+    plain = DivideAndConcur(m, rs, rigid_groups=False)
+    rigid = DivideAndConcur(m, rs)
+    n_plane = lambda dc: sum(len(g.atoms) for g in dc.groups if g.kind == "plane")
+    assert n_plane(plain) - n_plane(rigid) == replaced.sum() == sum(len(a) for a, _, _ in groups)
+
+
 def test_rrr_finds_a_point_satisfying_every_geometry_constraint(example_model_path):
     """Geometry-only divide and concur from a 0.3 Å shaken start: the gap closes and every bond,
     angle/chirality motif and exclusion is then satisfied by the concurred positions."""

@@ -10,7 +10,11 @@ Every constraint owns a replica of the positions of its atoms (Gravel & Elser 20
   from the dictionary's bonds and angles;
 - torsions inside a residue (optional, `torsions=True`): rigid 4-atom motifs at each allowed value
   of the dictionary's torsion, the nearest taken (on 1AHO lotswrong they did not help: BENCHMARKS);
-- planes: the dictionary's planes, each set the configurations within σ·√k of coplanar;
+- rigid groups: the dictionary's planes inside one residue (aromatic rings, the guanidinium,
+  carboxylates, amides) as rigid planar motifs, each residue type's figure fitted once to the
+  dictionary's bonds and angles between its atoms (`rigid_groups=True`, the default);
+- planes: the other dictionary planes (the peptide links'), each set the configurations within
+  σ·√k of coplanar;
 - disulfides between two-conformer cysteines: which conformers bridge is left to the projection
   (minimum-cost matching), not to the altloc labels;
 - volume exclusion: pairs closer than the repulsion distance minus 0.4 Å pushed apart (the
@@ -21,8 +25,6 @@ drefine uses). The concur projection takes every atom to the η-weighted mean of
 (η = 10 for geometry, 1 for exclusion), and RRR iterates
     x ← x + β (P_C(2 P_D(x) − x) − P_D(x)),
 the gap |P_C(2P_D(x) − x) − P_D(x)| measuring how far the constraint sets are from agreeing.
-Not here: rings and other planar groups are coplanarity sets (with their bonds and angles), not
-rigid motifs.
 """
 from __future__ import annotations
 
@@ -243,18 +245,113 @@ def _disulfide_groups(model: Model, r: Restraints) -> tuple[np.ndarray, np.ndarr
     return np.array(groups, dtype=np.int64).reshape(-1, 4), np.array(used, dtype=np.int64)
 
 
-def _plane_groups(r: Restraints) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Planes by size: [(atoms (n, k), σ (n,))]."""
+def _plane_groups(r: Restraints, skip: np.ndarray | None = None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Planes by size: [(atoms (n, k), σ (n,))], leaving out the planes flagged in `skip`."""
     starts = np.asarray(r.plane_start)
     sizes = np.diff(starts)
     out = []
     for k in np.unique(sizes):
         if k < 4:
             continue
-        sel = np.flatnonzero(sizes == k)
+        sel = np.flatnonzero((sizes == k) & (True if skip is None else ~skip))
+        if not len(sel):
+            continue
         idx = starts[sel][:, None] + np.arange(k)[None, :]
         out.append((r.plane_atoms[idx].astype(np.int64), np.asarray(r.plane_sigma)[sel]))
     return out
+
+
+def _planar_figure(xyz: np.ndarray, pairs: np.ndarray, dist: np.ndarray, sigma: np.ndarray) -> np.ndarray | None:
+    """The planar figure (k, 3), z = 0, centred, whose inter-atomic distances best fit `dist` (Å, σ
+    `sigma`) for the atom pairs `pairs`, found by least squares in 2D from `xyz` flattened onto its
+    own least-squares plane; None when the distances do not fix the figure (the 2D rigidity matrix
+    has rank below 2k − 3) or cannot all be met (a residual beyond 3σ)."""
+    from scipy.optimize import least_squares
+
+    k = len(xyz)
+    c = xyz - xyz.mean(axis=0)
+    _, _, vt = np.linalg.svd(c)
+    start = c @ vt[:2].T
+    i, j = pairs.T
+
+    def resid(p):
+        q = p.reshape(k, 2)
+        return (np.linalg.norm(q[i] - q[j], axis=1) - dist) / sigma
+
+    def jac(p):
+        q = p.reshape(k, 2)
+        d = q[i] - q[j]
+        u = d / np.maximum(np.linalg.norm(d, axis=1), 1e-12)[:, None] / sigma[:, None]
+        out = np.zeros((len(pairs), 2 * k))
+        rows = np.arange(len(pairs))
+        for c2 in range(2):
+            np.add.at(out, (rows, 2 * i + c2), u[:, c2])
+            np.add.at(out, (rows, 2 * j + c2), -u[:, c2])
+        return out
+
+    fit = least_squares(resid, start.ravel(), jac=jac, xtol=1e-12, ftol=1e-12, gtol=1e-12)
+    sv = np.linalg.svd(jac(fit.x), compute_uv=False)
+    if len(sv) < 2 * k - 3 or sv[2 * k - 4] < 1e-6 * sv[0] or np.abs(fit.fun).max() > 3.0:
+        return None
+    q = fit.x.reshape(k, 2)
+    q -= q.mean(axis=0)
+    return np.concatenate([q, np.zeros((k, 1))], axis=1)
+
+
+def _rigid_groups(model: Model, r: Restraints, length) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]],
+                                                                 np.ndarray]:
+    """The dictionary's planes inside one residue as rigid planar motifs (aromatic rings, the
+    guanidinium, carboxylates, amides): [(atoms (n, k), motifs (n, 1, k, 3), tolerance (n,) Å)] a
+    group per size, and a mask of the planes so replaced. Each residue type's figure is fitted once
+    (`_planar_figure`) to the dictionary's bonds between the plane's atoms and the 1–3 distances its
+    angles imply; a plane whose distances do not fix its figure stays a coplanarity set, and so do
+    planes across residues (the peptide's: `peptides` motifs). Tolerance σ·√k, as the coplanarity
+    set's."""
+    starts = np.asarray(r.plane_start)
+    sizes = np.diff(starts)
+    res, names, resname = model.atoms.residue_index, model.atoms.name, model.residues.name
+    replaced = np.zeros(len(sizes), dtype=bool)
+    b = r.bond_atoms.astype(np.int64)
+    ang = r.angle_atoms.astype(np.int64)
+    out = []
+    for k in np.unique(sizes):
+        if k < 4:
+            continue
+        sel = np.flatnonzero(sizes == k)
+        idx = r.plane_atoms[starts[sel][:, None] + np.arange(k)[None, :]].astype(np.int64)
+        one = np.all(res[idx] == res[idx[:, :1]], axis=1)
+        sel, idx = sel[one], idx[one]
+        if not len(sel):
+            continue
+        key = resname[res[idx[:, 0]]].astype(str)
+        for q in range(k):
+            key = np.char.add(np.char.add(key, "|"), names[idx[:, q]].astype(str))
+        types, first, inverse = np.unique(key, return_index=True, return_inverse=True)
+        figures = np.full((len(types), k, 3), np.nan)
+        for t, f in enumerate(first):  # one fit per residue type and plane: setup only
+            atoms = idx[f]
+            local = np.full(model.atoms.xyz.shape[0], -1, dtype=np.int64)
+            local[atoms] = np.arange(k)
+            in_b = (local[b] >= 0).all(axis=1)
+            in_a = (local[ang] >= 0).all(axis=1)
+            a = ang[in_a]
+            l1, l2, th = length(a[:, 0], a[:, 1]), length(a[:, 2], a[:, 1]), r.angle_ideal[in_a]
+            d13 = np.sqrt(l1 * l1 + l2 * l2 - 2 * l1 * l2 * np.cos(th))  # 1–3 distance of an ideal angle
+            pairs = np.concatenate([local[b[in_b]], local[a[:, [0, 2]]]])
+            dist = np.concatenate([r.bond_ideal[in_b], d13])
+            sigma = np.concatenate([r.bond_sigma[in_b], np.maximum(l1 * l2 * np.sin(th) * r.angle_sigma[in_a] / d13, 1e-3)])
+            if len(pairs) < 2 * k - 3 or not np.all(np.isfinite(dist)):
+                continue
+            fig = _planar_figure(model.atoms.xyz[atoms], pairs, dist, sigma)
+            if fig is not None:
+                figures[t] = fig
+        ok = np.isfinite(figures[inverse]).all(axis=(1, 2))
+        if not ok.any():
+            continue
+        replaced[sel[ok]] = True
+        tol = np.asarray(r.plane_sigma)[sel[ok]] * np.sqrt(k)
+        out.append((idx[ok], figures[inverse[ok]][:, None], tol))
+    return out, replaced
 
 
 @dataclass
@@ -276,7 +373,7 @@ class DivideAndConcur:
 
     def __init__(self, model: Model, restraints: Restraints, nonbonded=None, bond_tol_scale: float = 1.0,
                  motif_tolerance: float = MOTIF_TOLERANCE, planes: bool = True, disulfides: bool = True,
-                 peptides: bool = True, torsions: bool = False):
+                 peptides: bool = True, torsions: bool = False, rigid_groups: bool = True):
         self.model, self.restraints = model, restraints
         self.n_atoms = len(model.atoms)
         length, angle = _bond_lookup(restraints), _angle_lookup(restraints)
@@ -302,8 +399,13 @@ class DivideAndConcur:
         if torsions:
             for atoms, motifs, tol in _torsion_motifs(model, restraints, length, angle):
                 groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=tol, motifs=motifs))
+        replaced = None
+        if rigid_groups:
+            groups_rigid, replaced = _rigid_groups(model, restraints, length)
+            for atoms, motifs, tol in groups_rigid:
+                groups.append(_Group("motif", atoms, ETA_GEOMETRY, tol=tol, motifs=motifs))
         if planes:
-            for atoms, sigma in _plane_groups(restraints):
+            for atoms, sigma in _plane_groups(restraints, replaced):
                 groups.append(_Group("plane", atoms, ETA_GEOMETRY, tol=sigma * np.sqrt(atoms.shape[1])))
         if len(ss_groups):
             groups.append(_Group("disulfide", ss_groups, ETA_GEOMETRY))

@@ -69,6 +69,7 @@ class UntangleOptions:
     bond_tolerance_final: float = 0.3
     peptide_motifs: bool = False  # peptide units as rigid trans/cis motifs (off: see README)
     torsion_motifs: bool = False  # side-chain torsions as rigid motifs at their allowed values (experimental)
+    rigid_groups: bool = True  # planes inside a residue (rings, guanidinium, ...) as rigid planar motifs
     checkpoint_every: int = 50
     chunks: int = 1  # atom chunks of the density variables (one per dask worker is natural)
     representation: str = "array"  # "array" or "series" (see density_engine)
@@ -136,7 +137,8 @@ class Untangler:
         nb = find_nonbonded_pairs(model, restraints, model.atoms.xyz, buffer=1.0)
         self.geometry = DivideAndConcur(model, restraints, nb, bond_tol_scale=self.opt.bond_tolerance,
                                         motif_tolerance=self.opt.motif_tolerance,
-                                        peptides=self.opt.peptide_motifs, torsions=self.opt.torsion_motifs)
+                                        peptides=self.opt.peptide_motifs, torsions=self.opt.torsion_motifs,
+                                        rigid_groups=self.opt.rigid_groups)
         self.xyz = model.atoms.xyz.copy()
         self.replicas = self.geometry.replicas(self.xyz)
         self.stage = 0
