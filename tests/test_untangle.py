@@ -677,10 +677,12 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     assert len(rep["trajectory"]) == 12 and [s["stage"] for s in rep["stages"]] == [1, 2]
     assert (tmp_path / "out.png").stat().st_size > 1000 and (tmp_path / "out.cif").exists()
     assert not (tmp_path / "out_checkpoint").exists()
-    # the experimental second search after RRR runs only when asked for
+    assert rep["options"]["rigid_groups"] is True
+    # the experimental second search after RRR runs only when asked for (and the rigid groups can be left out)
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "2", "--adp-cycles", "0",
-                 "--crossings-after-rrr", "-o", str(tmp_path / "twice")]) == 0
-    assert set(json.loads((tmp_path / "twice.json").read_text())["crossings"]) == {"before_rrr", "after_rrr"}
+                 "--crossings-after-rrr", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
+    twice = json.loads((tmp_path / "twice.json").read_text())
+    assert set(twice["crossings"]) == {"before_rrr", "after_rrr"} and twice["options"]["rigid_groups"] is False
     capsys.readouterr()
     (tmp_path / "busy_checkpoint").mkdir()
     assert main(["untangle", str(tangled), str(mtz), "-o", str(tmp_path / "busy")]) == 1
