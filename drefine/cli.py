@@ -955,7 +955,7 @@ def cmd_untangle(args) -> int:
     from .restraints.topology import build_restraints
     from .untangle.report import plot_trajectory
     from .untangle.rrr import UntangleOptions, Untangler
-    from .untangle.tangling import tangled_residues
+    from .untangle.tangling import tangled_atoms, tangled_residues
     from .validate.report import Stopwatch, format_text, new_report, validate_structure
 
     clock = Stopwatch()
@@ -1100,7 +1100,8 @@ def cmd_untangle(args) -> int:
         end_tangled = tangled_residues(refined, truth)
         report["start"]["n_tangled"] = len(start_tangled)
         report["final"]["n_tangled"] = len(end_tangled)
-        report["details_tangled"] = {"start": start_tangled, "final": end_tangled}
+        report["details_tangled"] = {"start": start_tangled, "final": end_tangled,
+                                     "final_atoms": tangled_atoms(refined, truth)}
     report["stages"] = u.stage_reports
     report["trajectory"] = u.history
     report["details"] = end_val["details"]
@@ -1115,6 +1116,8 @@ def cmd_untangle(args) -> int:
     if truth is not None:
         log(f"tangled residues: {len(start_tangled)} -> {len(end_tangled)}"
             + (f" ({', '.join(end_tangled)})" if end_tangled else ""))
+        for res, rows in report["details_tangled"]["final_atoms"].items():  # each atom's nearer truth conformer
+            log(f"  {res}: " + "; ".join(f"{alt}: {row}" for alt, row in rows.items()))
     log(format_text(end_val, "final model"))
     write_json(report["outputs"]["json"], report)
     log(f"wrote {', '.join(str(p) for p in paths)}, {png} in {report['timing']['wall_s']:.1f} s")

@@ -448,6 +448,22 @@ def tangled_case(example_model_path, tmp_path_factory):
     return truth, tangled, table, mtz
 
 
+def test_tangled_atoms_name_the_swapped_atom(tangled_case):
+    """Per-atom labels of the toy (Lys 8's Cα exchanged between conformers): the one tangled residue,
+    its Cα nearer the other conformer's truth in both conformers, every other scored atom its own."""
+    from drefine.untangle.tangling import tangled_atoms, tangled_residues
+
+    truth, tangled, _, _ = tangled_case
+    t, m = read_model(truth), read_model(tangled)
+    atoms = tangled_atoms(m, t)
+    assert list(atoms) == tangled_residues(m, t) and len(atoms) == 1
+    (rows,) = atoms.values()
+    for alt, other in (("A", "B"), ("B", "A")):
+        near = dict(entry.split(" ")[0].split("→") for entry in rows[alt].split(", "))
+        assert len(near) > 5 and near.pop("CA") == other and set(near.values()) == {alt}
+    assert tangled_atoms(t, t) == {}
+
+
 def _untangler(path, table, **kw):
     from drefine.restraints.topology import build_restraints
     from drefine.untangle.rrr import UntangleOptions, Untangler
@@ -671,6 +687,7 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     assert rc == 0
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["start"]["n_tangled"] == 1 and rep["final"]["n_tangled"] == 0
+    assert rep["details_tangled"]["final_atoms"] == {}
     assert set(rep["crossings"]) == {"before_rrr"}  # the crossing search is on by default, before RRR only
     # B factors and occupancies refined after RRR: R no worse than after RRR, coordinates untouched
     assert rep["final"]["r_work"] <= rep["after_rrr"]["r_work"] + 1e-4
@@ -683,6 +700,12 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
                  "--crossings-after-rrr", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
     twice = json.loads((tmp_path / "twice.json").read_text())
     assert set(twice["crossings"]) == {"before_rrr", "after_rrr"} and twice["options"]["rigid_groups"] is False
+    # one RRR step without the search leaves the toy tangled: the log names the swapped atom per conformer
+    assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "1", "--crossing-cycles", "0",
+                 "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
+    one = json.loads((tmp_path / "one.json").read_text())["details_tangled"]
+    assert one["final"] == ["A/LYS 8"] and one["final_atoms"]["A/LYS 8"]["A"].startswith("CA→B")
+    assert "  A/LYS 8: A: CA→B" in (tmp_path / "one.log").read_text()
     capsys.readouterr()
     (tmp_path / "busy_checkpoint").mkdir()
     assert main(["untangle", str(tangled), str(mtz), "-o", str(tmp_path / "busy")]) == 1

@@ -25,8 +25,9 @@ def _keys(model: Model, idx: np.ndarray, altloc: str | None = None) -> np.ndarra
     return key
 
 
-def tangled_residues(model: Model, truth: Model) -> list[str]:
-    """Labels ("A/ALA 39") of the tangled residues of model 0 (conformers A and B)."""
+def _truth_labels(model: Model, truth: Model):
+    """The scored atoms of model 0: (atom indices, label 1/2 = nearer truth conformer A/B,
+    model conformer 0/1 for altloc A/B, distance to the nearer truth conformer Å)."""
     ta, ma = truth.atoms, model.atoms
     t_idx = truth.model_atoms(0)
     t_idx = t_idx[~ta.is_hydrogen[t_idx]]
@@ -49,11 +50,37 @@ def tangled_residues(model: Model, truth: Model) -> list[str]:
     d_b = np.linalg.norm(ma.xyz[m_idx] - pos_b[where], axis=1)
     label = np.where(d_a < d_b, 1, 2)  # 1: truth A, 2: truth B
     conf = np.where(ma.altloc[m_idx] == "A", 0, 1)
-    res = ma.residue_index[m_idx]
-    n_res = len(model.residues)
+    return m_idx, label, conf, np.minimum(d_a, d_b)
+
+
+def _tangled_mask(model: Model, res: np.ndarray, label: np.ndarray, conf: np.ndarray) -> np.ndarray:
     # per residue and model conformer: which labels occur (bit 1: A, bit 2: B)
-    bits = np.zeros((n_res, 2), dtype=np.int64)
+    bits = np.zeros((len(model.residues), 2), dtype=np.int64)
     np.bitwise_or.at(bits, (res, conf), label)
     mixed = (bits == 3).any(axis=1)
     same = (bits[:, 0] == bits[:, 1]) & (bits[:, 0] > 0)
-    return [model.residues.label(int(r)) for r in np.flatnonzero(mixed | same)]
+    return mixed | same
+
+
+def tangled_residues(model: Model, truth: Model) -> list[str]:
+    """Labels ("A/ALA 39") of the tangled residues of model 0 (conformers A and B)."""
+    m_idx, label, conf, _ = _truth_labels(model, truth)
+    res = model.atoms.residue_index[m_idx]
+    return [model.residues.label(int(r)) for r in np.flatnonzero(_tangled_mask(model, res, label, conf))]
+
+
+def tangled_atoms(model: Model, truth: Model) -> dict[str, dict[str, str]]:
+    """For each tangled residue, per model conformer, its scored atoms with the truth conformer
+    each is nearer and how near (Å): {"A/ASP 3": {"A": "N→B 0.04, …, OD1→A 0.07", "B": …}}. Shows
+    what kind of tangle it is: a lone atom, a side chain against its backbone, a whole residue."""
+    m_idx, label, conf, dist = _truth_labels(model, truth)
+    res = model.atoms.residue_index[m_idx]
+    out: dict[str, dict[str, str]] = {}
+    for r in np.flatnonzero(_tangled_mask(model, res, label, conf)):  # the tangled residues: a few
+        rows = {}
+        for c, alt in ((0, "A"), (1, "B")):
+            sel = (res == r) & (conf == c)
+            rows[alt] = ", ".join(f"{model.atoms.name[i]}→{'AB'[lab - 1]} {d:.2f}"
+                                  for i, lab, d in zip(m_idx[sel], label[sel], dist[sel]))
+        out[model.residues.label(int(r))] = rows
+    return out
