@@ -288,7 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--use-free", action="store_true",
                    help="also use the free set (default: work set only, so R-free stays free)")
     u.add_argument("--truth", metavar="MODEL",
-                   help="a two-conformer ground truth for the report only: tangled residues before and after")
+                   help="a two-conformer ground truth for the report only: tangled residues before and after, "
+                        "and for each one left which truth conformer each of its atoms is nearer")
     u.add_argument("--resume", action="store_true", help="continue from PREFIX_checkpoint/ (and PREFIX_crossings.npz) after an interrupt")
     u.add_argument("--checkpoint-every", type=int, default=50, metavar="N",
                    help="iterations between checkpoints (default 50; also every 10 minutes and on Ctrl-C)")

@@ -227,6 +227,8 @@ def test_planar_figure_is_fitted_where_the_distances_fix_it_and_refused_where_th
     fig = _planar_figure(bent, pairs, want, np.full(6, 0.02))
     assert fig is not None and np.allclose(fig[:, 2], 0.0) and np.allclose(fig.mean(0), 0.0, atol=1e-12)
     assert np.allclose(np.linalg.norm(fig[pairs[:, 0]] - fig[pairs[:, 1]], axis=1), want, atol=1e-6)
+    collapsed = _planar_figure(rng.normal(0, 1e-3, star.shape), pairs, want, np.full(6, 0.02))  # from ~a point
+    assert np.allclose(np.linalg.norm(collapsed[pairs[:, 0]] - collapsed[pairs[:, 1]], axis=1), want, atol=1e-6)
     square = np.array([[0, 0, 0], [1.4, 0, 0], [1.4, 1.4, 0], [0, 1.4, 0]], float)
     pairs = np.array([[0, 1], [1, 2], [2, 3], [3, 0], [0, 2]])
     want = np.linalg.norm(square[pairs[:, 0]] - square[pairs[:, 1]], axis=1)

@@ -298,6 +298,25 @@ def _planar_figure(xyz: np.ndarray, pairs: np.ndarray, dist: np.ndarray, sigma: 
     return np.concatenate([q, np.zeros((k, 1))], axis=1)
 
 
+def _fit_plane(model: Model, r: Restraints, length, atoms: np.ndarray, b: np.ndarray, ang: np.ndarray):
+    """The planar figure of one plane instance (`_planar_figure`) from the dictionary's bonds between
+    its atoms and the 1–3 distances of its angles; None when they do not fix it."""
+    k = len(atoms)
+    local = np.full(model.atoms.xyz.shape[0], -1, dtype=np.int64)
+    local[atoms] = np.arange(k)
+    in_b = (local[b] >= 0).all(axis=1)
+    in_a = (local[ang] >= 0).all(axis=1)
+    a = ang[in_a]
+    l1, l2, th = length(a[:, 0], a[:, 1]), length(a[:, 2], a[:, 1]), r.angle_ideal[in_a]
+    d13 = np.sqrt(l1 * l1 + l2 * l2 - 2 * l1 * l2 * np.cos(th))  # 1–3 distance of an ideal angle
+    pairs = np.concatenate([local[b[in_b]], local[a[:, [0, 2]]]])
+    dist = np.concatenate([r.bond_ideal[in_b], d13])
+    sigma = np.concatenate([r.bond_sigma[in_b], np.maximum(l1 * l2 * np.sin(th) * r.angle_sigma[in_a] / d13, 1e-3)])
+    if len(pairs) < 2 * k - 3 or not np.all(np.isfinite(dist)):
+        return None
+    return _planar_figure(model.atoms.xyz[atoms], pairs, dist, sigma)
+
+
 def _rigid_groups(model: Model, r: Restraints, length) -> tuple[list[tuple[np.ndarray, np.ndarray, np.ndarray]],
                                                                  np.ndarray]:
     """The dictionary's planes inside one residue as rigid planar motifs (aromatic rings, the
@@ -305,8 +324,7 @@ def _rigid_groups(model: Model, r: Restraints, length) -> tuple[list[tuple[np.nd
     group per size, and a mask of the planes so replaced. Each residue type's figure is fitted once
     (`_planar_figure`) to the dictionary's bonds between the plane's atoms and the 1–3 distances its
     angles imply; a plane whose distances do not fix its figure stays a coplanarity set, and so do
-    planes across residues (the peptide's: `peptides` motifs). Tolerance σ·√k, as the coplanarity
-    set's."""
+    planes across residues (the peptide links'). Tolerance σ·√k, as the coplanarity set's."""
     starts = np.asarray(r.plane_start)
     sizes = np.diff(starts)
     res, names, resname = model.atoms.residue_index, model.atoms.name, model.residues.name
@@ -328,21 +346,10 @@ def _rigid_groups(model: Model, r: Restraints, length) -> tuple[list[tuple[np.nd
             key = np.char.add(np.char.add(key, "|"), names[idx[:, q]].astype(str))
         types, first, inverse = np.unique(key, return_index=True, return_inverse=True)
         figures = np.full((len(types), k, 3), np.nan)
-        for t, f in enumerate(first):  # one fit per residue type and plane: setup only
-            atoms = idx[f]
-            local = np.full(model.atoms.xyz.shape[0], -1, dtype=np.int64)
-            local[atoms] = np.arange(k)
-            in_b = (local[b] >= 0).all(axis=1)
-            in_a = (local[ang] >= 0).all(axis=1)
-            a = ang[in_a]
-            l1, l2, th = length(a[:, 0], a[:, 1]), length(a[:, 2], a[:, 1]), r.angle_ideal[in_a]
-            d13 = np.sqrt(l1 * l1 + l2 * l2 - 2 * l1 * l2 * np.cos(th))  # 1–3 distance of an ideal angle
-            pairs = np.concatenate([local[b[in_b]], local[a[:, [0, 2]]]])
-            dist = np.concatenate([r.bond_ideal[in_b], d13])
-            sigma = np.concatenate([r.bond_sigma[in_b], np.maximum(l1 * l2 * np.sin(th) * r.angle_sigma[in_a] / d13, 1e-3)])
-            if len(pairs) < 2 * k - 3 or not np.all(np.isfinite(dist)):
-                continue
-            fig = _planar_figure(model.atoms.xyz[atoms], pairs, dist, sigma)
+        # one fit per residue type and plane, from its first instance: setup only (the fit converges to
+        # the same figure even from a plane collapsed to a point)
+        for t, f in enumerate(first):
+            fig = _fit_plane(model, r, length, idx[f], b, ang)
             if fig is not None:
                 figures[t] = fig
         ok = np.isfinite(figures[inverse]).all(axis=(1, 2))
