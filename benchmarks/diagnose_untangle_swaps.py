@@ -10,7 +10,12 @@ the relative gain of the objective and the worst bond/angle |z| near the swap ar
 gain above the search's MIN_GAIN with acceptable geometry means the judge would take the right swap:
 the search only failed to propose it.
 
-Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--truth ground_truth.pdb] [--data refme.mtz]
+--all-kinds judges instead every swap of those kinds in every two-conformer residue (each terminal
+heavy atom alone, the N alone, the carbonyl C+O, the side chain from CB on; at least one atom 0.1 Å
+from its partner) and counts, by the truth, how many the judge would take rightly (the residue's
+label mismatches fall) and wrongly (they rise), at several gain thresholds.
+
+Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--all-kinds] [--truth ground_truth.pdb] [--data refme.mtz]
 """
 import argparse
 
@@ -34,19 +39,64 @@ def truth_consistent_swaps(model, truth, restraints):
     at = model.atoms
     conf_a, conf_b = sorted({int(c) for c in at.conformer if c > 0})[:2]
     partner = crossings.conformer_partners(model)[(conf_a, conf_b)]
-    bonds = restraints.bond_atoms.astype(np.int64)
     out = []
     for r in np.flatnonzero(_tangled_mask(model, res, label, conf)):  # the tangled residues: a few
         sel = (res == r) & (conf == 0)
         keep = np.bincount(label[sel], minlength=3)[1:].argmax() + 1
         side = idx[sel][label[sel] != keep]
-        riding = np.isin(bonds, side).any(axis=1)
-        hs = np.unique(bonds[riding].ravel())
-        hs = hs[at.is_hydrogen[hs] & (at.conformer[hs] == conf_a)]
-        side = np.concatenate([side, hs]).astype(np.int64)
-        side = side[partner[side] >= 0]
+        side = _with_hydrogens(model, restraints, side, partner, conf_a)
         names = [str(at.name[i]) for i in side if not at.is_hydrogen[i]]
         out.append((model.residues.label(int(r)), names, side, partner[side]))
+    return out
+
+
+def _with_hydrogens(model, restraints, side, partner, conf_a):
+    """`side` and the hydrogens of conformer `conf_a` bonded to it, those with a partner."""
+    bonds = restraints.bond_atoms.astype(np.int64)
+    at = model.atoms
+    hs = np.unique(bonds[np.isin(bonds, side).any(axis=1)].ravel())
+    hs = hs[at.is_hydrogen[hs] & (at.conformer[hs] == conf_a)]
+    side = np.concatenate([side, hs]).astype(np.int64)
+    return side[partner[side] >= 0]
+
+
+def label_mismatches(model, truth):
+    """Per residue: scored atoms whose truth label differs from their conformer's majority label."""
+    idx, label, conf, _ = _truth_labels(model, truth)
+    res = model.atoms.residue_index[idx]
+    n = np.zeros(len(model.residues), dtype=np.int64)
+    for c in (0, 1):
+        counts = np.zeros((len(model.residues), 3), dtype=np.int64)
+        np.add.at(counts, (res[conf == c], label[conf == c]), 1)
+        n += counts[:, 1:].sum(axis=1) - counts[:, 1:].max(axis=1)
+    return n
+
+
+def swaps_of_every_kind(model, restraints):
+    """[(residue index, side)] for every two-conformer residue: each terminal heavy atom alone, the N
+    alone, the carbonyl C+O, the side chain from CB on (a set whose atoms all sit within 0.1 Å of
+    their partners is left out)."""
+    at = model.atoms
+    conf_a, conf_b = sorted({int(c) for c in at.conformer if c > 0})[:2]
+    partner = crossings.conformer_partners(model)[(conf_a, conf_b)]
+    heavy = ~at.is_hydrogen
+    hb = restraints.bond_atoms.astype(np.int64)
+    hb = hb[heavy[hb].all(axis=1)]
+    degree = np.bincount(hb.ravel(), minlength=len(at))
+    own = (at.conformer == conf_a) & heavy & (partner >= 0)
+    out = []
+    for r in np.unique(at.residue_index[own]):  # setup of a diagnostic: a loop over residues
+        atoms = np.flatnonzero(own & (at.residue_index == r))
+        names = {str(at.name[i]): i for i in atoms}
+        sets = [[i] for i in atoms if degree[i] == 1 and at.name[i] != "C"]
+        sets += [[names["N"]]] if "N" in names else []
+        sets += [[names["C"], names["O"]]] if "C" in names and "O" in names else []
+        chain = [i for n, i in names.items() if n not in ("N", "CA", "C", "O", "OXT")]
+        sets += [chain] if chain else []
+        for s in {tuple(sorted(x)) for x in sets}:
+            s = np.array(s)
+            if np.linalg.norm(at.xyz[s] - at.xyz[partner[s]], axis=1).max() >= 0.1:
+                out.append((int(r), _with_hydrogens(model, restraints, s, partner, conf_a)))
     return out
 
 
@@ -56,6 +106,8 @@ def main():
     ap.add_argument("--truth", default=str(CASE / "ground_truth.pdb"))
     ap.add_argument("--data", default=str(CASE / "refme.mtz"))
     ap.add_argument("--labin", default="F=F,SIGF=SIGF,FREE=FreeR_flag")
+    ap.add_argument("--all-kinds", action="store_true",
+                    help="judge every swap of the same kinds and count right and wrong acceptances")
     args = ap.parse_args()
     model, truth = read_model(args.model), read_model(args.truth)
     table = read_reflections(args.data, labin=args.labin)
@@ -65,6 +117,8 @@ def main():
                                                                minimiser="lbfgs"), log=crossings._quiet).weight
     opt = XrayOptions(target="ls", cycles=1, weight=weight, adp="fixed", occupancies=False, geometry_rescue=False,
                       iterations=crossings.LOCAL_ITERATIONS, minimiser="lbfgs")
+    if args.all_kinds:
+        return judge_every_kind(model, truth, table, restraints, opt)
     swaps = truth_consistent_swaps(model, truth, restraints)
     jobs = []
     for _, _, side, partners in swaps:
@@ -80,6 +134,32 @@ def main():
         print(f"{label:12s} swap {','.join(names):28s} gain {(j0 - j1) / abs(j0):+.2e}  worst |z| swapped "
               f"{crossings._worst_z(swapped.xyz, restraints, mask):.1f}, unswapped "
               f"{crossings._worst_z(unswapped.xyz, restraints, mask):.1f}", flush=True)
+
+
+def judge_every_kind(model, truth, table, restraints, opt):
+    at = model.atoms
+    conf_a, conf_b = sorted({int(c) for c in at.conformer if c > 0})[:2]
+    partner = crossings.conformer_partners(model)[(conf_a, conf_b)]
+    before = label_mismatches(model, truth)
+    rows = []
+    cands = swaps_of_every_kind(model, restraints)
+    print(f"{len(cands)} candidate swaps", flush=True)
+    for r, side in cands:
+        swapped = crossings.swap_conformers(model, side, partner[side])
+        mask = crossings._within_bonds(np.concatenate([side, partner[side]]), restraints.bond_atoms, len(at), 2)
+        res = crossings._refine_all([(swapped, mask), (model, mask)], table, restraints, opt, None)
+        j1, j0 = res[0].cycles[-1].objective, res[1].cycles[-1].objective
+        z1, z0 = (crossings._worst_z(x.xyz, restraints, mask) for x in res)
+        change = int(label_mismatches(swapped, truth)[r] - before[r])
+        rows.append(((j0 - j1) / abs(j0), z1 <= max(crossings.GEOMETRY_Z_MAX, z0), change))
+        names = ",".join(str(at.name[i]) for i in side if not at.is_hydrogen[i])
+        print(f"{model.residues.label(r):12s} {names:28s} gain {rows[-1][0]:+.2e} |z| {z1:.1f}/{z0:.1f} "
+              f"mismatches {change:+d}", flush=True)
+    for threshold in (crossings.MIN_GAIN, 1e-4, 3e-4, 1e-3, 3e-3):
+        taken = [c for g, ok, c in rows if g > threshold and ok]
+        print(f"gain > {threshold:.0e}: {len(taken)} taken, {sum(c < 0 for c in taken)} right, "
+              f"{sum(c > 0 for c in taken)} wrong, {sum(c == 0 for c in taken)} neither; right ones judged: "
+              f"{sum(c < 0 for _, _, c in rows)}")
 
 
 if __name__ == "__main__":
