@@ -15,7 +15,8 @@ heavy atom alone, the N alone, the carbonyl C+O, the side chain from CB on; at l
 from its partner) and counts, by the truth, how many the judge would take rightly (the residue's
 label mismatches fall) and wrongly (they rise), at several gain thresholds.
 
-Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--all-kinds] [--truth ground_truth.pdb] [--data refme.mtz]
+Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--all-kinds [--limit N]] [--truth ground_truth.pdb]
+       [--data refme.mtz]
 """
 import argparse
 
@@ -93,7 +94,7 @@ def swaps_of_every_kind(model, restraints):
         sets += [[names["C"], names["O"]]] if "C" in names and "O" in names else []
         chain = [i for n, i in names.items() if n not in ("N", "CA", "C", "O", "OXT")]
         sets += [chain] if chain else []
-        for s in {tuple(sorted(x)) for x in sets}:
+        for s in sorted({tuple(sorted(x)) for x in sets}):
             s = np.array(s)
             if np.linalg.norm(at.xyz[s] - at.xyz[partner[s]], axis=1).max() >= 0.1:
                 out.append((int(r), _with_hydrogens(model, restraints, s, partner, conf_a)))
@@ -107,7 +108,9 @@ def main():
     ap.add_argument("--data", default=str(CASE / "refme.mtz"))
     ap.add_argument("--labin", default="F=F,SIGF=SIGF,FREE=FreeR_flag")
     ap.add_argument("--all-kinds", action="store_true",
-                    help="judge every swap of the same kinds and count right and wrong acceptances")
+                    help="judge every swap of the same kinds and count right and wrong acceptances (~40 min on 1AHO)")
+    ap.add_argument("--limit", type=int, default=None, metavar="N",
+                    help="with --all-kinds: judge only the first N candidates (a quick look)")
     args = ap.parse_args()
     model, truth = read_model(args.model), read_model(args.truth)
     table = read_reflections(args.data, labin=args.labin)
@@ -118,7 +121,7 @@ def main():
     opt = XrayOptions(target="ls", cycles=1, weight=weight, adp="fixed", occupancies=False, geometry_rescue=False,
                       iterations=crossings.LOCAL_ITERATIONS, minimiser="lbfgs")
     if args.all_kinds:
-        return judge_every_kind(model, truth, table, restraints, opt)
+        return judge_every_kind(model, truth, table, restraints, opt, args.limit)
     swaps = truth_consistent_swaps(model, truth, restraints)
     jobs = []
     for _, _, side, partners in swaps:
@@ -136,14 +139,17 @@ def main():
               f"{crossings._worst_z(unswapped.xyz, restraints, mask):.1f}", flush=True)
 
 
-def judge_every_kind(model, truth, table, restraints, opt):
+def judge_every_kind(model, truth, table, restraints, opt, limit=None):
+    """Judge every candidate of `swaps_of_every_kind` (the first `limit`) as the crossing search
+    would, and count by the truth the swaps taken rightly and wrongly at several gain thresholds."""
     at = model.atoms
     conf_a, conf_b = sorted({int(c) for c in at.conformer if c > 0})[:2]
     partner = crossings.conformer_partners(model)[(conf_a, conf_b)]
     before = label_mismatches(model, truth)
     rows = []
     cands = swaps_of_every_kind(model, restraints)
-    print(f"{len(cands)} candidate swaps", flush=True)
+    print(f"{len(cands)} candidate swaps" + (f", the first {limit} judged" if limit else ""), flush=True)
+    cands = cands[:limit]
     for r, side in cands:
         swapped = crossings.swap_conformers(model, side, partner[side])
         mask = crossings._within_bonds(np.concatenate([side, partner[side]]), restraints.bond_atoms, len(at), 2)
