@@ -111,8 +111,8 @@ def test_calculators_on_the_same_reflections_share_their_set_up(crystal_model, m
 
 
 def test_moving_subset_structure_factors_equal_the_whole_calculation(crystal_model):
-    """Fixed atoms' F once plus the moving atoms' F each call: the same F and positional gradient
-    as transforming every atom, and the fixed part is redone when a fixed atom moves."""
+    """Fixed atoms' F once plus the moving atoms' F each call: the same F and gradients (position,
+    B, occupancy) as transforming every atom, and the fixed part is redone when a fixed atom moves."""
     from drefine.density.crystal_fft import MovingSubsetStructureFactors
 
     m = read_model(crystal_model)
@@ -134,8 +134,11 @@ def test_moving_subset_structure_factors_equal_the_whole_calculation(crystal_mod
         g, gp = whole.gradient(sc, d, positions_only=True), part.gradient(sc, d, positions_only=True)
         assert rel(gp.xyz[moving], g.xyz[moving]) < 2e-4
         assert not np.any(np.delete(gp.xyz, moving, axis=0))
-    with pytest.raises(ValueError):
-        part.gradient(sc, d)
+    # B and occupancy gradients of the moving atoms (a local refinement of their B), zero elsewhere
+    g, gp = whole.gradient(sc, d), part.gradient(sc, d)
+    assert rel(gp.b_iso[moving], g.b_iso[moving]) < 2e-4
+    assert rel(gp.occ[moving], g.occ[moving]) < 2e-4
+    assert not np.any(np.delete(gp.b_iso, moving)) and not np.any(np.delete(gp.occ, moving))
 
 
 def test_neutron_structure_factors_use_scattering_lengths(crystal_model):
@@ -718,3 +721,26 @@ def test_the_solvent_mask_is_made_again_when_enough_atoms_have_moved():
     far[3, 2] += 1.01 * MASK_REBUILD_SHIFT  # one atom far: made again
     assert mask_is_stale(far, xyz)
     assert mask_is_stale(xyz[:-1], xyz)  # atoms added or removed
+
+
+def test_local_refinement_refines_only_the_movable_atoms_b(crystal_model):
+    """A local refinement (`movable`) with ADP refinement moves and re-fits B of the movable atoms
+    only (the residue swap search judges swaps so); the other atoms keep positions and B."""
+    from drefine.refine.xray import XrayOptions, refine_xray
+    from drefine.restraints.topology import build_restraints
+
+    m = read_model(crystal_model)
+    table = synthetic_reflections(m, 2.0, noise=0.02, seed=3)
+    start = m.copy()
+    rng = np.random.default_rng(1)
+    start.atoms.b_iso = start.atoms.b_iso * rng.uniform(0.7, 1.3, len(start.atoms))
+    mask = np.zeros(len(m.atoms), dtype=bool)
+    mask[20:40] = True
+    r = refine_xray(start, table, build_restraints(start), XrayOptions(cycles=1, adp="iso", occupancies=False,
+                                                                       minimiser="lbfgs"), log=lambda s: None,
+                    movable=mask)
+    assert np.array_equal(r.b_iso[~mask], start.atoms.b_iso[~mask])
+    assert np.array_equal(r.xyz[~mask], start.atoms.xyz[~mask])
+    assert np.abs(r.b_iso[mask] - start.atoms.b_iso[mask]).max() > 0.1
+    err_before = np.abs(start.atoms.b_iso[mask] - m.atoms.b_iso[mask]).mean()
+    assert np.abs(r.b_iso[mask] - m.atoms.b_iso[mask]).mean() < err_before

@@ -264,11 +264,15 @@ class MovingSubsetStructureFactors:
 
     def gradient(self, sc: Scatterers, dtarget_df: np.ndarray, positions_only: bool = False,
                  with_adp: bool = True) -> StructureFactorGradient:
-        if not positions_only:
-            raise ValueError("MovingSubsetStructureFactors gives positional gradients only")
+        """Gradients of the moving atoms (zero for the fixed ones): positions, and with
+        `positions_only=False` also their B, U and occupancy."""
         moving, _ = self._split(sc)
-        g = self.calc.gradient(moving, dtarget_df, positions_only=True, with_adp=False)
-        xyz = np.zeros((len(sc), 3))
-        xyz[self.moving] = g.xyz
+        g = self.calc.gradient(moving, dtarget_df, positions_only=positions_only, with_adp=with_adp)
         n = len(sc)
-        return StructureFactorGradient(xyz=xyz, b_iso=np.zeros(n), occ=np.zeros(n), u=np.zeros((n, 6)))
+        out = StructureFactorGradient(xyz=np.zeros((n, 3)), b_iso=np.zeros(n), occ=np.zeros(n), u=np.zeros((n, 6)))
+        out.xyz[self.moving] = g.xyz
+        if not positions_only:
+            out.b_iso[self.moving] = g.b_iso
+            out.occ[self.moving] = g.occ
+            out.u[self.moving] = g.u
+        return out

@@ -559,8 +559,10 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         movable = movable[np.asarray(mask, dtype=bool)[movable]]
     if options.coordinates and len(movable) < len(atoms) and mask is None:
         notes.append(f"{len(atoms) - len(movable)} atoms of unrestrained residues keep their coordinates")
-    if mask is not None and not len(b_atoms) and not len(u_atoms) and groups is None \
-            and isinstance(data.calc, CrystalStructureFactors):
+    if mask is not None:  # a local refinement: the ADPs refined (if any) are the movable atoms' too
+        local = np.asarray(mask, dtype=bool)
+        b_atoms, u_atoms = b_atoms[local[b_atoms]], u_atoms[local[u_atoms]]
+    if mask is not None and groups is None and isinstance(data.calc, CrystalStructureFactors):
         # a local refinement: only the movable atoms are transformed at each evaluation
         row = np.full(len(a), -1, dtype=np.int64)
         row[data.sc.atom_index] = np.arange(len(data.sc.atom_index))
@@ -691,7 +693,7 @@ def refine_xray(model: Model, table: ReflectionTable, restraints: Restraints, op
         f_calc_now, f_model = data.rescale(_with_state(model, xyz, b_iso, u_aniso, has_aniso, occ), f_calc=f_calc_now)
         r_work, r_free = data.scale.r_work, data.scale.r_free
         twin_fraction = data.target.fraction if isinstance(data.target, TwinnedTarget) else None
-        if need_adp:
+        if need_adp and mask is None:  # a local refinement's fixed atoms' B anchor the overall B: no drift
             delta = data.scale.b_iso
             clipped = bool(np.any(b_iso[atoms] + delta < B_MIN))
             b_iso, u_aniso = data.move_overall_b_to_atoms(b_iso, u_aniso, has_aniso, atoms)
