@@ -88,6 +88,8 @@ def main():
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--crossing-cycles", type=int, default=None,
                     help="passed to drefine untangle (default: the command's, 1)")
+    ap.add_argument("--extra", default="", metavar="OPTIONS",
+                    help="further drefine untangle options for the cases, e.g. '--residue-swaps'")
     ap.add_argument("--keep-checkpoint", action="store_true",
                     help="keep each case's checkpoint (the state RRR ended in) for later study")
     args = ap.parse_args()
@@ -111,6 +113,7 @@ def main():
             extra = ["--iterations", args.iterations] if args.iterations else []
             extra += ["--keep-checkpoint"] if args.keep_checkpoint else []
             extra += ["--crossing-cycles", str(args.crossing_cycles)] if args.crossing_cycles is not None else []
+            extra += args.extra.split()
             r = run(work, name, extra, "default")
             results["cases"].append(r)
             print(json.dumps(r), flush=True)

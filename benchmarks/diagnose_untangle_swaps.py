@@ -4,19 +4,21 @@ A developer's diagnostic for `drefine untangle` on the 1AHO challenge: it reads 
 tells where the method falls short, not what the method may do. For every residue of MODEL still tangled
 by the challenge's rule, conformer A keeps the truth label most of its scored atoms carry; the others
 (with their hydrogens) exchange positions and ADPs with their conformer-B partners. That variant and the
-model itself are refined alike and locally, exactly as the crossing search judges its candidates
-(`drefine/untangle/crossings.py`: atoms within two bonds move, least squares at one fixed weight), and
-the relative gain of the objective and the worst bond/angle |z| near the swap are printed. A positive
-gain above the search's MIN_GAIN with acceptable geometry means the judge would take the right swap:
-the search only failed to propose it.
+model itself are refined alike and locally, as one of drefine's judges does
+(`drefine/untangle/crossings.py`; --judge positions: the crossing search's, atoms within two bonds
+move, least squares at one fixed weight; --judge residue: the residue swap search's, which also
+refines their B factors, three bonds out), and the relative gain of the objective and the worst
+bond/angle |z| near the swap are printed. A positive gain above the search's threshold with
+acceptable geometry means the judge would take the right swap.
 
---all-kinds judges instead every swap of those kinds in every two-conformer residue (each terminal
-heavy atom alone, the N alone, the carbonyl C+O, the side chain from CB on; at least one atom 0.1 Å
-from its partner) and counts, by the truth, how many the judge would take rightly (the residue's
-label mismatches fall) and wrongly (they rise), at several gain thresholds.
+--all-kinds judges instead every candidate of the residue swap search (`residue_swap_candidates`:
+each terminal heavy atom alone, the N alone, the carbonyl C+O, the side chain from CB on; at least
+one atom 0.1 Å from its partner) and counts, by the truth, how many the judge would take rightly (the
+residue's label mismatches fall) and wrongly (they rise), at several gain thresholds, all candidates
+and the best of each residue.
 
-Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--all-kinds [--limit N]] [--truth ground_truth.pdb]
-       [--data refme.mtz]
+Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--judge positions|residue] [--all-kinds [--limit N]]
+       [--truth ground_truth.pdb] [--data refme.mtz]
 """
 import argparse
 
@@ -45,20 +47,10 @@ def truth_consistent_swaps(model, truth, restraints):
         sel = (res == r) & (conf == 0)
         keep = np.bincount(label[sel], minlength=3)[1:].argmax() + 1
         side = idx[sel][label[sel] != keep]
-        side = _with_hydrogens(model, restraints, side, partner, conf_a)
+        side = crossings.with_hydrogens(model, restraints, side, partner)
         names = [str(at.name[i]) for i in side if not at.is_hydrogen[i]]
         out.append((model.residues.label(int(r)), names, side, partner[side]))
     return out
-
-
-def _with_hydrogens(model, restraints, side, partner, conf_a):
-    """`side` and the hydrogens of conformer `conf_a` bonded to it, those with a partner."""
-    bonds = restraints.bond_atoms.astype(np.int64)
-    at = model.atoms
-    hs = np.unique(bonds[np.isin(bonds, side).any(axis=1)].ravel())
-    hs = hs[at.is_hydrogen[hs] & (at.conformer[hs] == conf_a)]
-    side = np.concatenate([side, hs]).astype(np.int64)
-    return side[partner[side] >= 0]
 
 
 def label_mismatches(model, truth):
@@ -73,34 +65,6 @@ def label_mismatches(model, truth):
     return n
 
 
-def swaps_of_every_kind(model, restraints):
-    """[(residue index, side)] for every two-conformer residue: each terminal heavy atom alone, the N
-    alone, the carbonyl C+O, the side chain from CB on (a set whose atoms all sit within 0.1 Å of
-    their partners is left out)."""
-    at = model.atoms
-    conf_a, conf_b = sorted({int(c) for c in at.conformer if c > 0})[:2]
-    partner = crossings.conformer_partners(model)[(conf_a, conf_b)]
-    heavy = ~at.is_hydrogen
-    hb = restraints.bond_atoms.astype(np.int64)
-    hb = hb[heavy[hb].all(axis=1)]
-    degree = np.bincount(hb.ravel(), minlength=len(at))
-    own = (at.conformer == conf_a) & heavy & (partner >= 0)
-    out = []
-    for r in np.unique(at.residue_index[own]):  # setup of a diagnostic: a loop over residues
-        atoms = np.flatnonzero(own & (at.residue_index == r))
-        names = {str(at.name[i]): i for i in atoms}
-        sets = [[i] for i in atoms if degree[i] == 1 and at.name[i] != "C"]
-        sets += [[names["N"]]] if "N" in names else []
-        sets += [[names["C"], names["O"]]] if "C" in names and "O" in names else []
-        chain = [i for n, i in names.items() if n not in ("N", "CA", "C", "O", "OXT")]
-        sets += [chain] if chain else []
-        for s in sorted({tuple(sorted(x)) for x in sets}):
-            s = np.array(s)
-            if np.linalg.norm(at.xyz[s] - at.xyz[partner[s]], axis=1).max() >= 0.1:
-                out.append((int(r), _with_hydrogens(model, restraints, s, partner, conf_a)))
-    return out
-
-
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model")
@@ -109,26 +73,31 @@ def main():
     ap.add_argument("--labin", default="F=F,SIGF=SIGF,FREE=FreeR_flag")
     ap.add_argument("--all-kinds", action="store_true",
                     help="judge every swap of the same kinds and count right and wrong acceptances (~40 min on 1AHO)")
+    ap.add_argument("--judge", choices=("positions", "residue"), default="residue",
+                    help="positions: the crossing search's judge; residue: the residue swap search's (default)")
     ap.add_argument("--limit", type=int, default=None, metavar="N",
                     help="with --all-kinds: judge only the first N candidates (a quick look)")
     args = ap.parse_args()
     model, truth = read_model(args.model), read_model(args.truth)
     table = read_reflections(args.data, labin=args.labin)
     restraints = build_restraints(model)
-    # the crossing search's judge: its weight and its local refinement settings
+    # the judge's weight and its local refinement settings (crossings.resolve_crossings)
     weight = refine_xray(model, table, restraints, XrayOptions(target="ls", cycles=2, adp="fixed", occupancies=False,
                                                                minimiser="lbfgs"), log=crossings._quiet).weight
-    opt = XrayOptions(target="ls", cycles=1, weight=weight, adp="fixed", occupancies=False, geometry_rescue=False,
-                      iterations=crossings.LOCAL_ITERATIONS, minimiser="lbfgs")
+    residue = args.judge == "residue"
+    opt = XrayOptions(target="ls", cycles=1, weight=weight, adp="iso" if residue else "fixed", occupancies=False,
+                      geometry_rescue=False, iterations=crossings.LOCAL_ITERATIONS, minimiser="lbfgs")
+    hops = crossings.RESIDUE_HOPS if residue else 2
+    min_gain = crossings.RESIDUE_MIN_GAIN if residue else crossings.MIN_GAIN
     if args.all_kinds:
-        return judge_every_kind(model, truth, table, restraints, opt, args.limit)
+        return judge_every_kind(model, truth, table, restraints, opt, hops, args.limit)
     swaps = truth_consistent_swaps(model, truth, restraints)
     jobs = []
     for _, _, side, partners in swaps:
-        mask = crossings._within_bonds(np.concatenate([side, partners]), restraints.bond_atoms, len(model.atoms), 2)
+        mask = crossings._within_bonds(np.concatenate([side, partners]), restraints.bond_atoms, len(model.atoms), hops)
         jobs += [(crossings.swap_conformers(model, side, partners), mask), (model, mask)]
     results = crossings._refine_all(jobs, table, restraints, opt, None)
-    print(f"{len(swaps)} tangled residues; the search accepts a gain above {crossings.MIN_GAIN:.0e} with |z| <= "
+    print(f"{len(swaps)} tangled residues; the search accepts a gain above {min_gain:.0e} with |z| <= "
           f"{crossings.GEOMETRY_Z_MAX:g} (or the unswapped model's worst)")
     for k, (label, names, _, _) in enumerate(swaps):
         swapped, unswapped = results[2 * k], results[2 * k + 1]
@@ -139,33 +108,38 @@ def main():
               f"{crossings._worst_z(unswapped.xyz, restraints, mask):.1f}", flush=True)
 
 
-def judge_every_kind(model, truth, table, restraints, opt, limit=None):
-    """Judge every candidate of `swaps_of_every_kind` (the first `limit`) as the crossing search
-    would, and count by the truth the swaps taken rightly and wrongly at several gain thresholds."""
+def judge_every_kind(model, truth, table, restraints, opt, hops, limit=None):
+    """Judge every candidate of `residue_swap_candidates` (the first `limit`) with `opt` and `hops`,
+    and count by the truth the swaps taken rightly and wrongly at several gain thresholds: all of
+    them, and the best of each residue (as the search takes them)."""
     at = model.atoms
-    conf_a, conf_b = sorted({int(c) for c in at.conformer if c > 0})[:2]
-    partner = crossings.conformer_partners(model)[(conf_a, conf_b)]
     before = label_mismatches(model, truth)
     rows = []
-    cands = swaps_of_every_kind(model, restraints)
+    cands = crossings.residue_swap_candidates(model, restraints)
     print(f"{len(cands)} candidate swaps" + (f", the first {limit} judged" if limit else ""), flush=True)
     cands = cands[:limit]
-    for r, side in cands:
-        swapped = crossings.swap_conformers(model, side, partner[side])
-        mask = crossings._within_bonds(np.concatenate([side, partner[side]]), restraints.bond_atoms, len(at), 2)
+    for c in cands:
+        side, r = c.side, int(at.residue_index[c.p])
+        swapped = crossings.swap_conformers(model, side, c.partners)
+        mask = crossings._within_bonds(np.concatenate([side, c.partners]), restraints.bond_atoms, len(at), hops)
         res = crossings._refine_all([(swapped, mask), (model, mask)], table, restraints, opt, None)
         j1, j0 = res[0].cycles[-1].objective, res[1].cycles[-1].objective
         z1, z0 = (crossings._worst_z(x.xyz, restraints, mask) for x in res)
         change = int(label_mismatches(swapped, truth)[r] - before[r])
-        rows.append(((j0 - j1) / abs(j0), z1 <= max(crossings.GEOMETRY_Z_MAX, z0), change))
+        rows.append(((j0 - j1) / abs(j0), z1 <= max(crossings.GEOMETRY_Z_MAX, z0), change, r))
         names = ",".join(str(at.name[i]) for i in side if not at.is_hydrogen[i])
         print(f"{model.residues.label(r):12s} {names:28s} gain {rows[-1][0]:+.2e} |z| {z1:.1f}/{z0:.1f} "
               f"mismatches {change:+d}", flush=True)
     for threshold in (crossings.MIN_GAIN, 1e-4, 3e-4, 1e-3, 3e-3):
-        taken = [c for g, ok, c in rows if g > threshold and ok]
-        print(f"gain > {threshold:.0e}: {len(taken)} taken, {sum(c < 0 for c in taken)} right, "
-              f"{sum(c > 0 for c in taken)} wrong, {sum(c == 0 for c in taken)} neither; right ones judged: "
-              f"{sum(c < 0 for _, _, c in rows)}")
+        taken = [row for row in rows if row[0] > threshold and row[1]]
+        best = {}
+        for row in taken:
+            if row[3] not in best or row[0] > best[row[3]][0]:
+                best[row[3]] = row
+        for what, sel in (("taken", taken), ("best of each residue", list(best.values()))):
+            print(f"gain > {threshold:.0e}, {what}: {len(sel)}, {sum(x[2] < 0 for x in sel)} right, "
+                  f"{sum(x[2] > 0 for x in sel)} wrong, {sum(x[2] == 0 for x in sel)} neither")
+    print(f"right ones judged: {sum(x[2] < 0 for x in rows)}")
 
 
 if __name__ == "__main__":

@@ -302,6 +302,11 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--crossings-after-rrr", action="store_true",
                    help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
                         "wrong swap of Ser40's OG; see BENCHMARKS.md)")
+    u.add_argument("--residue-swaps", action="store_true",
+                   help="after RRR, try relabelling parts of each two-conformer residue (a terminal atom, the N, "
+                        "the carbonyl C=O, the side chain), each judged by local refinement of positions and B "
+                        "factors three bonds out against the same refinement of the model; kept when the "
+                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma (see README)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
@@ -1076,6 +1081,11 @@ def cmd_untangle(args) -> int:
             final_r = u.r_factors(refined.atoms.xyz, refined)
             log(f"after the crossing search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) "
                 f"{final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
+        if args.residue_swaps and n_conf >= 2:
+            refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings, "residue_swaps")
+            final_r = u.r_factors(refined.atoms.xyz, refined)
+            log(f"after the residue swap search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} "
+                f"R(all) {final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
     if args.adp_cycles > 0:
         from .refine.xray import XrayOptions, refine_xray
 
@@ -1135,17 +1145,22 @@ def cmd_untangle(args) -> int:
 
 
 def _resolve_crossings(model, table, restraints, args, log, client, reports: dict, when: str):
-    """The crossing search (untangle/crossings.py) with progress in the log; its report into
-    reports[when]."""
+    """The crossing search (untangle/crossings.py; `when` "residue_swaps": the residue swap search)
+    with progress in the log; its report into reports[when]."""
     import time
 
-    from .untangle.crossings import resolve_crossings
+    from .untangle.crossings import resolve_crossings, resolve_residue_swaps
 
     t0 = time.perf_counter()
-    log(f"crossing search ({when.replace('_', ' ')})")
-    out, rep = resolve_crossings(model, table, restraints, cycles=args.crossing_cycles, log=log, client=client)
+    what = "residue swap search" if when == "residue_swaps" else f"crossing search ({when.replace('_', ' ')})"
+    log(what)
+    if when == "residue_swaps":
+        out, rep = resolve_residue_swaps(model, table, restraints, cycles=max(args.crossing_cycles, 1), log=log,
+                                         client=client)
+    else:
+        out, rep = resolve_crossings(model, table, restraints, cycles=args.crossing_cycles, log=log, client=client)
     reports[when] = {"accepted": rep.accepted, "rounds": rep.rounds, "seconds": time.perf_counter() - t0}
-    log(f"crossing search ({when.replace('_', ' ')}): {len(rep.accepted)} swap(s) in {time.perf_counter() - t0:.0f} s")
+    log(f"{what}: {len(rep.accepted)} swap(s) in {time.perf_counter() - t0:.0f} s")
     return out
 
 
