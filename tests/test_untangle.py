@@ -697,11 +697,13 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     assert (tmp_path / "out.png").stat().st_size > 1000 and (tmp_path / "out.cif").exists()
     assert not (tmp_path / "out_checkpoint").exists()
     assert rep["options"]["rigid_groups"] is True
-    # the experimental second search after RRR runs only when asked for (and the rigid groups can be left out)
+    # the second crossing search and the residue swap search after RRR run only when asked for (and the rigid
+    # groups can be left out)
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "2", "--adp-cycles", "0",
-                 "--crossings-after-rrr", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
+                 "--crossings-after-rrr", "--residue-swaps", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
     twice = json.loads((tmp_path / "twice.json").read_text())
-    assert set(twice["crossings"]) == {"before_rrr", "after_rrr"} and twice["options"]["rigid_groups"] is False
+    assert set(twice["crossings"]) == {"before_rrr", "after_rrr", "residue_swaps"}
+    assert twice["crossings"]["residue_swaps"]["rounds"][0]["candidates"] and twice["options"]["rigid_groups"] is False
     # one RRR step without the search leaves the toy tangled: the log names the swapped atom per conformer
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "1", "--crossing-cycles", "0",
                  "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0

@@ -266,12 +266,15 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
                       max_rounds: int = 8, cos_max: float = COS_MAX, min_offset: float = MIN_OFFSET,
                       min_gain: float = MIN_GAIN, target: str = "ls", log=print,
                       client=None, candidates=None, local_adp: bool = False, hops: int = 2,
-                      name: str = "crossings") -> tuple[Model, CrossingReport]:
+                      disjoint_regions: bool = False, name: str = "crossings") -> tuple[Model, CrossingReport]:
     """Find candidate crossings and keep the swaps the data and restraints prefer (module docstring).
     Returns the model (coordinates refined, with the accepted swaps) and a report. `client`:
     evaluate the variants as dask tasks. `candidates(model)`: the swaps to judge (default: the
     crossings of `find_crossings`); `local_adp`: the local refinements also refine the moved
-    atoms' B factors; `hops`: atoms within this many bonds of a swap move.
+    atoms' B factors; `hops`: atoms within this many bonds of a swap move; `disjoint_regions`: swaps
+    made in one round have no moving atom in common (each region's refined coordinates and B are
+    copied into the model, so where two overlap, the second would overwrite atoms refined with the
+    first swap not made).
 
     Each round: candidates are sought in the current model; for each, the swapped model and the
     model itself are refined alike, locally: only the atoms within two bonds of the swapped ones
@@ -318,6 +321,7 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
             judged.add(_key(c))
         taken: list[int] = []
         near = np.zeros(n, dtype=bool)  # atoms of taken swaps and within two bonds of them
+        regions = np.zeros(n, dtype=bool)  # the moving atoms of taken swaps
         for k in np.argsort([-c.gain for c in cands]):
             c = cands[k]
             if not c.gain > min_gain:
@@ -327,10 +331,13 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
             atoms = np.concatenate([c.side, c.partners])
             if near[atoms].any():
                 continue  # two swaps at one place may be alternative fixes of one crossing (or of one residue): one per round
+            if disjoint_regions and regions[masks[k]].any():
+                continue  # judged again next round, in the context the taken swap leaves
+            regions |= masks[k]
             near |= _within_bonds(atoms, restraints.bond_atoms, n, hops)
             taken.append(int(k))
-        for c in cands:  # next to an accepted swap the context has changed: judge those again
-            if near[np.concatenate([c.side, c.partners])].any():
+        for c, mask in zip(cands, masks):  # next to an accepted swap the context has changed: judge those again
+            if near[np.concatenate([c.side, c.partners])].any() or (disjoint_regions and regions[mask].any()):
                 judged.discard(_key(c))
         done.update(_key(cands[k]) for k in taken)
         report.rounds.append({"round": rnd + 1, "candidates": [c.as_dict() for c in cands],
@@ -362,7 +369,7 @@ def resolve_residue_swaps(model: Model, table: ReflectionTable, restraints: Rest
     return resolve_crossings(model, table, restraints, cycles=cycles, max_rounds=max_rounds,
                              min_gain=RESIDUE_MIN_GAIN, log=log, client=client,
                              candidates=lambda m: residue_swap_candidates(m, restraints), local_adp=True,
-                             hops=RESIDUE_HOPS, name="residue swaps")
+                             hops=RESIDUE_HOPS, disjoint_regions=True, name="residue swaps")
 
 
 def geometry_acceptable(c: Crossing) -> bool:
