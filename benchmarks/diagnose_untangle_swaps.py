@@ -101,7 +101,7 @@ def main():
           f"{crossings.GEOMETRY_Z_MAX:g} (or the unswapped model's worst)")
     for k, (label, names, _, _) in enumerate(swaps):
         swapped, unswapped = results[2 * k], results[2 * k + 1]
-        j1, j0 = swapped.cycles[-1].objective, unswapped.cycles[-1].objective
+        j1, j0 = swapped.objective, unswapped.objective
         mask = jobs[2 * k][1]
         print(f"{label:12s} swap {','.join(names):28s} gain {(j0 - j1) / abs(j0):+.2e}  worst |z| swapped "
               f"{crossings._worst_z(swapped.xyz, restraints, mask):.1f}, unswapped "
@@ -123,7 +123,7 @@ def judge_every_kind(model, truth, table, restraints, opt, hops, limit=None):
         swapped = crossings.swap_conformers(model, side, c.partners)
         mask = crossings._within_bonds(np.concatenate([side, c.partners]), restraints.bond_atoms, len(at), hops)
         res = crossings._refine_all([(swapped, mask), (model, mask)], table, restraints, opt, None)
-        j1, j0 = res[0].cycles[-1].objective, res[1].cycles[-1].objective
+        j1, j0 = res[0].objective, res[1].objective
         z1, z0 = (crossings._worst_z(x.xyz, restraints, mask) for x in res)
         change = int(label_mismatches(swapped, truth)[r] - before[r])
         rows.append(((j0 - j1) / abs(j0), z1 <= max(crossings.GEOMETRY_Z_MAX, z0), change, r))

@@ -303,10 +303,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
                         "wrong swap of Ser40's OG; see BENCHMARKS.md)")
     u.add_argument("--residue-swaps", action="store_true",
-                   help="after RRR, try relabelling parts of each two-conformer residue (a terminal atom, the N, "
+                   help="experimental, off by default: after RRR, try relabelling parts of each two-conformer "
+                        "residue (a terminal atom, the N, "
                         "the carbonyl C=O, the side chain), each judged by local refinement of positions and B "
                         "factors three bonds out against the same refinement of the model; kept when the "
-                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma (see README)")
+                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma (--crossing-cycles macro-cycles, at "
+                        "least 1; adds ~15 min on 1AHO in-process; see README)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")

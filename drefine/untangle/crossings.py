@@ -312,7 +312,7 @@ def resolve_crossings(model: Model, table: ReflectionTable, restraints: Restrain
         jobs += [(current, m) for m in masks]
         results = _refine_all(jobs, table, restraints, opt, client)
         for k, c in enumerate(cands):
-            j0, j1 = results[len(cands) + k].cycles[-1].objective, results[k].cycles[-1].objective
+            j0, j1 = results[len(cands) + k].objective, results[k].objective
             if not np.isfinite(j0) or j0 == 0:
                 raise DrefineError("crossing search: a refinement gave no finite objective")
             c.gain = float((j0 - j1) / abs(j0))
@@ -419,20 +419,35 @@ def _with_xyz(model: Model, xyz: np.ndarray) -> Model:
     return m
 
 
-def _refine_one(model, movable, table, restraints, options):
+@dataclass
+class LocalRefinement:
+    """What a judge needs of a local refinement: the final objective, coordinates and B (Å²). Kept
+    instead of the whole XrayResult, whose F_calc/F_model (~1 MB each on 1AHO) hundreds of
+    candidates would hold in memory or send back from the workers."""
+
+    objective: float
+    xyz: np.ndarray
+    b_iso: np.ndarray
+
+
+def _refine_local(model, movable, table, restraints, options) -> LocalRefinement:
     from ..refine.xray import refine_xray
+
+    r = refine_xray(model, table, restraints, options, log=_quiet, movable=movable)
+    return LocalRefinement(r.cycles[-1].objective, r.xyz, r.b_iso)
+
+
+def _refine_one(model, movable, table, restraints, options) -> LocalRefinement:
     from ..threads import single_threaded
 
     with single_threaded():
-        return refine_xray(model, table, restraints, options, log=_quiet, movable=movable)
+        return _refine_local(model, movable, table, restraints, options)
 
 
-def _refine_all(jobs, table, restraints, options, client):
+def _refine_all(jobs, table, restraints, options, client) -> list[LocalRefinement]:
     """Refine (model, movable mask) jobs, in-process or as dask tasks."""
-    from ..refine.xray import refine_xray
-
     if client is None:
-        return [refine_xray(m, table, restraints, options, log=_quiet, movable=mv) for m, mv in jobs]
+        return [_refine_local(m, mv, table, restraints, options) for m, mv in jobs]
     payload = client.scatter([table, restraints], broadcast=True)
     futures = [client.submit(_refine_one, m, mv, payload[0], payload[1], options, pure=False) for m, mv in jobs]
     return client.gather(futures)
