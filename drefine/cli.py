@@ -302,13 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--crossings-after-rrr", action="store_true",
                    help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
                         "wrong swap of Ser40's OG; see BENCHMARKS.md)")
-    u.add_argument("--residue-swaps", action="store_true",
-                   help="experimental, off by default: after RRR, try relabelling parts of each two-conformer "
-                        "residue (a terminal atom, the N, "
+    u.add_argument("--residue-swaps", action=argparse.BooleanOptionalAction, default=True,
+                   help="after RRR, try relabelling parts of each two-conformer residue (a terminal atom, the N, "
                         "the carbonyl C=O, the side chain), each judged by local refinement of positions and B "
                         "factors three bonds out against the same refinement of the model; kept when the "
-                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma (--crossing-cycles macro-cycles, at "
-                        "least 1; adds ~15 min on 1AHO in-process; see README)")
+                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma (--crossing-cycles "
+                        "macro-cycles, at least 1). On by default; adds ~13 min on 1AHO with 2 dask workers "
+                        "(see README)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
@@ -1069,8 +1069,7 @@ def cmd_untangle(args) -> int:
         try:
             u.run(progress=progress, checkpoint=checkpoint, resumed=resumed)
         except KeyboardInterrupt:
-            log(f"interrupted: checkpoint at {checkpoint}; continue with the same command and --resume")
-            atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
+            _log_interrupt(log, prefix, f"checkpoint at {checkpoint}; continue with the same command and --resume")
             raise
         seconds_rrr = time.perf_counter() - t_run
         refined = u.model_at(u.xyz)
@@ -1078,16 +1077,22 @@ def cmd_untangle(args) -> int:
         rrr_r = dict(final_r)
         log(f"after RRR: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) {final_r['r_all']:.4f} "
             f"R(used) {final_r['r_used']:.4f}")
-        if args.crossings_after_rrr and args.crossing_cycles > 0 and n_conf >= 2:
-            refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings, "after_rrr")
-            final_r = u.r_factors(refined.atoms.xyz, refined)
-            log(f"after the crossing search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} R(all) "
-                f"{final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
-        if args.residue_swaps and n_conf >= 2:
-            refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings, "residue_swaps")
-            final_r = u.r_factors(refined.atoms.xyz, refined)
-            log(f"after the residue swap search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} "
-                f"R(all) {final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
+        try:
+            if args.crossings_after_rrr and args.crossing_cycles > 0 and n_conf >= 2:
+                refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings, "after_rrr")
+                final_r = u.r_factors(refined.atoms.xyz, refined)
+                log(f"after the crossing search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} "
+                    f"R(all) {final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
+            if args.residue_swaps and n_conf >= 2:
+                refined = _resolve_crossings(refined, table, restraints, args, log, client, crossings,
+                                             "residue_swaps")
+                final_r = u.r_factors(refined.atoms.xyz, refined)
+                log(f"after the residue swap search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} "
+                    f"R(all) {final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
+        except KeyboardInterrupt:  # RRR's end is checkpointed: a resumed run repeats only the search
+            _log_interrupt(log, prefix, f"RRR had finished (checkpoint at {checkpoint}); the same command with "
+                                        "--resume repeats only the search after it")
+            raise
     if args.adp_cycles > 0:
         from .refine.xray import XrayOptions, refine_xray
 
@@ -1144,6 +1149,14 @@ def cmd_untangle(args) -> int:
     if density_dir.exists():
         shutil.rmtree(density_dir)
     return 0
+
+
+def _log_interrupt(log, prefix, what: str) -> None:
+    """An interrupted untangle run: say where it stands and how to go on, and keep the log."""
+    from .io.atomic import atomic_write
+
+    log(f"interrupted: {what}")
+    atomic_write(f"{prefix}.log", "\n".join(log.lines) + "\n")
 
 
 def _resolve_crossings(model, table, restraints, args, log, client, reports: dict, when: str):

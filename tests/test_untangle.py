@@ -690,23 +690,24 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["start"]["n_tangled"] == 1 and rep["final"]["n_tangled"] == 0
     assert rep["details_tangled"]["final_atoms"] == {}
-    assert set(rep["crossings"]) == {"before_rrr"}  # the crossing search is on by default, before RRR only
+    # on by default: the crossing search before RRR and the residue swap search after it
+    assert set(rep["crossings"]) == {"before_rrr", "residue_swaps"} and rep["crossings"]["residue_swaps"]["rounds"]
     # B factors and occupancies refined after RRR: R no worse than after RRR, coordinates untouched
     assert rep["final"]["r_work"] <= rep["after_rrr"]["r_work"] + 1e-4
     assert len(rep["trajectory"]) == 12 and [s["stage"] for s in rep["stages"]] == [1, 2]
     assert (tmp_path / "out.png").stat().st_size > 1000 and (tmp_path / "out.cif").exists()
     assert not (tmp_path / "out_checkpoint").exists()
     assert rep["options"]["rigid_groups"] is True
-    # the second crossing search and the residue swap search after RRR run only when asked for (and the rigid
-    # groups can be left out)
+    # the second crossing search after RRR runs only when asked for, the residue swap search can be left
+    # out, and so can the rigid groups
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "2", "--adp-cycles", "0",
-                 "--crossings-after-rrr", "--residue-swaps", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
+                 "--crossings-after-rrr", "--no-residue-swaps", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
     twice = json.loads((tmp_path / "twice.json").read_text())
-    assert set(twice["crossings"]) == {"before_rrr", "after_rrr", "residue_swaps"}
-    assert twice["crossings"]["residue_swaps"]["rounds"][0]["candidates"] and twice["options"]["rigid_groups"] is False
-    # one RRR step without the search leaves the toy tangled: the log names the swapped atom per conformer
+    assert set(twice["crossings"]) == {"before_rrr", "after_rrr"} and twice["options"]["rigid_groups"] is False
+    # one RRR step without either search leaves the toy tangled: the log names the swapped atom per conformer
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "1", "--crossing-cycles", "0",
-                 "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
+                 "--no-residue-swaps", "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
+    assert "residue_swaps" not in json.loads((tmp_path / "one.json").read_text()).get("crossings", {})
     one = json.loads((tmp_path / "one.json").read_text())["details_tangled"]
     assert one["final"] == ["A/LYS 8"] and one["final_atoms"]["A/LYS 8"]["A"].startswith("CA→B")
     assert "  A/LYS 8: A: CA→B" in (tmp_path / "one.log").read_text()
@@ -763,7 +764,8 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
                                                                           capsys):
     """Ctrl-C (a real SIGINT) in the middle of a step: the step finishes, a checkpoint is written,
     exit 130; the same command with --resume takes the saved crossing search instead of repeating
-    it and ends exactly where an uninterrupted run does."""
+    it and ends exactly where an uninterrupted run does; likewise when stopped before RRR's first
+    checkpoint, or in the residue swap search after RRR."""
     import json
     import os
     import signal
@@ -773,7 +775,8 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
 
     _, tangled, _, mtz = tangled_case
     # memory-mapped density variables, so the resume also restores into the maps
-    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap"]
+    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap",
+            "--no-residue-swaps"]
     assert main(["untangle", *args, "-o", str(tmp_path / "straight")]) == 0
     real_step = Untangler.step
     calls = {"n": 0}
@@ -816,6 +819,34 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     assert main(["untangle", *args, "--resume", "-o", str(tmp_path / "early")]) == 0
     c = json.loads((tmp_path / "early.json").read_text())
     assert [h["gap"] for h in a["trajectory"]] == [h["gap"] for h in c["trajectory"]]
+    # Ctrl-C in the residue swap search after RRR: exit 130, RRR's end is checkpointed (though 3 is
+    # no multiple of --checkpoint-every), and --resume repeats only the search, from RRR's end. (The
+    # search is a stand-in that leaves the model as it is: the real one is tested above and below.)
+    from drefine.untangle import crossings
+
+    searched_at = []
+
+    def interrupted_search(*a, **k):
+        raise KeyboardInterrupt
+
+    def no_swap(model, *a, **k):
+        searched_at.append(model.atoms.xyz.copy())
+        return model, crossings.CrossingReport()
+
+    late = [a_ for a_ in args if a_ != "--no-residue-swaps"]
+    monkeypatch.setattr(crossings, "resolve_residue_swaps", interrupted_search)
+    assert main(["untangle", *late, "-o", str(tmp_path / "late")]) == 130
+    assert "repeats only the search" in (tmp_path / "late.log").read_text()
+    monkeypatch.setattr(crossings, "resolve_residue_swaps", no_swap)
+    capsys.readouterr()
+    assert main(["untangle", *late, "--resume", "-o", str(tmp_path / "late")]) == 0
+    assert "stage 2, iteration 3" in capsys.readouterr().out and len(searched_at) == 1
+    d = json.loads((tmp_path / "late.json").read_text())
+    assert [h["gap"] for h in a["trajectory"]] == [h["gap"] for h in d["trajectory"]]
+    assert d["crossings"]["residue_swaps"]["accepted"] == []
+    assert (tmp_path / "straight.cif").read_text().split("_atom_site")[-1] == \
+        (tmp_path / "late.cif").read_text().split("_atom_site")[-1]
+    assert not list(tmp_path.glob("*_checkpoint")) and not list(tmp_path.glob("*_crossings.npz"))
 
 
 @pytest.mark.parametrize("labin", [None, "F,SIGF,FreeR_flag"])

@@ -316,7 +316,10 @@ class Untangler:
                             progress(rec)
                         if interrupted():
                             raise KeyboardInterrupt
+                        # also at each stage's end: the searches after RRR take minutes, and an
+                        # interrupt there resumes from the end of RRR, not from the last multiple of N
                         if checkpoint and (self.iteration % opt.checkpoint_every == 0
+                                           or self.iteration == opt.iterations[self.stage]
                                            or time.monotonic() - last_save > 600):
                             self.save_checkpoint(checkpoint)
                             last_save = time.monotonic()
