@@ -302,13 +302,13 @@ def build_parser() -> argparse.ArgumentParser:
     u.add_argument("--crossings-after-rrr", action="store_true",
                    help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
                         "wrong swap of Ser40's OG; see BENCHMARKS.md)")
-    u.add_argument("--residue-swaps", action=argparse.BooleanOptionalAction, default=True,
-                   help="after RRR, try relabelling parts of each two-conformer residue (a terminal atom, the N, "
-                        "the carbonyl C=O, the side chain), each judged by local refinement of positions and B "
-                        "factors three bonds out against the same refinement of the model; kept when the "
-                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma (--crossing-cycles "
-                        "macro-cycles, at least 1). On by default; adds ~13 min on 1AHO with 2 dask workers "
-                        "(see README)")
+    u.add_argument("--residue-swaps", action="store_true",
+                   help="experimental, off by default: after RRR, try relabelling parts of each two-conformer "
+                        "residue (a terminal atom, the N, the carbonyl C=O, the side chain), each judged by local "
+                        "refinement of positions and B factors three bonds out against the same refinement of the "
+                        "model; kept when the objective falls by 0.1%% or more with no bond or angle beyond 4 "
+                        "sigma (--crossing-cycles macro-cycles, at least 1). Adds ~13 min on 1AHO with 2 dask "
+                        "workers; on lotswrong it accepted 32 swaps and left R far worse (see BENCHMARKS.md)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")

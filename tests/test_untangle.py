@@ -690,24 +690,23 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["start"]["n_tangled"] == 1 and rep["final"]["n_tangled"] == 0
     assert rep["details_tangled"]["final_atoms"] == {}
-    # on by default: the crossing search before RRR and the residue swap search after it
-    assert set(rep["crossings"]) == {"before_rrr", "residue_swaps"} and rep["crossings"]["residue_swaps"]["rounds"]
+    assert set(rep["crossings"]) == {"before_rrr"}  # the crossing search is on by default, before RRR only
     # B factors and occupancies refined after RRR: R no worse than after RRR, coordinates untouched
     assert rep["final"]["r_work"] <= rep["after_rrr"]["r_work"] + 1e-4
     assert len(rep["trajectory"]) == 12 and [s["stage"] for s in rep["stages"]] == [1, 2]
     assert (tmp_path / "out.png").stat().st_size > 1000 and (tmp_path / "out.cif").exists()
     assert not (tmp_path / "out_checkpoint").exists()
     assert rep["options"]["rigid_groups"] is True
-    # the second crossing search after RRR runs only when asked for, the residue swap search can be left
-    # out, and so can the rigid groups
+    # the second crossing search and the residue swap search after RRR run only when asked for (and the rigid
+    # groups can be left out)
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "2", "--adp-cycles", "0",
-                 "--crossings-after-rrr", "--no-residue-swaps", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
+                 "--crossings-after-rrr", "--residue-swaps", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
     twice = json.loads((tmp_path / "twice.json").read_text())
-    assert set(twice["crossings"]) == {"before_rrr", "after_rrr"} and twice["options"]["rigid_groups"] is False
+    assert set(twice["crossings"]) == {"before_rrr", "after_rrr", "residue_swaps"}
+    assert twice["crossings"]["residue_swaps"]["rounds"][0]["candidates"] and twice["options"]["rigid_groups"] is False
     # one RRR step without either search leaves the toy tangled: the log names the swapped atom per conformer
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "1", "--crossing-cycles", "0",
-                 "--no-residue-swaps", "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
-    assert "residue_swaps" not in json.loads((tmp_path / "one.json").read_text()).get("crossings", {})
+                 "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
     one = json.loads((tmp_path / "one.json").read_text())["details_tangled"]
     assert one["final"] == ["A/LYS 8"] and one["final_atoms"]["A/LYS 8"]["A"].startswith("CA→B")
     assert "  A/LYS 8: A: CA→B" in (tmp_path / "one.log").read_text()
@@ -775,8 +774,7 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
 
     _, tangled, _, mtz = tangled_case
     # memory-mapped density variables, so the resume also restores into the maps
-    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap",
-            "--no-residue-swaps"]
+    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap"]
     assert main(["untangle", *args, "-o", str(tmp_path / "straight")]) == 0
     real_step = Untangler.step
     calls = {"n": 0}
@@ -833,7 +831,7 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
         searched_at.append(model.atoms.xyz.copy())
         return model, crossings.CrossingReport()
 
-    late = [a_ for a_ in args if a_ != "--no-residue-swaps"]
+    late = [*args, "--residue-swaps"]
     monkeypatch.setattr(crossings, "resolve_residue_swaps", interrupted_search)
     assert main(["untangle", *late, "-o", str(tmp_path / "late")]) == 130
     assert "repeats only the search" in (tmp_path / "late.log").read_text()
