@@ -973,5 +973,11 @@ def test_residue_swap_search_relabels_a_lone_carbonyl_oxygen(example_model_path,
     fixed, report = crossings.resolve_residue_swaps(tangled, table, restraints, log=lambda s: None)
     assert report.accepted and all("LYS 8" in a for a in report.accepted)
     assert tangled_residues(fixed, truth) == []
+    # each round with swaps reports the R the model has with them made. At equal occupancies the data
+    # cannot tell the swap (the geometry does), so R stays where it was; a round that broke the
+    # model (lotswrong, BENCHMARKS session 27) would show here
+    from drefine.density.fmodel import compute_fmodel
+
+    assert abs(report.rounds[0]["r_work"] - compute_fmodel(tangled, table).r_work) < 5e-4
     same, report = crossings.resolve_residue_swaps(truth, table, restraints, log=lambda s: None)
     assert report.accepted == [] and tangled_residues(same, truth) == []
