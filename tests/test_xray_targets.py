@@ -52,6 +52,31 @@ def _target(kind: str, seed: int):
     return t, fm, k_total, work
 
 
+def test_least_squares_weights_floor_a_bookkeeping_sigma():
+    """A σ far below the data's typical one (1AHO's refme.mtz: F = 0 with σ = 0.0014, the median
+    1.07) is floored at a tenth of the median σ, so that one reflection cannot carry the target;
+    every measured σ keeps w = 1/σ², and σ ≤ 0 or missing still gives w = 0."""
+    rng = np.random.default_rng(3)
+    sg = rng.uniform(0.4, 3.0, 500)
+    fo = rng.uniform(5, 100, 500)
+    fo[7], sg[7] = 0.0, 0.0014
+    sg[8] = 0.0
+    sg[9] = np.nan
+    work = np.ones(500, bool)
+    t = LeastSquaresTarget(fo, sg, work)
+    w = t.weights()
+    floor = 0.1 * np.median(sg[np.isfinite(sg) & (sg > 0)])
+    assert w[7] == pytest.approx(1 / floor ** 2)
+    assert w[8] == 0 and w[9] == 0
+    real = np.ones(500, bool)
+    real[7:10] = False
+    np.testing.assert_allclose(w[real], 1 / sg[real] ** 2)
+    # the one reflection no longer dominates the target at a model 5 % off
+    fm = fo * (1 + 0.05 * rng.normal(size=500)) + 1.0
+    value, _ = t.value_and_derivative(fm.astype(complex), np.ones(500))
+    assert w[7] * fm[7] ** 2 < 0.05 * value
+
+
 def _check_derivative(t, fc, k_total, rows, h=1e-6):
     """D(h) of target `t` at F_calc = `fc` against central differences of T in Re and Im of the
     given rows' F_calc; returns D."""
