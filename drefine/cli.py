@@ -192,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
     x.add_argument("--target", choices=("ml", "ls"), default="ml",
                    help="maximum likelihood with σA (default) or least squares")
     x.add_argument("--ls-weighting", choices=("sigma", "unit"), default="sigma",
-                   help="least-squares weights: 1/σ² (default) or 1")
+                   help="least-squares weights: 1/σ² (default; σ floored at a tenth of the median σ, so that a "
+                        "bookkeeping σ such as F = 0, σ = 0.001 cannot carry the target) or 1")
     x.add_argument("--resolution", type=_positive_float, metavar="Å", help="high-resolution limit (default: all data)")
     x.add_argument("--labin", metavar="LABELS", help="columns, e.g. FP,SIGFP,FREE or I,SIGI or F=FP,SIGF=SIGFP")
     x.add_argument("--free-value", type=int, metavar="N", help="flag value of the test set (default: guessed)")
