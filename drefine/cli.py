@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model; kept when the objective falls by 0.1%% or more with no bond or angle beyond 4 "
                         "sigma (--crossing-cycles macro-cycles, at least 1). Adds ~13 min on 1AHO with 2 dask "
                         "workers. On lotswrong it once made 32 swaps and left R far worse, because one reflection "
-                        "with σ = 0.0014 carried the judge's target; with σ now floored its first round there "
-                        "lowers R, later rounds not yet measured (BENCHMARKS.md)")
+                        "with σ = 0.0014 carried the judge's target; with σ now floored its two rounds there lower "
+                        "R (whole runs not yet measured; BENCHMARKS.md)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
