@@ -415,7 +415,7 @@ def cmd_validate(args) -> int:
 
         results = [validate_structure(model, **opts)]
     else:
-        from .parallel.cluster import task_client
+        from .parallel.cluster import gather_results, task_client
 
         with task_client(args.scheduler, args.workers) as client:
             if client is None:
@@ -423,7 +423,7 @@ def cmd_validate(args) -> int:
             else:
                 futures = client.map(_validate_one, [str(Path(args.model).resolve())] * n_models,
                                      range(n_models), [opts] * n_models, pure=False)
-                results = client.gather(futures)
+                results = gather_results(client, futures)
     report = new_report("validate", {"model": str(args.model), "n_models": model.n_models,
                                      "monlib": results[0]["details"]["topology"]["dictionary"],
                                      "rama_data": str(rama) if rama else None})

@@ -247,3 +247,35 @@ def test_workers_keep_glibc_malloc_thresholds_and_run_no_stack_sampler():
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                            env={k: v for k, v in os.environ.items() if k not in exported}).stdout
     assert "MALLOC_TRIM_THRESHOLD_" in plain and plain.strip().endswith("True")  # dask's defaults
+
+
+_GATHER_SCRIPT = """
+import signal, sys, time
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever started us
+from drefine.parallel.cluster import gather_results, task_client
+with task_client(None, 1) as client:
+    futures = [client.submit(time.sleep, 60, pure=False) for _ in range(6)]
+    print("gathering", flush=True)
+    try:
+        gather_results(client, futures)
+    except KeyboardInterrupt:
+        print("interrupted", flush=True)
+sys.exit(130)
+"""
+
+
+def test_interrupting_a_gather_prints_no_tracebacks_and_stops():
+    """Ctrl-C while tasks run: the script stops within seconds, and distributed's waiters do
+    not print an AllExit traceback per future as the client closes (client.gather does)."""
+    p = subprocess.Popen([sys.executable, "-c", _GATHER_SCRIPT], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True, env=ENV)
+    assert p.stdout.readline().strip() == "gathering"
+    time.sleep(2)
+    p.send_signal(signal.SIGINT)
+    try:
+        out, err = p.communicate(timeout=40)
+    except subprocess.TimeoutExpired:
+        p.kill()
+        raise AssertionError("the interrupted gather did not stop within 40 s") from None
+    assert p.returncode == 130 and "interrupted" in out
+    assert "never retrieved" not in err and "AllExit" not in err, err[-2000:]

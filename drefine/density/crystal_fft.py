@@ -22,6 +22,7 @@ import itertools
 import numpy as np
 import scipy.fft
 
+from ..parallel.cluster import gather_results
 from ..threads import kernel_threads
 from .direct import Scatterers, StructureFactorGradient
 from .fft import _cell, _miller_to_rfft, _prepare, atom_density_grid, choose_blur, gather_gradient, grid_shape
@@ -212,7 +213,7 @@ class ChunkedStructureFactors:
         if self.client is None:
             return [fn(self.calc, *a) for a in zip(*args_per_chunk)]
         futures = [self.client.submit(fn, self._remote, *a, pure=False) for a in zip(*args_per_chunk)]
-        return self.client.gather(futures)
+        return gather_results(self.client, futures)
 
     def structure_factors(self, sc: Scatterers) -> np.ndarray:
         parts = self._map(_chunk_structure_factors, [_atom_chunk(sc, s) for s in self.slices])

@@ -21,6 +21,7 @@ import numpy as np
 
 from ..io.maps import DensityMap
 from ..model.arrays import Model
+from ..parallel.cluster import gather_results
 from ..restraints.nonbonded import find_nonbonded_pairs
 from ..restraints.target import GeometryTarget
 from ..restraints.topology import Restraints
@@ -180,5 +181,5 @@ def weight_scan(model: Model, dmap: DensityMap, restraints: Restraints, client=N
         order = sorted(range(len(segments)), key=lambda k: -len(segments[k]))
         futures = {k: client.submit(segment_trials, problem(k), shared, tuple(weights), iterations, targets,
                                     pure=False) for k in order}
-        results = client.gather([futures[k] for k in range(len(segments))])
+        results = gather_results(client, [futures[k] for k in range(len(segments))])
     return choose_weight(results, bond_target, angle_target)

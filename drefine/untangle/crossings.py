@@ -44,6 +44,7 @@ from ..density.fmodel import compute_fmodel
 from ..errors import DrefineError
 from ..io.reflections import ReflectionTable
 from ..model.arrays import Model
+from ..parallel.cluster import gather_results
 from ..restraints.topology import Restraints
 
 COS_MAX = -0.5
@@ -457,4 +458,4 @@ def _refine_all(jobs, table, restraints, options, client) -> list[LocalRefinemen
         return [_refine_local(m, mv, table, restraints, options) for m, mv in jobs]
     payload = client.scatter([table, restraints], broadcast=True)
     futures = [client.submit(_refine_one, m, mv, payload[0], payload[1], options, pure=False) for m, mv in jobs]
-    return client.gather(futures)
+    return gather_results(client, futures)
