@@ -1028,6 +1028,7 @@ def cmd_untangle(args) -> int:
         opt.chunks = args.chunks or n_workers
         density_dir = Path(f"{prefix}_density")  # memory maps live apart from the checkpoint, which is swapped
         crossings: dict = {}
+        report_closing = None  # R after the closing RRR stage, when a search after RRR made swaps
         rrr_model = model
         if args.crossing_cycles > 0 and n_conf >= 2:
             # crossings in the input first; saved, so that a resumed run starts RRR from the same model
@@ -1092,9 +1093,15 @@ def cmd_untangle(args) -> int:
                 final_r = u.r_factors(refined.atoms.xyz, refined)
                 log(f"after the residue swap search: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} "
                     f"R(all) {final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
-        except KeyboardInterrupt:  # RRR's end is checkpointed: a resumed run repeats only the search
+            if any(crossings.get(k, {}).get("accepted") for k in ("after_rrr", "residue_swaps")):
+                refined = _closing_stage(u, refined, client, density_dir, log)
+                final_r = u.r_factors(refined.atoms.xyz, refined)
+                report_closing = dict(final_r)
+                log(f"after the closing RRR stage: R-work {final_r['r_work']:.4f} R-free {final_r['r_free']:.4f} "
+                    f"R(all) {final_r['r_all']:.4f} R(used) {final_r['r_used']:.4f}")
+        except KeyboardInterrupt:  # RRR's end is checkpointed: a resumed run repeats only what came after it
             _log_interrupt(log, prefix, f"RRR had finished (checkpoint at {checkpoint}); the same command with "
-                                        "--resume repeats only the search after it")
+                                        "--resume repeats only the search after it (and the closing stage)")
             raise
     if args.adp_cycles > 0:
         from .refine.xray import XrayOptions, refine_xray
@@ -1115,6 +1122,8 @@ def cmd_untangle(args) -> int:
     report["start"] = {**start_val["final"], **start_r}
     report["final"] = {**end_val["final"], **final_r, "gap": u.history[-1]["gap"] if u.history else None}
     report["after_rrr"] = rrr_r
+    if report_closing is not None:
+        report["after_closing_stage"] = report_closing
     if crossings:
         report["crossings"] = crossings
     if truth is not None:
@@ -1152,6 +1161,34 @@ def cmd_untangle(args) -> int:
     if density_dir.exists():
         shutil.rmtree(density_dir)
     return 0
+
+
+def _closing_stage(u, model, client, density_dir: Path, log):
+    """One more RRR stage (`untangle.rrr.closing_stage`) after a search after RRR made swaps; its
+    iterations join the trajectory (and the plot) as the next stage. Returns the model at its end."""
+    import time
+
+    from .untangle.rrr import closing_stage
+
+    u.engine = None  # the finished run's density variables (2 GB on 1AHO), before the new ones are made
+    c = closing_stage(u, model, client=client, workdir=density_dir / "closing" if u.opt.memmap else None)
+    n, first = c.opt.iterations[0], len(u.opt.iterations) + 1
+    log(f"closing RRR stage (stage {first}, {n} iterations): the search after RRR made swaps; RRR holds the "
+        "geometry to its windows again")
+    t0 = time.perf_counter()
+
+    def progress(rec):
+        if rec["iteration"] % 10 == 0 or rec["iteration"] == n:
+            rate = rec["iteration"] / max(time.perf_counter() - t0, 1e-9)
+            log(f"stage {first} iteration {rec['iteration']}/{n}  gap {rec['gap']:.5f} Å  R(used) "
+                f"{rec['r_used']:.4f}  {rate:.2f} it/s  ~{(n - rec['iteration']) / max(rate, 1e-9) / 60:.1f} min left")
+
+    c.run(progress=progress)
+    for rec in (*c.history, *c.stage_reports):
+        rec["stage"] = first
+    u.history.extend(c.history)
+    u.stage_reports.extend(c.stage_reports)
+    return c.model_at(c.xyz)
 
 
 def _log_interrupt(log, prefix, what: str) -> None:

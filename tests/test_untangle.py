@@ -845,6 +845,37 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
     assert (tmp_path / "straight.cif").read_text().split("_atom_site")[-1] == \
         (tmp_path / "late.cif").read_text().split("_atom_site")[-1]
     assert not list(tmp_path.glob("*_checkpoint")) and not list(tmp_path.glob("*_crossings.npz"))
+    assert "after_closing_stage" not in d and [s["stage"] for s in d["stages"]] == [1, 2]
+    # a search after RRR that makes a swap is followed by one more RRR stage (the last stage's 3
+    # iterations), which holds the geometry to its windows again: here the stand-in search stretches
+    # a bond by 0.2 Å, as a loose refinement of a swapped region might
+    from drefine.io.models import read_model
+    from drefine.restraints.topology import build_restraints
+
+    restraints = build_restraints(read_model(tangled))
+    heavy = ~read_model(tangled).atoms.is_hydrogen[restraints.bond_atoms].any(axis=1)
+    k = int(np.flatnonzero(heavy)[0])
+    i, j = restraints.bond_atoms[k]
+
+    def stretching_search(model, *a, **kw):
+        m = model.copy()
+        v = m.atoms.xyz[i] - m.atoms.xyz[j]
+        m.atoms.xyz[i] += 0.2 * v / np.linalg.norm(v)
+        rep = crossings.CrossingReport()
+        rep.accepted.append("stand-in")
+        return m, rep
+
+    def stretch(path):
+        xyz = read_model(path).atoms.xyz
+        return float(np.linalg.norm(xyz[i] - xyz[j]) - restraints.bond_ideal[k])
+
+    monkeypatch.setattr(crossings, "resolve_residue_swaps", stretching_search)
+    assert main(["untangle", *late, "-o", str(tmp_path / "closed")]) == 0
+    e = json.loads((tmp_path / "closed.json").read_text())
+    assert [s["stage"] for s in e["stages"]] == [1, 2, 3] and len(e["trajectory"]) == len(a["trajectory"]) + 3
+    assert [h["stage"] for h in e["trajectory"][-3:]] == [3, 3, 3] and "after_closing_stage" in e
+    assert "closing RRR stage" in (tmp_path / "closed.log").read_text()
+    assert abs(stretch(tmp_path / "straight.cif")) < 0.05 and abs(stretch(tmp_path / "closed.cif")) < 0.05
 
 
 @pytest.mark.parametrize("labin", [None, "F,SIGF,FreeR_flag"])

@@ -21,6 +21,7 @@ replica, 1 per exclusion replica).
 
 Two stages (Mandaiya & Elser): after the first, the density variables restart on the manifold at
 the positions reached (and model phases, scale and bulk solvent are refitted), then RRR runs again.
+`closing_stage`: one more such stage, for a model a search after RRR has changed.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ import shutil
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -330,6 +331,19 @@ class Untangler:
                 if checkpoint and self.data is not None:
                     self.save_checkpoint(checkpoint)
                 raise
+
+
+def closing_stage(done: Untangler, model: Model, client=None, workdir: str | Path | None = None) -> Untangler:
+    """An untangling run of one stage with the last stage's settings (iterations, bond windows, g),
+    from `model`: a model that a swap search after RRR changed. Its swapped atoms sit where local
+    refinements at an automatic weight and a whole-model ML refinement left them, and nothing but RRR
+    holds the geometry to its windows again: on lotswrong the residue swap search left 14 bonds and
+    angles beyond 4σ (by the shared scorer), one more stage 1 (BENCHMARKS.md, session 29). The
+    density variables, replicas and data start afresh at the model's positions, B and occupancies."""
+    o = done.opt
+    opt = replace(o, iterations=(o.iterations[-1],), bond_tolerance=o.bond_tolerance_final, g=o.g_final)
+    return Untangler(model, done.geometry.restraints, done.table, opt, phases_deg=done.phases_deg, client=client,
+                     workdir=workdir)
 
 
 @contextlib.contextmanager
