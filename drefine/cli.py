@@ -302,16 +302,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "4 sigma, is kept (default 1; 0 skips the search)")
     u.add_argument("--crossings-after-rrr", action="store_true",
                    help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
-                        "wrong swap of Ser40's OG; see BENCHMARKS.md)")
+                        "wrong swap of Ser40's OG; see BENCHMARKS.md); swaps made there are followed by one more RRR "
+                        "stage, as with --residue-swaps")
     u.add_argument("--residue-swaps", action="store_true",
                    help="experimental, off by default: after RRR, try relabelling parts of each two-conformer "
                         "residue (a terminal atom, the N, the carbonyl C=O, the side chain), each judged by local "
                         "refinement of positions and B factors three bonds out against the same refinement of the "
                         "model; kept when the objective falls by 0.1%% or more with no bond or angle beyond 4 "
-                        "sigma (--crossing-cycles macro-cycles, at least 1). Adds ~13 min on 1AHO with 2 dask "
-                        "workers. On lotswrong it once made 32 swaps and left R far worse, because one reflection "
-                        "with σ = 0.0014 carried the judge's target; with σ now floored its two rounds there lower "
-                        "R (whole runs not yet measured; BENCHMARKS.md)")
+                        "sigma (--crossing-cycles macro-cycles, at least 1); when it makes swaps, one more RRR "
+                        "stage follows (the last stage's settings), which holds the geometry to its windows again. "
+                        "Adds ~13 min on 1AHO with 2 dask workers, and the stage ~7 min. On lotswrong it leaves "
+                        "10 residues tangled where the default run leaves 21 (BENCHMARKS.md, session 29); whole "
+                        "otw39/otw1 runs with it are not yet measured")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
@@ -1076,6 +1078,7 @@ def cmd_untangle(args) -> int:
             _log_interrupt(log, prefix, f"checkpoint at {checkpoint}; continue with the same command and --resume")
             raise
         seconds_rrr = time.perf_counter() - t_run
+        n_run = len(u.history) - done_at_start  # RRR's own iterations (a closing stage adds its own later)
         refined = u.model_at(u.xyz)
         final_r = u.r_factors(u.xyz)
         rrr_r = dict(final_r)
@@ -1135,7 +1138,6 @@ def cmd_untangle(args) -> int:
     report["stages"] = u.stage_reports
     report["trajectory"] = u.history
     report["details"] = end_val["details"]
-    n_run = len(u.history) - done_at_start
     report["timing"] = {"wall_s": clock.seconds(), "rrr_s": seconds_rrr,
                         "iterations_per_s": n_run / seconds_rrr if seconds_rrr > 0 else None}
     report["outputs"] = {"model": [str(p) for p in paths], "plot": str(png), "log": f"{prefix}.log",
