@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "model; kept when the objective falls by 0.1%% or more with no bond or angle beyond 4 "
                         "sigma (--crossing-cycles macro-cycles, at least 1); when it makes swaps, one more RRR "
                         "stage follows (the last stage's settings), which holds the geometry to its windows again. "
-                        "Adds ~13 min on 1AHO with 2 dask workers, and the stage ~7 min. On lotswrong it leaves "
+                        "Adds 13–27 min on 1AHO with 2 dask workers (27 on lotswrong, 4 rounds), and the stage "
+                        "~7 min. On lotswrong it leaves "
                         "10 residues tangled where the default run leaves 21 (BENCHMARKS.md, session 29); whole "
                         "otw39/otw1 runs with it are not yet measured")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
