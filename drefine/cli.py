@@ -312,9 +312,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "sigma (--crossing-cycles macro-cycles, at least 1); when it makes swaps, one more RRR "
                         "stage follows (the last stage's settings), which holds the geometry to its windows again. "
                         "Adds 13–27 min on 1AHO with 2 dask workers (27 on lotswrong, 4 rounds), and the stage "
-                        "~7 min. On lotswrong it leaves "
-                        "10 residues tangled where the default run leaves 21 (BENCHMARKS.md, session 29); whole "
-                        "otw39/otw1 runs with it are not yet measured")
+                        "~7 min. On lotswrong it leaves 10 residues tangled where the default run leaves 21 "
+                        "(BENCHMARKS.md, session 29); whole otw39/otw1 runs with it are not yet measured")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")
@@ -1069,9 +1068,7 @@ def cmd_untangle(args) -> int:
             if rec["iteration"] % 10 and rec["iteration"] != iterations[rec["stage"] - 1]:
                 return
             rate = (n - done_at_start) / max(time.perf_counter() - t_run, 1e-9)
-            eta = (total - n) / max(rate, 1e-9)
-            log(f"stage {rec['stage']} iteration {rec['iteration']}/{iterations[rec['stage'] - 1]}  gap "
-                f"{rec['gap']:.5f} Å  R(used) {rec['r_used']:.4f}  {rate:.2f} it/s  ~{eta / 60:.1f} min left")
+            log(_rrr_progress_line(rec, rec["stage"], iterations[rec["stage"] - 1], rate, total - n))
 
         try:
             u.run(progress=progress, checkpoint=checkpoint, resumed=resumed)
@@ -1183,8 +1180,7 @@ def _closing_stage(u, model, client, density_dir: Path, log):
     def progress(rec):
         if rec["iteration"] % 10 == 0 or rec["iteration"] == n:
             rate = rec["iteration"] / max(time.perf_counter() - t0, 1e-9)
-            log(f"stage {first} iteration {rec['iteration']}/{n}  gap {rec['gap']:.5f} Å  R(used) "
-                f"{rec['r_used']:.4f}  {rate:.2f} it/s  ~{(n - rec['iteration']) / max(rate, 1e-9) / 60:.1f} min left")
+            log(_rrr_progress_line(rec, first, n, rate, n - rec["iteration"]))
 
     c.run(progress=progress)
     for rec in (*c.history, *c.stage_reports):
@@ -1192,6 +1188,12 @@ def _closing_stage(u, model, client, density_dir: Path, log):
     u.history.extend(c.history)
     u.stage_reports.extend(c.stage_reports)
     return c.model_at(c.xyz)
+
+
+def _rrr_progress_line(rec: dict, stage: int, n: int, rate: float, left: int) -> str:
+    """A progress line of an RRR run: iteration of its stage, gap (Å), R(used), rate, time left."""
+    return (f"stage {stage} iteration {rec['iteration']}/{n}  gap {rec['gap']:.5f} Å  R(used) {rec['r_used']:.4f}  "
+            f"{rate:.2f} it/s  ~{left / max(rate, 1e-9) / 60:.1f} min left")
 
 
 def _log_interrupt(log, prefix, what: str) -> None:

@@ -338,7 +338,8 @@ def closing_stage(done: Untangler, model: Model, client=None, workdir: str | Pat
     from `model`: a model that a swap search after RRR changed. Its swapped atoms sit where local
     refinements at an automatic weight and a whole-model ML refinement left them, and nothing but RRR
     holds the geometry to its windows again: on lotswrong the residue swap search left 14 bonds and
-    angles beyond 4σ (by the shared scorer), one more stage 1 (BENCHMARKS.md, session 29). The
+    angles beyond 4σ (by the shared scorer), and with this stage after it 1 (BENCHMARKS.md, session
+    29). The
     density variables, replicas and data start afresh at the model's positions, B and occupancies."""
     o = done.opt
     opt = replace(o, iterations=(o.iterations[-1],), bond_tolerance=o.bond_tolerance_final, g=o.g_final)
