@@ -17,10 +17,16 @@ one atom 0.1 Å from its partner) and counts, by the truth, how many the judge w
 residue's label mismatches fall) and wrongly (they rise), at several gain thresholds, all candidates
 and the best of each residue.
 
+--from-report JSON counts the same way, without refining anything, the verdicts a `drefine untangle
+--residue-swaps` run gave in its first round (the run's PREFIX.json); MODEL is then that run's RRR
+output (the default run's output resumed from the same checkpoint has the same coordinates).
+
 Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--judge positions|residue] [--all-kinds [--limit N]]
-       [--truth ground_truth.pdb] [--data refme.mtz]
+       [--from-report JSON] [--truth ground_truth.pdb] [--data refme.mtz]
 """
 import argparse
+import json
+from pathlib import Path
 
 import numpy as np
 from common import DATA
@@ -77,8 +83,12 @@ def main():
                     help="positions: the crossing search's judge; residue: the residue swap search's (default)")
     ap.add_argument("--limit", type=int, default=None, metavar="N",
                     help="with --all-kinds: judge only the first N candidates (a quick look)")
+    ap.add_argument("--from-report", metavar="JSON",
+                    help="count the first-round verdicts of a --residue-swaps run's report instead of judging")
     args = ap.parse_args()
     model, truth = read_model(args.model), read_model(args.truth)
+    if args.from_report:
+        return count_reported(model, truth, build_restraints(model), args.from_report)
     table = read_reflections(args.data, labin=args.labin)
     restraints = build_restraints(model)
     # the judge's weight and its local refinement settings (crossings.resolve_crossings)
@@ -130,6 +140,32 @@ def judge_every_kind(model, truth, table, restraints, opt, hops, limit=None):
         names = ",".join(str(at.name[i]) for i in side if not at.is_hydrogen[i])
         print(f"{model.residues.label(r):12s} {names:28s} gain {rows[-1][0]:+.2e} |z| {z1:.1f}/{z0:.1f} "
               f"mismatches {change:+d}", flush=True)
+    count_verdicts(rows)
+
+
+def count_reported(model, truth, restraints, report_path):
+    """The first-round verdicts of a --residue-swaps run (gain, worst |z| swapped and unswapped per
+    candidate, in its report) counted by the truth as `judge_every_kind` counts its own."""
+    rounds = json.loads(Path(report_path).read_text())["crossings"]["residue_swaps"]["rounds"]
+    verdicts = {c["bond"]: c for c in rounds[0]["candidates"]}
+    before = label_mismatches(model, truth)
+    rows, labels = [], []
+    for c in crossings.residue_swap_candidates(model, restraints):
+        if c.label not in verdicts:
+            raise SystemExit(f"{c.label} is not in {report_path}: MODEL is not the RRR output that run searched")
+        v, r = verdicts[c.label], int(model.atoms.residue_index[c.p])
+        change = int(label_mismatches(crossings.swap_conformers(model, c.side, c.partners), truth)[r] - before[r])
+        rows.append((v["gain"], v["worst_z"] <= max(crossings.GEOMETRY_Z_MAX, v["worst_z_model"]), change, r))
+        labels.append(c.label)
+    print(f"{len(rows)} candidate swaps, verdicts from {report_path}")
+    count_verdicts(rows)
+    accepted = set(rounds[0]["accepted"])
+    print("round 1 accepted: " + ", ".join(f"{lab} ({'right' if row[2] < 0 else 'wrong' if row[2] > 0 else 'neither'})"
+                                           for lab, row in zip(labels, rows) if lab in accepted))
+
+
+def count_verdicts(rows):
+    """rows: (relative gain, geometry acceptable, change of the residue's label mismatches, residue)."""
     for threshold in (crossings.MIN_GAIN, 1e-4, 3e-4, 1e-3, 3e-3):
         taken = [row for row in rows if row[0] > threshold and row[1]]
         best = {}
