@@ -32,6 +32,16 @@ def test_tangled_residue_counts(data_dir, name, expected):
         assert found == expected
 
 
+def test_lotswrong_tyr5_is_tangled_by_names_only(data_dir):
+    """1AHO's truth names Tyr 5's ring atoms one way in conformer A and the other in B (χ2 −81° and
+    99°); lotswrong.pdb's Tyr 5 is whole in each conformer, but its ring named against its backbone."""
+    from drefine.untangle.tangling import naming_only
+
+    truth = read_model(need(data_dir, "untangle/ground_truth.pdb"))
+    assert naming_only(read_model(need(data_dir, "untangle/lotswrong.pdb")), truth) == ["A/TYR 5"]
+    assert naming_only(read_model(need(data_dir, "untangle/otw39.pdb")), truth) == []
+
+
 def _random_rotation(n):
     q = RNG.normal(size=(n, 4))
     q /= np.linalg.norm(q, axis=1, keepdims=True)
@@ -345,6 +355,7 @@ def test_validate_reports_tangled_residues_against_a_truth(data_dir, capsys, tmp
 
     rep = json.loads((tmp_path / "v.json").read_text())
     assert rep["final"]["n_tangled"] == 2 and rep["details"]["tangled_residues"] == ["A/ALA 39", "A/SER 40"]
+    assert rep["details"]["tangled_by_names_only"] == []
 
 
 def _toy_manifold():
@@ -464,6 +475,28 @@ def test_tangled_atoms_name_the_swapped_atom(tangled_case):
         near = dict(entry.split(" ")[0].split("→") for entry in rows[alt].split(", "))
         assert len(near) > 5 and near.pop("CA") == other and set(near.values()) == {alt}
     assert tangled_atoms(t, t) == {}
+
+
+def test_naming_only_tangles_are_told_apart(tangled_case, tmp_path):
+    """A truth whose conformer B names Glu 5's OE1/OE2 and Arg 9's NH1/NH2 the other way round (as
+    1AHO's truth does Tyr 5's ring): the toy then scores those two residues tangled as well as Lys 8,
+    and only those two are tangles of names alone."""
+    from drefine.untangle.tangling import naming_only, tangled_residues
+
+    truth, tangled, _, _ = tangled_case
+    st = gemmi.read_structure(str(truth))
+    for r in st[0][0]:
+        for p, q in {"GLU": [("OE1", "OE2")], "ARG": [("NH1", "NH2")]}.get(r.name, []) if r.seqid.num in (5, 9) else []:
+            a, b = r.find_atom(p, "B"), r.find_atom(q, "B")
+            pa, pb = gemmi.Position(a.pos), gemmi.Position(b.pos)
+            a.pos, b.pos = pb, pa
+    renamed = tmp_path / "renamed_truth.pdb"
+    st.write_pdb(str(renamed))
+    t, m = read_model(renamed), read_model(tangled)
+    assert tangled_residues(m, t) == ["A/GLU 5", "A/LYS 8", "A/ARG 9"]
+    assert naming_only(m, t) == ["A/GLU 5", "A/ARG 9"]
+    assert naming_only(m, read_model(truth)) == []  # Lys 8's swapped Cα is a real tangle
+    assert tangled_residues(read_model(truth), t) == naming_only(read_model(truth), t) == ["A/GLU 5", "A/ARG 9"]
 
 
 def _untangler(path, table, **kw):

@@ -5,6 +5,11 @@ more than 0.15 Å apart, each model atom of conformer A or B is labelled by the 
 conformer; a residue is tangled when one of its model conformers mixes labels, or both carry the
 same single label. Hydrogens and waters are not scored. Used by the tests and by reports; refinement never sees
 the truth.
+
+Some tangles are of names only: the two halves of a symmetric group (a Tyr or Phe ring's CD1/CD2
+and CE1/CE2, Asp OD1/OD2, Glu OE1/OE2, Arg NH1/NH2) occupy the same places whichever is called
+which, so neither the density nor the restraints can tell a model named against the truth's
+convention. `naming_only` lists the tangled residues that such a renaming would untangle.
 """
 from __future__ import annotations
 
@@ -13,6 +18,9 @@ import numpy as np
 from ..model.arrays import Model
 
 MIN_SEPARATION = 0.15  # Å
+# chemically equivalent atom pairs: renaming one for the other moves no atom
+EQUIVALENT_NAMES = {"TYR": (("CD1", "CD2"), ("CE1", "CE2")), "PHE": (("CD1", "CD2"), ("CE1", "CE2")),
+                    "ASP": (("OD1", "OD2"),), "GLU": (("OE1", "OE2"),), "ARG": (("NH1", "NH2"),)}
 
 
 def _keys(model: Model, idx: np.ndarray, altloc: str | None = None) -> np.ndarray:
@@ -25,9 +33,10 @@ def _keys(model: Model, idx: np.ndarray, altloc: str | None = None) -> np.ndarra
     return key
 
 
-def _truth_labels(model: Model, truth: Model):
+def _truth_labels(model: Model, truth: Model, xyz: np.ndarray | None = None):
     """The scored atoms of model 0: (atom indices, label 1/2 = nearer truth conformer A/B,
-    model conformer 0/1 for altloc A/B, distance to the nearer truth conformer Å)."""
+    model conformer 0/1 for altloc A/B, distance to the nearer truth conformer Å); `xyz` in place of
+    the model's coordinates (Å), to score a renamed model."""
     ta, ma = truth.atoms, model.atoms
     t_idx = truth.model_atoms(0)
     t_idx = t_idx[~ta.is_hydrogen[t_idx]]
@@ -46,8 +55,9 @@ def _truth_labels(model: Model, truth: Model):
     where = np.clip(where, 0, max(len(common) - 1, 0))
     scored = (len(common) > 0) & (common[where] == keys) if len(common) else np.zeros(len(keys), bool)
     m_idx, where = m_idx[scored], where[scored]
-    d_a = np.linalg.norm(ma.xyz[m_idx] - pos_a[where], axis=1)
-    d_b = np.linalg.norm(ma.xyz[m_idx] - pos_b[where], axis=1)
+    xyz = ma.xyz if xyz is None else xyz
+    d_a = np.linalg.norm(xyz[m_idx] - pos_a[where], axis=1)
+    d_b = np.linalg.norm(xyz[m_idx] - pos_b[where], axis=1)
     label = np.where(d_a < d_b, 1, 2)  # 1: truth A, 2: truth B
     conf = np.where(ma.altloc[m_idx] == "A", 0, 1)
     return m_idx, label, conf, np.minimum(d_a, d_b)
@@ -84,3 +94,29 @@ def tangled_atoms(model: Model, truth: Model) -> dict[str, dict[str, str]]:
                                   for i, lab, d in zip(m_idx[sel], label[sel], dist[sel]))
         out[model.residues.label(int(r))] = rows
     return out
+
+
+def naming_only(model: Model, truth: Model) -> list[str]:
+    """The tangled residues (labels) that renaming equivalent atoms (`EQUIVALENT_NAMES`) within one
+    or both model conformers would untangle: tangles no data or restraint can see."""
+    m_idx, label, conf, _ = _truth_labels(model, truth)
+    res = model.atoms.residue_index[m_idx]
+    tangled = _tangled_mask(model, res, label, conf)
+    a = model.atoms
+    rename = {}  # (residue, altloc) -> the index pairs to exchange; a few residues
+    for r in np.flatnonzero(tangled & np.isin(model.residues.name, list(EQUIVALENT_NAMES))):
+        for alt in ("A", "B"):
+            here = np.flatnonzero((a.residue_index == r) & (a.altloc == alt))
+            names = {str(a.name[i]): int(i) for i in here}
+            rename[(r, alt)] = [(names[p], names[q]) for p, q in EQUIVALENT_NAMES[str(model.residues.name[r])]
+                                if p in names and q in names]
+    fixed = np.zeros(len(model.residues), dtype=bool)
+    for alts in (("A",), ("B",), ("A", "B")):
+        pairs = np.array([pq for (r, alt), v in rename.items() if alt in alts for pq in v], dtype=np.int64)
+        if len(pairs) == 0:
+            continue
+        xyz = a.xyz.copy()
+        xyz[pairs[:, 0]], xyz[pairs[:, 1]] = a.xyz[pairs[:, 1]], a.xyz[pairs[:, 0]]
+        m2, lab2, conf2, _ = _truth_labels(model, truth, xyz)
+        fixed |= ~_tangled_mask(model, a.residue_index[m2], lab2, conf2)
+    return [model.residues.label(int(r)) for r in np.flatnonzero(tangled & fixed)]
