@@ -1,8 +1,8 @@
 """Untangling the 1AHO challenge: `drefine untangle` on otw39, otw1 and lotswrong, and its speed.
 
-Every case runs the command as a user would (defaults: the crossing search before RRR, RRR and the B/occupancy
-cycles; --phases PHI: refme.mtz carries the
-true phases; --truth only for the report), under /usr/bin/time for the peak memory. Scored by the shared
+Every case runs the command as a user would (defaults: the crossing search before RRR, RRR, the
+residue swap search (and a closing RRR stage when it swaps) and the B/occupancy cycles; --phases
+PHI: refme.mtz carries the true phases; --truth only for the report), under /usr/bin/time for the peak memory. Scored by the shared
 tools/untangle_check.py (tangled residues, Ala39 N–CA against the ALA monomer's ideal, |Z| > 4 count), by
 Ala39's N–CA against the in-chain ideal of gemmi's topology (`ala39_in_chain`), and by the command's own
 report (R on all and on the used reflections, before and after). Speed: iterations per second of
@@ -89,7 +89,7 @@ def main():
     ap.add_argument("--crossing-cycles", type=int, default=None,
                     help="passed to drefine untangle (default: the command's, 1)")
     ap.add_argument("--extra", default="", metavar="OPTIONS",
-                    help="further drefine untangle options for the cases, e.g. '--residue-swaps'")
+                    help="further drefine untangle options for the cases, e.g. '--no-residue-swaps'")
     ap.add_argument("--keep-checkpoint", action="store_true",
                     help="keep each case's checkpoint (the state RRR ended in) for later study")
     args = ap.parse_args()

@@ -17,9 +17,9 @@ one atom 0.1 Å from its partner) and counts, by the truth, how many the judge w
 residue's label mismatches fall) and wrongly (they rise), at several gain thresholds, all candidates
 and the best of each residue.
 
---from-report JSON counts the same way, without refining anything, the verdicts a `drefine untangle
---residue-swaps` run gave in its first round (the run's PREFIX.json); MODEL is then that run's RRR
-output (the default run's output resumed from the same checkpoint has the same coordinates).
+--from-report JSON counts the same way, without refining anything, the verdicts a `drefine untangle`
+run's residue swap search gave in its first round (the run's PREFIX.json); MODEL is then that run's RRR
+output (a `--no-residue-swaps` run resumed from the same checkpoint has the same coordinates).
 
 Usage: python benchmarks/diagnose_untangle_swaps.py MODEL [--judge positions|residue] [--all-kinds [--limit N]]
        [--from-report JSON] [--truth ground_truth.pdb] [--data refme.mtz]
@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--limit", type=int, default=None, metavar="N",
                     help="with --all-kinds: judge only the first N candidates (a quick look)")
     ap.add_argument("--from-report", metavar="JSON",
-                    help="count the first-round verdicts of a --residue-swaps run's report instead of judging")
+                    help="count the first-round residue swap verdicts of a run's report instead of judging")
     args = ap.parse_args()
     model, truth = read_model(args.model), read_model(args.truth)
     if args.from_report:
@@ -144,7 +144,7 @@ def judge_every_kind(model, truth, table, restraints, opt, hops, limit=None):
 
 
 def count_reported(model, truth, restraints, report_path):
-    """The first-round verdicts of a --residue-swaps run (gain, worst |z| swapped and unswapped per
+    """The first-round residue swap verdicts of a run (gain, worst |z| swapped and unswapped per
     candidate, in its report) counted by the truth as `judge_every_kind` counts its own."""
     rounds = json.loads(Path(report_path).read_text())["crossings"]["residue_swaps"]["rounds"]
     verdicts = {c["bond"]: c for c in rounds[0]["candidates"]}

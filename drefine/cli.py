@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                                    "the observed structure factors, in two stages. Before RRR, "
                                    "conformer crossings (bonds where the conformers swap) are undone by relabelling "
                                    "where the data and restraints prefer it (judged by paired local refinements; "
-                                   "--crossing-cycles 0 skips this); at the end B factors and occupancies are "
+                                   "--crossing-cycles 0 skips this); after RRR, parts of residues (a terminal atom, the N, "
+                                   "the C=O, the side chain) are relabelled the same way, followed by one more RRR stage "
+                                   "when any was (--no-residue-swaps skips this); at the end B factors and occupancies are "
                                    "refined for a few cycles. Writes PREFIX.cif (and .pdb), PREFIX.json (gap and R per iteration, R and "
                                    "geometry before and after), PREFIX.png (gap and R plot) and PREFIX.log; a "
                                    "checkpoint folder PREFIX_checkpoint/ and the crossing search's result PREFIX_crossings.npz while it "
@@ -304,16 +306,17 @@ def build_parser() -> argparse.ArgumentParser:
                    help="experimental: search for crossings again after RRR (on 1AHO otw1 and otw39 it accepted a "
                         "wrong swap of Ser40's OG; see BENCHMARKS.md); swaps made there are followed by one more RRR "
                         "stage, as with --residue-swaps")
-    u.add_argument("--residue-swaps", action="store_true",
-                   help="experimental, off by default: after RRR, try relabelling parts of each two-conformer "
-                        "residue (a terminal atom, the N, the carbonyl C=O, the side chain), each judged by local "
-                        "refinement of positions and B factors three bonds out against the same refinement of the "
-                        "model; kept when the objective falls by 0.1%% or more with no bond or angle beyond 4 "
-                        "sigma (--crossing-cycles macro-cycles, at least 1); when it makes swaps, one more RRR "
-                        "stage follows (the last stage's settings), which holds the geometry to its windows again. "
-                        "Adds 13–27 min on 1AHO with 2 dask workers (27 on lotswrong, 4 rounds), and the stage "
-                        "~7 min. On lotswrong it leaves 10 residues tangled where the default run leaves 21 "
-                        "(BENCHMARKS.md, session 29); whole otw39/otw1 runs with it are not yet measured")
+    u.add_argument("--residue-swaps", action=argparse.BooleanOptionalAction, default=True,
+                   help="after RRR, try relabelling parts of each two-conformer residue (a terminal atom, the N, "
+                        "the carbonyl C=O, the side chain), each judged by local refinement of positions and B "
+                        "factors three bonds out against the same refinement of the model; kept when the "
+                        "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma "
+                        "(--crossing-cycles macro-cycles, at least 1); when it makes swaps, one more RRR stage "
+                        "follows (the last stage's settings), which holds the geometry to its windows again "
+                        "(default: on; --no-residue-swaps skips it). Adds 13-25 min on 1AHO otw39/otw1 on 2 cores "
+                        "(27 on lotswrong, 4 rounds, and the stage ~7 min). On lotswrong it leaves 10 residues "
+                        "tangled where the run without it leaves 21; on otw39 and otw1 it makes no swap "
+                        "(BENCHMARKS.md, sessions 29-30)")
     u.add_argument("--adp-cycles", type=int, default=3, metavar="N",
                    help="after RRR, refine B factors and conformer occupancies (coordinates fixed) for N ML "
                         "macro-cycles: the input's were refined for the tangled model (default 3; 0: keep them)")

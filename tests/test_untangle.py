@@ -723,23 +723,24 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     rep = json.loads((tmp_path / "out.json").read_text())
     assert rep["start"]["n_tangled"] == 1 and rep["final"]["n_tangled"] == 0
     assert rep["details_tangled"]["final_atoms"] == {}
-    assert set(rep["crossings"]) == {"before_rrr"}  # the crossing search is on by default, before RRR only
+    # the crossing search before RRR and the residue swap search after it are on by default
+    assert set(rep["crossings"]) == {"before_rrr", "residue_swaps"}
     # B factors and occupancies refined after RRR: R no worse than after RRR, coordinates untouched
     assert rep["final"]["r_work"] <= rep["after_rrr"]["r_work"] + 1e-4
     assert len(rep["trajectory"]) == 12 and [s["stage"] for s in rep["stages"]] == [1, 2]
     assert (tmp_path / "out.png").stat().st_size > 1000 and (tmp_path / "out.cif").exists()
     assert not (tmp_path / "out_checkpoint").exists()
     assert rep["options"]["rigid_groups"] is True
-    # the second crossing search and the residue swap search after RRR run only when asked for (and the rigid
-    # groups can be left out)
+    # the second crossing search after RRR runs only when asked for (and the rigid groups can be left out)
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "2", "--adp-cycles", "0",
                  "--crossings-after-rrr", "--residue-swaps", "--no-rigid-groups", "-o", str(tmp_path / "twice")]) == 0
     twice = json.loads((tmp_path / "twice.json").read_text())
     assert set(twice["crossings"]) == {"before_rrr", "after_rrr", "residue_swaps"}
     assert twice["crossings"]["residue_swaps"]["rounds"][0]["candidates"] and twice["options"]["rigid_groups"] is False
-    # one RRR step without either search leaves the toy tangled: the log names the swapped atom per conformer
+    # one RRR step without either search (--crossing-cycles 0 --no-residue-swaps) leaves the toy tangled: the log names the swapped atom per conformer
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "1", "--crossing-cycles", "0",
-                 "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
+                 "--no-residue-swaps", "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
+    assert "crossings" not in json.loads((tmp_path / "one.json").read_text())  # neither search ran
     one = json.loads((tmp_path / "one.json").read_text())["details_tangled"]
     assert one["final"] == ["A/LYS 8"] and one["final_atoms"]["A/LYS 8"]["A"].startswith("CA→B")
     assert "  A/LYS 8: A: CA→B" in (tmp_path / "one.log").read_text()
@@ -807,7 +808,8 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
 
     _, tangled, _, mtz = tangled_case
     # memory-mapped density variables, so the resume also restores into the maps
-    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap"]
+    args = [str(tangled), str(mtz), "--phases", "PHI", "--iterations", "4,3", "--adp-cycles", "0", "--memmap",
+            "--no-residue-swaps"]
     assert main(["untangle", *args, "-o", str(tmp_path / "straight")]) == 0
     real_step = Untangler.step
     calls = {"n": 0}
