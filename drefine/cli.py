@@ -313,7 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "objective falls by 0.1%% or more with no bond or angle beyond 4 sigma "
                         "(--crossing-cycles macro-cycles, at least 1); when it makes swaps, one more RRR stage "
                         "follows (the last stage's settings), which holds the geometry to its windows again "
-                        "(default: on; --no-residue-swaps skips it). Adds 13-25 min on 1AHO otw39/otw1 on 2 cores "
+                        "(default: on; --no-residue-swaps skips it). Adds 13-19 min on 1AHO otw39/otw1 on 2 cores "
                         "(27 on lotswrong, 4 rounds, and the stage ~7 min). On lotswrong it leaves 10 residues "
                         "tangled where the run without it leaves 21; on otw39 and otw1 it makes no swap "
                         "(BENCHMARKS.md, sessions 29-30)")
