@@ -28,7 +28,7 @@ from common import DATA
 from drefine.io.models import read_model
 from drefine.restraints.topology import build_restraints
 from drefine.untangle.crossings import MIN_OFFSET, conformer_partners
-from drefine.untangle.tangling import _tangled_mask, _truth_labels, naming_only
+from drefine.untangle.tangling import _keys, _tangled_mask, _truth_labels, naming_only
 
 
 def classify(model, truth, restraints) -> dict[str, dict]:
@@ -77,20 +77,18 @@ def _partner(part, i):
 
 
 def _truth_offsets(model, truth) -> np.ndarray:
-    """Per model atom: its truth conformers' separation (Å), 0 where the truth has one conformer."""
-    tk = {}
+    """Per model atom: its truth conformers' separation (Å), 0 where the truth has not both A and B."""
     ta = truth.atoms
-    for i in truth.model_atoms(0):  # bookkeeping over ~2,000 atoms, once
-        r = ta.residue_index[i]
-        tk.setdefault((truth.residues.chain[r], int(truth.residues.seqnum[r]), str(ta.name[i])), {})[
-            str(ta.altloc[i])] = ta.xyz[i]
-    at = model.atoms
-    out = np.zeros(len(at))
-    for i in model.model_atoms(0):
-        r = at.residue_index[i]
-        d = tk.get((model.residues.chain[r], int(model.residues.seqnum[r]), str(at.name[i])), {})
-        if "A" in d and "B" in d:
-            out[i] = float(np.linalg.norm(d["A"] - d["B"]))
+    t = truth.model_atoms(0)
+    t_a, t_b = t[ta.altloc[t] == "A"], t[ta.altloc[t] == "B"]
+    common, ia, ib = np.intersect1d(_keys(truth, t_a), _keys(truth, t_b), return_indices=True)
+    sep = np.linalg.norm(ta.xyz[t_a[ia]] - ta.xyz[t_b[ib]], axis=1)
+    m = model.model_atoms(0)
+    keys = _keys(model, m)
+    where = np.clip(np.searchsorted(common, keys), 0, len(common) - 1)
+    found = common[where] == keys
+    out = np.zeros(len(model.atoms))
+    out[m[found]] = sep[where[found]]
     return out
 
 
