@@ -485,11 +485,11 @@ def test_naming_only_tangles_are_told_apart(tangled_case, tmp_path):
 
     truth, tangled, _, _ = tangled_case
     st = gemmi.read_structure(str(truth))
-    for r in st[0][0]:
-        for p, q in {"GLU": [("OE1", "OE2")], "ARG": [("NH1", "NH2")]}.get(r.name, []) if r.seqid.num in (5, 9) else []:
-            a, b = r.find_atom(p, "B"), r.find_atom(q, "B")
-            pa, pb = gemmi.Position(a.pos), gemmi.Position(b.pos)
-            a.pos, b.pos = pb, pa
+    residues = {r.seqid.num: r for r in st[0][0]}
+    for num, (p, q) in ((5, ("OE1", "OE2")), (9, ("NH1", "NH2"))):
+        a, b = residues[num].find_atom(p, "B"), residues[num].find_atom(q, "B")
+        pa, pb = gemmi.Position(a.pos), gemmi.Position(b.pos)
+        a.pos, b.pos = pb, pa
     renamed = tmp_path / "renamed_truth.pdb"
     st.write_pdb(str(renamed))
     t, m = read_model(renamed), read_model(tangled)
@@ -737,7 +737,8 @@ def test_untangle_command_writes_model_report_plot_and_handles_bad_input(tangled
     twice = json.loads((tmp_path / "twice.json").read_text())
     assert set(twice["crossings"]) == {"before_rrr", "after_rrr", "residue_swaps"}
     assert twice["crossings"]["residue_swaps"]["rounds"][0]["candidates"] and twice["options"]["rigid_groups"] is False
-    # one RRR step without either search (--crossing-cycles 0 --no-residue-swaps) leaves the toy tangled: the log names the swapped atom per conformer
+    # one RRR step without either search (--crossing-cycles 0 --no-residue-swaps) leaves the toy tangled:
+    # the log names the swapped atom per conformer
     assert main(["untangle", str(tangled), str(mtz), "--phases", "PHI", "--iterations", "1", "--crossing-cycles", "0",
                  "--no-residue-swaps", "--adp-cycles", "0", "--truth", str(truth), "-o", str(tmp_path / "one")]) == 0
     assert "crossings" not in json.loads((tmp_path / "one.json").read_text())  # neither search ran
@@ -866,7 +867,7 @@ def test_untangle_command_interrupted_then_resumed_matches_a_straight_run(tangle
         searched_at.append(model.atoms.xyz.copy())
         return model, crossings.CrossingReport()
 
-    late = [*args, "--residue-swaps"]
+    late = [*args, "--residue-swaps"]  # the last of --no-residue-swaps / --residue-swaps wins
     monkeypatch.setattr(crossings, "resolve_residue_swaps", interrupted_search)
     assert main(["untangle", *late, "-o", str(tmp_path / "late")]) == 130
     assert "repeats only the search" in (tmp_path / "late.log").read_text()

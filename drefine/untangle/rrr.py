@@ -339,8 +339,8 @@ def closing_stage(done: Untangler, model: Model, client=None, workdir: str | Pat
     refinements at an automatic weight and a whole-model ML refinement left them, and nothing but RRR
     holds the geometry to its windows again: on lotswrong the residue swap search left 14 bonds and
     angles beyond 4σ (by the shared scorer), and with this stage after it 1 (BENCHMARKS.md, session
-    29). The
-    density variables, replicas and data start afresh at the model's positions, B and occupancies."""
+    29). The density variables, replicas and data start afresh at the model's positions, B and
+    occupancies."""
     o = done.opt
     opt = replace(o, iterations=(o.iterations[-1],), bond_tolerance=o.bond_tolerance_final, g=o.g_final)
     return Untangler(model, done.geometry.restraints, done.table, opt, phases_deg=done.phases_deg, client=client,
